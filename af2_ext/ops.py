@@ -1,0 +1,255 @@
+"""Public af2_ext ops: argument checks, the compiled kernels (``torch.ops.af2_ext``), fake kernels for
+``torch.compile`` and autograd.
+
+Which implementation runs is chosen in one place, :func:`_use_kernel`: ``impl="auto"`` (the default) runs the
+compiled kernel where one is registered for the input's device and otherwise the pure-PyTorch reference
+(:mod:`af2_ext.reference`) with one warning; ``"kernel"`` requires the kernel; ``"reference"`` always runs the
+reference.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator, Optional
+
+import torch
+
+from af2_ext import reference
+
+try:
+    from af2_ext import _C  # noqa: F401  (loading it registers torch.ops.af2_ext.*)
+
+    _EXTENSION_ERROR: Optional[BaseException] = None
+except ImportError as error:  # the package still imports; ops fall back to the reference
+    _EXTENSION_ERROR = error
+
+BUILD_HINT = "build it with `python -m pip install --no-build-isolation -e .` from the af2_ext checkout"
+IMPLS = ("auto", "kernel", "reference")
+_default_impl = "auto"
+_warned: set = set()
+
+
+def extension_available() -> bool:
+    """True when the compiled extension ``af2_ext._C`` loaded."""
+    return _EXTENSION_ERROR is None
+
+
+def cpu_isa() -> str:
+    """Instruction set the CPU kernels dispatch to here ("avx512", "avx2" or "generic")."""
+    if not extension_available():
+        return "none (extension not built)"
+    return torch.ops.af2_ext.cpu_isa()
+
+
+def set_default_impl(impl: str) -> None:
+    """Set the process-wide implementation choice: "auto", "kernel" or "reference"."""
+    global _default_impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    _default_impl = impl
+
+
+@contextlib.contextmanager
+def use_impl(impl: str) -> Iterator[None]:
+    """Context manager form of :func:`set_default_impl`."""
+    previous = _default_impl
+    set_default_impl(impl)
+    try:
+        yield
+    finally:
+        set_default_impl(previous)
+
+
+def _has_kernel(op: str, device: torch.device) -> bool:
+    if not extension_available():
+        return False
+    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"af2_ext::{op}", key)
+
+
+def _use_kernel(op: str, device: torch.device, impl: Optional[str]) -> bool:
+    """The one place that chooses kernel vs reference."""
+    impl = _default_impl if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference":
+        return False
+    if _has_kernel(op, device):
+        return True
+    if extension_available():
+        why = f"af2_ext was built without a {device.type} kernel for {op}"
+    else:
+        why = f"the compiled extension af2_ext._C is not available ({_EXTENSION_ERROR})"
+    if impl == "kernel":
+        raise RuntimeError(f"impl='kernel' but {why}; {BUILD_HINT}")
+    if (op, device.type) not in _warned:
+        _warned.add((op, device.type))
+        warnings.warn(f"{why}; falling back to the pure-PyTorch reference (slow, O(Nq*Nk) memory). {BUILD_HINT}",
+                      RuntimeWarning, stacklevel=3)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# block-sparse attention
+# ----------------------------------------------------------------------------------------------------------
+
+BLOCK_SIZES = (16, 32, 64, 128)
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def _check_block_sparse(q, k, v, layout, block_size, key_padding_mask, bias) -> None:
+    """Argument checks with messages naming the argument; the C++ binding checks the same things."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("layout", layout)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    torch._check(q.dim() == 4, lambda: f"q must be (B, H, Nq, D), got {_shape(q)}")
+    torch._check(k.dim() == 4, lambda: f"k must be (B, H, Nk, D), got {_shape(k)}")
+    torch._check(v.dim() == 4, lambda: f"v must be (B, H, Nk, D), got {_shape(v)}")
+    torch._check(q.dtype in DTYPES, lambda: f"q must be float32, float16 or bfloat16 (float64 on CPU), got {q.dtype}")
+    torch._check(k.dtype == q.dtype and v.dtype == q.dtype,
+                 lambda: f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    torch._check(k.shape[0] == B and k.shape[1] == H and k.shape[3] == D,
+                 lambda: f"k must be (B={B}, H={H}, Nk, D={D}), got {_shape(k)}")
+    torch._check(v.shape == k.shape, lambda: f"v must have k's shape {_shape(k)}, got {_shape(v)}")
+    torch._check(D in HEAD_DIMS, lambda: f"head dim D (q.size(-1)) must be 16, 32, 64 or 128, got {D}")
+    torch._check(block_size in BLOCK_SIZES, lambda: f"block_size must be 16, 32, 64 or 128, got {block_size}")
+    torch._check(B > 0 and H > 0 and Nq > 0 and Nk > 0,
+                 lambda: f"q and k must be non-empty, got q {_shape(q)} and k {_shape(k)}")
+    torch._check(k.device == q.device and v.device == q.device,
+                 lambda: f"k and v must be on q's device {q.device}, got {k.device} and {v.device}")
+    nqb, nkb = -(-Nq // block_size), -(-Nk // block_size)
+    torch._check(layout.dtype == torch.bool, lambda: f"layout must be a bool tensor, got {layout.dtype}")
+    torch._check(layout.dim() == 3 and layout.shape[0] in (1, H) and layout.shape[1] == nqb and layout.shape[2] == nkb,
+                 lambda: f"layout must be (1 or H={H}, ceil(Nq/block_size)={nqb}, ceil(Nk/block_size)={nkb}), "
+                         f"got {_shape(layout)}")
+    torch._check(layout.device == q.device, lambda: f"layout must be on q's device {q.device}, got {layout.device}")
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        torch._check(m.dtype == torch.bool, lambda: f"key_padding_mask must be bool (True = keep), got {m.dtype}")
+        torch._check(m.dim() == 2 and m.shape[0] == B and m.shape[1] == Nk,
+                     lambda: f"key_padding_mask must be (B={B}, Nk={Nk}), got {_shape(m)}")
+        torch._check(m.device == q.device,
+                     lambda: f"key_padding_mask must be on q's device {q.device}, got {m.device}")
+    if bias is not None:
+        torch._check(bias.is_floating_point(), lambda: f"bias must be a floating tensor, got {bias.dtype}")
+        torch._check(bias.dim() == 4 and bias.shape[0] > 0 and B % bias.shape[0] == 0 and bias.shape[1] in (1, H)
+                     and bias.shape[2] == Nq and bias.shape[3] == Nk,
+                     lambda: f"bias must be (Bb, 1 or H={H}, Nq={Nq}, Nk={Nk}) with B={B} divisible by Bb, "
+                             f"got {_shape(bias)}")
+        torch._check(bias.device == q.device, lambda: f"bias must be on q's device {q.device}, got {bias.device}")
+
+
+def layout_index(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compressed row and column index of a layout (static shapes, so it traces under torch.compile).
+
+    Args:
+        layout: bool (Hl, nqb, nkb).
+
+    Returns:
+        row_count int32 (Hl, nqb), row_index int32 (Hl, nqb, nkb): the first row_count[h, i] entries of
+        row_index[h, i] are the key blocks of query block i, ascending; col_count (Hl, nkb) and
+        col_index (Hl, nkb, nqb) likewise for the transposed layout.
+    """
+
+    def compress(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = grid.sum(-1, dtype=torch.int32)
+        # A stable sort of "not visible" puts the visible blocks first, in ascending order.
+        index = torch.sort((~grid).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+        return count, index
+
+    row_count, row_index = compress(layout)
+    col_count, col_index = compress(layout.transpose(-1, -2))
+    return row_count, row_index, col_count, col_index
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor,
+    *,
+    block_size: int = 16,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    impl: Optional[str] = None,
+) -> torch.Tensor:
+    """Attention restricted to the (query block, key block) pairs a layout marks, never materialising Nq x Nk.
+
+    Args:
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D). fp32, fp16 or bf16 (fp64 on CPU); D in {16, 32, 64, 128}.
+            Nq and Nk need not be equal nor multiples of block_size.
+        layout: bool (H or 1, ceil(Nq / block_size), ceil(Nk / block_size)); True = computed, everything
+            else is masked. See :mod:`af2_ext.layouts`.
+        block_size: 16, 32, 64 or 128.
+        key_padding_mask: bool (B, Nk), True = keep.
+        bias: additive float bias (Bb, H or 1, Nq, Nk) with B % Bb == 0; batch row b uses bias row
+            b // (B // Bb). Differentiable (its gradient is deterministic and zero outside the layout).
+        scale: logit scale, default D ** -0.5.
+        impl: "auto" | "kernel" | "reference"; None uses the process default (:func:`set_default_impl`).
+
+    Returns:
+        (B, H, Nq, D) in q's dtype. A query row with no visible key is zero, with zero gradients.
+    """
+    _check_block_sparse(q, k, v, layout, block_size, key_padding_mask, bias)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if not _use_kernel("block_sparse_attention_forward", q.device, impl):
+        return reference.block_sparse_attention_ref(q, k, v, layout, block_size=block_size,
+                                                    key_padding_mask=key_padding_mask, bias=bias, scale=scale)
+    row_count, row_index, col_count, col_index = layout_index(layout)
+    out, _ = torch.ops.af2_ext.block_sparse_attention_forward.default(
+        q, k, v, row_count, row_index, col_count, col_index, block_size, key_padding_mask, bias, scale)
+    return out
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if extension_available():
+
+    @torch.library.register_fake("af2_ext::block_sparse_attention_forward")
+    def _block_sparse_attention_forward_fake(q, k, v, row_count, row_index, col_count, col_index, block_size,
+                                             key_padding_mask, bias, scale):
+        B, H, Nq, _ = q.shape
+        nqb, nkb = -(-Nq // block_size), -(-k.shape[2] // block_size)
+        torch._check(row_count.shape == (row_count.shape[0], nqb) and row_index.shape[1:] == (nqb, nkb),
+                     lambda: f"row_index must be (Hl, {nqb}, {nkb}), got {_shape(row_index)}")
+        return torch.empty_like(q), q.new_empty((B, H, Nq), dtype=_lse_dtype(q.dtype))
+
+    @torch.library.register_fake("af2_ext::block_sparse_attention_backward")
+    def _block_sparse_attention_backward_fake(grad_out, q, k, v, out, lse, row_count, row_index, col_count,
+                                              col_index, block_size, key_padding_mask, bias, scale, output_mask):
+        def grad(wanted, like):
+            return torch.empty_like(like) if wanted and like is not None else q.new_empty((0,))
+
+        return (grad(output_mask[0], q), grad(output_mask[1], k), grad(output_mask[2], v),
+                grad(output_mask[3], bias))
+
+    def _block_sparse_attention_setup_context(ctx, inputs, output):
+        q, k, v, row_count, row_index, col_count, col_index, block_size, key_padding_mask, bias, scale = inputs
+        out, lse = output
+        ctx.block_size, ctx.scale = block_size, scale
+        ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[9]
+        if any(ctx.needs_input_grad[i] for i in (0, 1, 2, 9)):
+            ctx.save_for_backward(q, k, v, out, lse, row_count, row_index, col_count, col_index,
+                                  key_padding_mask, bias)
+
+    def _block_sparse_attention_backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, row_count, row_index, col_count, col_index, key_padding_mask, bias = ctx.saved_tensors
+        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.bias_needs_grad]
+        grad_q, grad_k, grad_v, grad_bias = torch.ops.af2_ext.block_sparse_attention_backward.default(
+            grad_out, q, k, v, out, lse, row_count, row_index, col_count, col_index, ctx.block_size,
+            key_padding_mask, bias, ctx.scale, wanted)
+        return (grad_q if wanted[0] else None, grad_k if wanted[1] else None, grad_v if wanted[2] else None,
+                None, None, None, None, None, None, grad_bias if wanted[3] else None, None)
+
+    torch.library.register_autograd("af2_ext::block_sparse_attention_forward", _block_sparse_attention_backward,
+                                    setup_context=_block_sparse_attention_setup_context)

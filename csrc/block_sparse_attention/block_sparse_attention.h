@@ -1,0 +1,90 @@
+#pragma once
+// Block-sparse attention: parameters shared by the CPU and CUDA kernels. Plain C++, no torch headers.
+//
+// Shapes (all tensors contiguous unless a stride is given):
+//   q, out: (B, H, Nq, D)      k, v: (B, H, Nk, D)      lse: (B, H, Nq)
+//   layout index, "ELL" form with Hl = 1 or H layout heads:
+//     row_count (Hl, nqb)        row_index (Hl, nqb, nkb): the first row_count entries of each row are the
+//     col_count (Hl, nkb)        col_index (Hl, nkb, nqb): key (query) blocks to visit, ascending
+//   bias: (Bb, Hb, Nq, Nk), Hb = 1 or H; batch row b reads bias row b / (B / Bb)
+#include <cstdint>
+
+namespace af2_ext {
+
+struct BlockSparseShape {
+  int64_t batch = 0, heads = 0, seq_q = 0, seq_k = 0, head_dim = 0;
+  int block_size = 0;
+  int64_t num_q_blocks = 0, num_k_blocks = 0;
+  int64_t layout_heads = 1;   // 1 (shared) or heads
+  int64_t bias_batch = 0;     // 0 when there is no bias
+  int64_t bias_heads = 0;
+  int64_t seq_q_padded = 0;   // num_q_blocks * block_size
+  int64_t seq_k_padded = 0;   // num_k_blocks * block_size
+};
+
+// CPU kernels work in T = float (fp32/fp16/bf16 inputs, upcast by the binding) or double.
+// mask_add is (mask_batch, Nk_padded): 0 for a visible key, -inf for a padded one and for the tail past Nk.
+template <typename T>
+struct BlockSparseCpuForward {
+  BlockSparseShape s;
+  const T* q = nullptr;
+  const T* k = nullptr;
+  const T* v = nullptr;
+  const T* bias = nullptr;
+  const T* mask_add = nullptr;
+  int64_t mask_batch = 1;
+  const int32_t* row_count = nullptr;
+  const int32_t* row_index = nullptr;
+  T scale = 1;
+  T* out = nullptr;
+  T* lse = nullptr;  // +inf for a row with no visible key
+};
+
+template <typename T>
+struct BlockSparseCpuBackward {
+  BlockSparseShape s;
+  const T* q = nullptr;
+  const T* k = nullptr;
+  const T* v = nullptr;
+  const T* grad_out = nullptr;
+  const T* lse = nullptr;    // (B, H, Nq)
+  const T* delta = nullptr;  // (B, H, Nq): rowsum(grad_out * out)
+  const T* bias = nullptr;
+  const T* mask_add = nullptr;
+  int64_t mask_batch = 1;
+  const int32_t* row_count = nullptr;
+  const int32_t* row_index = nullptr;
+  const int32_t* col_count = nullptr;
+  const int32_t* col_index = nullptr;
+  T scale = 1;
+  T* grad_q = nullptr;     // nullptr: not wanted
+  T* grad_k = nullptr;     // grad_k and grad_v are wanted together or not at all
+  T* grad_v = nullptr;
+  T* grad_bias = nullptr;  // (Bb, Hb, Nq, Nk), zero-initialised by the caller; nullptr: not wanted
+};
+
+namespace cpu {
+
+// Work is split into independent tasks; each function runs tasks [begin, end) with `workspace` of at least
+// *_workspace_elems(shape) elements of T, private to the calling thread.
+int64_t forward_num_tasks(const BlockSparseShape& s);
+int64_t forward_workspace_elems(const BlockSparseShape& s);
+// Row pass: grad_q and grad_bias. A task owns whole bias rows, so the bias gradient is summed over the
+// batch rows and heads that share it in a fixed order: deterministic without atomics.
+int64_t backward_rows_num_tasks(const BlockSparseShape& s, bool with_grad_bias);
+// Column pass: grad_k and grad_v, one task per (batch, head, key block).
+int64_t backward_cols_num_tasks(const BlockSparseShape& s);
+int64_t backward_workspace_elems(const BlockSparseShape& s);
+
+template <typename T>
+void forward(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end, T* workspace);
+template <typename T>
+void backward_rows(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* workspace);
+template <typename T>
+void backward_cols(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* workspace);
+
+// Name of the instruction set the CPU kernels dispatch to on this machine ("avx512", "avx2" or "generic").
+const char* isa_name();
+
+}  // namespace cpu
+}  // namespace af2_ext

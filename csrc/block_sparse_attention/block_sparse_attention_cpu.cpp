@@ -1,0 +1,186 @@
+// CPU binding of block-sparse attention: checks, fp32 (or fp64) staging copies, and at::parallel_for over the
+// kernel's tasks. The kernels themselves live in block_sparse_attention_cpu_kernel.{h,cpp}.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <limits>
+#include <vector>
+
+#include "block_sparse_attention/block_sparse_attention.h"
+#include "block_sparse_attention/block_sparse_attention_checks.h"
+
+namespace af2_ext {
+namespace {
+
+// Every counted entry must be a valid block, strictly ascending: a repeated block would be counted twice.
+void check_index_values(const at::Tensor& count, const at::Tensor& index, const char* name, int64_t limit) {
+  const auto c = count.contiguous();
+  const auto idx = index.contiguous();
+  const int32_t* cp = c.data_ptr<int32_t>();
+  const int32_t* ip = idx.data_ptr<int32_t>();
+  const int64_t rows = c.numel(), width = idx.size(2);
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(cp[r] >= 0 && cp[r] <= width, name, ": count ", cp[r], " out of range [0, ", width, "]");
+    for (int32_t e = 0; e < cp[r]; ++e) {
+      const int32_t v = ip[r * width + e];
+      TORCH_CHECK(v >= 0 && v < limit && (e == 0 || v > ip[r * width + e - 1]), name,
+                  ": block indices must be ascending and in [0, ", limit, "), got ", v);
+    }
+  }
+}
+
+at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// (B or 1, Nk_padded): 0 where a key is visible, -inf where it is padded or past Nk.
+at::Tensor additive_key_mask(const std::optional<at::Tensor>& key_padding_mask, const BlockSparseShape& s,
+                             at::ScalarType acc) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const int64_t rows = key_padding_mask.has_value() ? s.batch : 1;
+  auto m = at::full({rows, s.seq_k_padded}, -inf, at::TensorOptions().dtype(acc));
+  if (key_padding_mask.has_value()) {
+    m.narrow(1, 0, s.seq_k).masked_fill_(*key_padding_mask, 0.0);
+  } else {
+    m.narrow(1, 0, s.seq_k).zero_();
+  }
+  return m;
+}
+
+template <typename T, typename Fn>
+void parallel_tasks(int64_t num_tasks, int64_t workspace_elems, const Fn& fn) {
+  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> workspace(workspace_elems);
+    fn(begin, end, workspace.data());
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& row_count, const at::Tensor& row_index,
+                                               const at::Tensor& col_count, const at::Tensor& col_index,
+                                               int64_t block_size,
+                                               const std::optional<at::Tensor>& key_padding_mask,
+                                               const std::optional<at::Tensor>& bias, double scale) {
+  const BlockSparseShape s = check_block_sparse_inputs(q, k, v, row_count, row_index, col_count, col_index,
+                                                       block_size, key_padding_mask, bias);
+  check_index_values(row_count, row_index, "row_index", s.num_k_blocks);
+  const auto acc = accumulate_type(q.scalar_type());
+  const auto qa = q.to(acc).contiguous();
+  const auto ka = k.to(acc).contiguous();
+  const auto va = v.to(acc).contiguous();
+  const auto mask_add = additive_key_mask(key_padding_mask, s, acc);
+  const auto bias_a = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+  const auto rc = row_count.contiguous();
+  const auto ri = row_index.contiguous();
+  auto out = at::empty({s.batch, s.heads, s.seq_q, s.head_dim}, qa.options());
+  auto lse = at::empty({s.batch, s.heads, s.seq_q}, qa.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "block_sparse_attention_forward_cpu", [&] {
+    BlockSparseCpuForward<scalar_t> p;
+    p.s = s;
+    p.q = qa.data_ptr<scalar_t>();
+    p.k = ka.data_ptr<scalar_t>();
+    p.v = va.data_ptr<scalar_t>();
+    p.bias = bias_a.defined() ? bias_a.data_ptr<scalar_t>() : nullptr;
+    p.mask_add = mask_add.data_ptr<scalar_t>();
+    p.mask_batch = mask_add.size(0);
+    p.row_count = rc.data_ptr<int32_t>();
+    p.row_index = ri.data_ptr<int32_t>();
+    p.scale = scalar_t(scale);
+    p.out = out.data_ptr<scalar_t>();
+    p.lse = lse.data_ptr<scalar_t>();
+    parallel_tasks<scalar_t>(cpu::forward_num_tasks(s), cpu::forward_workspace_elems(s),
+                             [&](int64_t b, int64_t e, scalar_t* ws) { cpu::forward<scalar_t>(p, b, e, ws); });
+  });
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& row_count, const at::Tensor& row_index,
+    const at::Tensor& col_count, const at::Tensor& col_index, int64_t block_size,
+    const std::optional<at::Tensor>& key_padding_mask, const std::optional<at::Tensor>& bias, double scale,
+    std::array<bool, 4> output_mask) {
+  const BlockSparseShape s = check_block_sparse_inputs(q, k, v, row_count, row_index, col_count, col_index,
+                                                       block_size, key_padding_mask, bias);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out and out must have q's shape ",
+              q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == s.batch && lse.size(1) == s.heads && lse.size(2) == s.seq_q,
+              "lse must be (B, H, Nq) = (", s.batch, ", ", s.heads, ", ", s.seq_q, "), got ", lse.sizes());
+  check_index_values(row_count, row_index, "row_index", s.num_k_blocks);
+  check_index_values(col_count, col_index, "col_index", s.num_q_blocks);
+  const bool want_q = output_mask[0], want_kv = output_mask[1] || output_mask[2];
+  const bool want_bias = output_mask[3] && bias.has_value();
+  const auto acc = accumulate_type(q.scalar_type());
+  const auto qa = q.to(acc).contiguous();
+  const auto ka = k.to(acc).contiguous();
+  const auto va = v.to(acc).contiguous();
+  const auto go = grad_out.to(acc).contiguous();
+  const auto oa = out.to(acc).contiguous();
+  const auto lse_a = lse.to(acc).contiguous();
+  auto delta = at::empty({s.batch, s.heads, s.seq_q}, qa.options());
+  const auto mask_add = additive_key_mask(key_padding_mask, s, acc);
+  const auto bias_a = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+  const auto rc = row_count.contiguous(), ri = row_index.contiguous();
+  const auto cc = col_count.contiguous(), ci = col_index.contiguous();
+  auto gq = want_q ? at::empty_like(qa) : at::Tensor();
+  auto gk = want_kv ? at::empty_like(ka) : at::Tensor();
+  auto gv = want_kv ? at::empty_like(va) : at::Tensor();
+  auto gb = want_bias ? at::zeros_like(bias_a) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(acc, "block_sparse_attention_backward_cpu", [&] {
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    {  // delta = rowsum(grad_out * out), one query row at a time
+      const scalar_t* g = go.data_ptr<scalar_t>();
+      const scalar_t* o = oa.data_ptr<scalar_t>();
+      scalar_t* dl = delta.data_ptr<scalar_t>();
+      const int64_t D = s.head_dim;
+      at::parallel_for(0, delta.numel(), 1024, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          scalar_t sum = 0;
+          for (int64_t d = 0; d < D; ++d) sum += g[r * D + d] * o[r * D + d];
+          dl[r] = sum;
+        }
+      });
+    }
+    BlockSparseCpuBackward<scalar_t> p;
+    p.s = s;
+    p.q = ptr(qa);
+    p.k = ptr(ka);
+    p.v = ptr(va);
+    p.grad_out = ptr(go);
+    p.lse = ptr(lse_a);
+    p.delta = ptr(delta);
+    p.bias = ptr(bias_a);
+    p.mask_add = ptr(mask_add);
+    p.mask_batch = mask_add.size(0);
+    p.row_count = rc.data_ptr<int32_t>();
+    p.row_index = ri.data_ptr<int32_t>();
+    p.col_count = cc.data_ptr<int32_t>();
+    p.col_index = ci.data_ptr<int32_t>();
+    p.scale = scalar_t(scale);
+    p.grad_q = ptr(gq);
+    p.grad_k = ptr(gk);
+    p.grad_v = ptr(gv);
+    p.grad_bias = ptr(gb);
+    const int64_t ws = cpu::backward_workspace_elems(s);
+    if (want_q || want_bias)
+      parallel_tasks<scalar_t>(cpu::backward_rows_num_tasks(s, want_bias), ws, [&](int64_t b, int64_t e, scalar_t* w) {
+        cpu::backward_rows<scalar_t>(p, b, e, w);
+      });
+    if (want_kv)
+      parallel_tasks<scalar_t>(cpu::backward_cols_num_tasks(s), ws, [&](int64_t b, int64_t e, scalar_t* w) {
+        cpu::backward_cols<scalar_t>(p, b, e, w);
+      });
+  });
+  const auto empty = at::empty({0}, q.options());
+  return {want_q ? gq.to(q.scalar_type()) : empty, want_kv && output_mask[1] ? gk.to(q.scalar_type()) : empty,
+          want_kv && output_mask[2] ? gv.to(q.scalar_type()) : empty,
+          want_bias ? gb.to(bias->scalar_type()) : empty};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(af2_ext, CPU, m) {
+  m.impl("block_sparse_attention_forward", &forward_cpu);
+  m.impl("block_sparse_attention_backward", &backward_cpu);
+}
+
+}  // namespace af2_ext

@@ -1,0 +1,162 @@
+// Portable SIMD building blocks for the CPU kernels, written with GCC/Clang vector extensions so that one
+// source compiles to AVX-512, AVX2 or SSE/NEON code depending on the target the including translation unit
+// selects (see cpu_isa.h). No torch headers, no intrinsics.
+//
+// This header must be included *inside* an ISA region (it defines everything in the enclosing namespace), so
+// it has no include guard and includes nothing itself; the including file includes <cstdint>, <cstring> and
+// <cmath> first.
+
+template <typename T, int VL>
+struct Vec {
+  typedef T type __attribute__((vector_size(VL * sizeof(T))));
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type int_elem;
+  typedef int_elem itype __attribute__((vector_size(VL * sizeof(T))));
+
+  static inline type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(type));
+    return v;
+  }
+  static inline void store(T* p, type v) { std::memcpy(p, &v, sizeof(type)); }
+  static inline type broadcast(T x) {
+    type v = {};
+    return v + x;
+  }
+  static inline type max(type a, type b) {
+    itype gt = a > b;
+    return select(gt, a, b);
+  }
+  // Lane-wise `mask ? a : b` with an all-ones / all-zeros integer mask, as produced by vector comparisons.
+  static inline type select(itype mask, type a, type b) {
+    itype ai, bi;
+    std::memcpy(&ai, &a, sizeof(type));
+    std::memcpy(&bi, &b, sizeof(type));
+    itype ri = (ai & mask) | (bi & ~mask);
+    type r;
+    std::memcpy(&r, &ri, sizeof(type));
+    return r;
+  }
+  static inline T reduce_max(type v) {
+    T r = v[0];
+    for (int i = 1; i < VL; ++i) r = v[i] > r ? v[i] : r;
+    return r;
+  }
+  static inline T reduce_sum(type v) {
+    T r = v[0];
+    for (int i = 1; i < VL; ++i) r += v[i];
+    return r;
+  }
+};
+
+// exp(x) lane-wise: Cody-Waite range reduction and the Cephes degree-6 polynomial (about 1 ulp in fp32).
+// Inputs below the underflow threshold (including -inf) give exactly 0, which the attention kernels rely on
+// for masked logits.
+template <int VL>
+static inline typename Vec<float, VL>::type vexp(typename Vec<float, VL>::type x) {
+  typedef Vec<float, VL> V;
+  typedef typename V::type vf;
+  typedef typename V::itype vi;
+  const vf hi = V::broadcast(88.3762626647949f);
+  const vf lo = V::broadcast(-87.3365478515625f);  // exp(lo) is the smallest normal float
+  vi keep = x >= lo;
+  x = V::max(x, lo);
+  x = V::select(x > hi, hi, x);
+  vf y = x * 1.44269504088896341f + 0.5f;
+  vf fx = __builtin_convertvector(__builtin_convertvector(y, vi), vf);  // truncation toward zero
+  vi too_big = fx > y;                                                  // turn truncation into floor
+  fx = V::select(too_big, fx - 1.0f, fx);
+  vf r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  vf p = V::broadcast(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  vi e = (__builtin_convertvector(fx, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &e, sizeof(vf));
+  vf res = p * scale;
+  vi bits;
+  std::memcpy(&bits, &res, sizeof(vf));
+  bits &= keep;
+  std::memcpy(&res, &bits, sizeof(vf));
+  return res;
+}
+
+// C[M x N] = (accumulate ? C : 0) + A[M x K] * B[K x N], all row-major with leading dimensions lda/ldb/ldc.
+// N must be a multiple of VL. The micro-tile keeps MR x NV vectors of C in registers and streams B rows.
+template <typename T, int VL, int MR, int NV>
+static inline void gemm_tile(int K, const T* __restrict A, int64_t lda, const T* __restrict B, int64_t ldb,
+                             T* __restrict C, int64_t ldc, bool accumulate) {
+  typedef Vec<T, VL> V;
+  typename V::type acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < NV; ++c) acc[r][c] = accumulate ? V::load(C + r * ldc + c * VL) : V::broadcast(T(0));
+  for (int k = 0; k < K; ++k) {
+    typename V::type b[NV];
+#pragma GCC unroll 16
+    for (int c = 0; c < NV; ++c) b[c] = V::load(B + k * ldb + c * VL);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      typename V::type a = V::broadcast(A[r * lda + k]);
+#pragma GCC unroll 16
+      for (int c = 0; c < NV; ++c) acc[r][c] += a * b[c];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < NV; ++c) V::store(C + r * ldc + c * VL, acc[r][c]);
+}
+
+template <typename T, int VL, int MR, int NV>
+static inline void gemm_tile_rows(int rows, int K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                                  int64_t ldc, bool accumulate) {
+  if constexpr (MR > 0) {
+    if (rows == MR) {
+      gemm_tile<T, VL, MR, NV>(K, A, lda, B, ldb, C, ldc, accumulate);
+    } else {
+      gemm_tile_rows<T, VL, MR - 1, NV>(rows, K, A, lda, B, ldb, C, ldc, accumulate);
+    }
+  }
+}
+
+template <typename T, int VL, int MR, int NV>
+static inline void gemm_column_panel(int M, int K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                                     int64_t ldc, bool accumulate) {
+  int i = 0;
+  for (; i + MR <= M; i += MR) gemm_tile<T, VL, MR, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  if (i < M) gemm_tile_rows<T, VL, MR - 1, NV>(M - i, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+}
+
+// Register budget: MR * NV accumulators + NV rows of B + one broadcast must fit the vector register file
+// (32 registers with AVX-512, 16 with AVX2/SSE).
+template <typename T, int VL>
+struct GemmShape {
+  static constexpr int kBytes = VL * int(sizeof(T));
+  static constexpr int NV = kBytes >= 64 ? 4 : 2;
+  static constexpr int MR = kBytes >= 64 ? 6 : 4;
+};
+
+template <typename T, int VL>
+static inline void gemm_nn(int M, int N, int K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                           int64_t ldc, bool accumulate) {
+  constexpr int NV = GemmShape<T, VL>::NV;
+  constexpr int MR = GemmShape<T, VL>::MR;
+  if (M <= 0) return;
+  int nvec = N / VL;
+  int c = 0;
+  for (; c + NV <= nvec; c += NV)
+    gemm_column_panel<T, VL, MR, NV>(M, K, A, lda, B + c * VL, ldb, C + c * VL, ldc, accumulate);
+  int rest = nvec - c;
+  if constexpr (NV > 1) {
+    if (rest == 1) gemm_column_panel<T, VL, MR, 1>(M, K, A, lda, B + c * VL, ldb, C + c * VL, ldc, accumulate);
+  }
+  if constexpr (NV > 3) {
+    if (rest == 2) gemm_column_panel<T, VL, MR, 2>(M, K, A, lda, B + c * VL, ldb, C + c * VL, ldc, accumulate);
+    if (rest == 3) gemm_column_panel<T, VL, MR, 3>(M, K, A, lda, B + c * VL, ldb, C + c * VL, ldc, accumulate);
+  }
+}

@@ -1,0 +1,32 @@
+// Every af2_ext schema, defined once. Implementations register per dispatch key in their own files
+// (<op>_cpu.cpp, <op>_cuda.cpp); the Python package loads this library through the empty PyInit__C below.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "block_sparse_attention/block_sparse_attention.h"
+
+extern "C" {
+// Importing af2_ext._C runs the static TORCH_LIBRARY registrations; the module itself holds nothing.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(af2_ext, m) {
+  // Returns (out (B, H, Nq, D), lse (B, H, Nq) in fp32, fp64 for fp64 inputs). col_count/col_index are not
+  // read by the forward; they are inputs so that autograd can hand them to the backward.
+  m.def(
+      "block_sparse_attention_forward(Tensor q, Tensor k, Tensor v, Tensor row_count, Tensor row_index, "
+      "Tensor col_count, Tensor col_index, int block_size, Tensor? key_padding_mask, Tensor? bias, "
+      "float scale) -> (Tensor, Tensor)");
+  // Returns (grad_q, grad_k, grad_v, grad_bias); a gradient whose output_mask entry is false comes back as
+  // an empty tensor.
+  m.def(
+      "block_sparse_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor row_count, Tensor row_index, Tensor col_count, Tensor col_index, int block_size, "
+      "Tensor? key_padding_mask, Tensor? bias, float scale, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The instruction set the CPU kernels run with on this machine: "avx512", "avx2" or "generic".
+  m.def("cpu_isa() -> str", []() { return std::string(af2_ext::cpu::isa_name()); });
+}
