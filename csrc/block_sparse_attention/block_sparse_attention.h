@@ -18,12 +18,10 @@ struct BlockSparseShape {
   int64_t layout_heads = 1;   // 1 (shared) or heads
   int64_t bias_batch = 0;     // 0 when there is no bias
   int64_t bias_heads = 0;
-  int64_t seq_q_padded = 0;   // num_q_blocks * block_size
-  int64_t seq_k_padded = 0;   // num_k_blocks * block_size
 };
 
 // CPU kernels work in T = float (fp32/fp16/bf16 inputs, upcast by the binding) or double.
-// mask_add is (mask_batch, Nk_padded): 0 for a visible key, -inf for a padded one and for the tail past Nk.
+// mask_add is (B, Nk): 0 for a visible key, -inf for a padded one; nullptr without a key padding mask.
 template <typename T>
 struct BlockSparseCpuForward {
   BlockSparseShape s;
@@ -32,7 +30,6 @@ struct BlockSparseCpuForward {
   const T* v = nullptr;
   const T* bias = nullptr;
   const T* mask_add = nullptr;
-  int64_t mask_batch = 1;
   const int32_t* row_count = nullptr;
   const int32_t* row_index = nullptr;
   T scale = 1;
@@ -51,7 +48,6 @@ struct BlockSparseCpuBackward {
   const T* delta = nullptr;  // (B, H, Nq): rowsum(grad_out * out)
   const T* bias = nullptr;
   const T* mask_add = nullptr;
-  int64_t mask_batch = 1;
   const int32_t* row_count = nullptr;
   const int32_t* row_index = nullptr;
   const int32_t* col_count = nullptr;

@@ -55,8 +55,6 @@ inline BlockSparseShape check_block_sparse_inputs(const at::Tensor& q, const at:
   s.block_size = int(block_size);
   s.num_q_blocks = (Nq + block_size - 1) / block_size;
   s.num_k_blocks = (Nk + block_size - 1) / block_size;
-  s.seq_q_padded = s.num_q_blocks * block_size;
-  s.seq_k_padded = s.num_k_blocks * block_size;
   for (const at::Tensor* t : {&row_count, &row_index, &col_count, &col_index})
     TORCH_CHECK(t->device() == q.device(), "the layout index must be on q's device ", q.device(), ", got ",
                 t->device());

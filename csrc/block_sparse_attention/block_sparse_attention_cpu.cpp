@@ -32,18 +32,11 @@ void check_index_values(const at::Tensor& count, const at::Tensor& index, const 
 
 at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// (B or 1, Nk_padded): 0 where a key is visible, -inf where it is padded or past Nk.
-at::Tensor additive_key_mask(const std::optional<at::Tensor>& key_padding_mask, const BlockSparseShape& s,
-                             at::ScalarType acc) {
+// (B, Nk): 0 where a key is visible, -inf where it is padded; undefined without a mask.
+at::Tensor additive_key_mask(const std::optional<at::Tensor>& key_padding_mask, at::ScalarType acc) {
+  if (!key_padding_mask.has_value()) return at::Tensor();
   const double inf = std::numeric_limits<double>::infinity();
-  const int64_t rows = key_padding_mask.has_value() ? s.batch : 1;
-  auto m = at::full({rows, s.seq_k_padded}, -inf, at::TensorOptions().dtype(acc));
-  if (key_padding_mask.has_value()) {
-    m.narrow(1, 0, s.seq_k).masked_fill_(*key_padding_mask, 0.0);
-  } else {
-    m.narrow(1, 0, s.seq_k).zero_();
-  }
-  return m;
+  return at::full(key_padding_mask->sizes(), -inf, at::TensorOptions().dtype(acc)).masked_fill_(*key_padding_mask, 0.0);
 }
 
 template <typename T, typename Fn>
@@ -67,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   const auto qa = q.to(acc).contiguous();
   const auto ka = k.to(acc).contiguous();
   const auto va = v.to(acc).contiguous();
-  const auto mask_add = additive_key_mask(key_padding_mask, s, acc);
+  const auto mask_add = additive_key_mask(key_padding_mask, acc);
   const auto bias_a = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const auto rc = row_count.contiguous();
   const auto ri = row_index.contiguous();
@@ -80,8 +73,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
     p.k = ka.data_ptr<scalar_t>();
     p.v = va.data_ptr<scalar_t>();
     p.bias = bias_a.defined() ? bias_a.data_ptr<scalar_t>() : nullptr;
-    p.mask_add = mask_add.data_ptr<scalar_t>();
-    p.mask_batch = mask_add.size(0);
+    p.mask_add = mask_add.defined() ? mask_add.data_ptr<scalar_t>() : nullptr;
     p.row_count = rc.data_ptr<int32_t>();
     p.row_index = ri.data_ptr<int32_t>();
     p.scale = scalar_t(scale);
@@ -117,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const auto oa = out.to(acc).contiguous();
   const auto lse_a = lse.to(acc).contiguous();
   auto delta = at::empty({s.batch, s.heads, s.seq_q}, qa.options());
-  const auto mask_add = additive_key_mask(key_padding_mask, s, acc);
+  const auto mask_add = additive_key_mask(key_padding_mask, acc);
   const auto bias_a = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const auto rc = row_count.contiguous(), ri = row_index.contiguous();
   const auto cc = col_count.contiguous(), ci = col_index.contiguous();
@@ -150,7 +142,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     p.delta = ptr(delta);
     p.bias = ptr(bias_a);
     p.mask_add = ptr(mask_add);
-    p.mask_batch = mask_add.size(0);
     p.row_count = rc.data_ptr<int32_t>();
     p.row_index = ri.data_ptr<int32_t>();
     p.col_count = cc.data_ptr<int32_t>();

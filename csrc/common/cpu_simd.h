@@ -84,11 +84,12 @@ static inline typename Vec<float, VL>::type vexp(typename Vec<float, VL>::type x
   return res;
 }
 
-// C[M x N] = (accumulate ? C : 0) + A[M x K] * B[K x N], all row-major with leading dimensions lda/ldb/ldc.
-// N must be a multiple of VL. The micro-tile keeps MR x NV vectors of C in registers and streams B rows.
+// C[M x N] = (accumulate ? C : 0) + A[M x K] * B[K x N]. B and C are row-major (leading dimensions ldb, ldc;
+// N a multiple of VL); A is read one broadcast element at a time, A(r, k) = A[r * a_row + k * a_k], so a
+// transposed A costs nothing. The micro-tile keeps MR x NV vectors of C in registers and streams rows of B.
 template <typename T, int VL, int MR, int NV>
-static inline void gemm_tile(int K, const T* __restrict A, int64_t lda, const T* __restrict B, int64_t ldb,
-                             T* __restrict C, int64_t ldc, bool accumulate) {
+static inline void gemm_tile(int K, const T* __restrict A, int64_t a_row, int64_t a_k, const T* __restrict B,
+                             int64_t ldb, T* __restrict C, int64_t ldc, bool accumulate) {
   typedef Vec<T, VL> V;
   typename V::type acc[MR][NV];
 #pragma GCC unroll 16
@@ -101,7 +102,7 @@ static inline void gemm_tile(int K, const T* __restrict A, int64_t lda, const T*
     for (int c = 0; c < NV; ++c) b[c] = V::load(B + k * ldb + c * VL);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      typename V::type a = V::broadcast(A[r * lda + k]);
+      typename V::type a = V::broadcast(A[r * a_row + k * a_k]);
 #pragma GCC unroll 16
       for (int c = 0; c < NV; ++c) acc[r][c] += a * b[c];
     }
@@ -113,23 +114,25 @@ static inline void gemm_tile(int K, const T* __restrict A, int64_t lda, const T*
 }
 
 template <typename T, int VL, int MR, int NV>
-static inline void gemm_tile_rows(int rows, int K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                                  int64_t ldc, bool accumulate) {
+static inline void gemm_tile_rows(int rows, int K, const T* A, int64_t a_row, int64_t a_k, const T* B,
+                                  int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   if constexpr (MR > 0) {
     if (rows == MR) {
-      gemm_tile<T, VL, MR, NV>(K, A, lda, B, ldb, C, ldc, accumulate);
+      gemm_tile<T, VL, MR, NV>(K, A, a_row, a_k, B, ldb, C, ldc, accumulate);
     } else {
-      gemm_tile_rows<T, VL, MR - 1, NV>(rows, K, A, lda, B, ldb, C, ldc, accumulate);
+      gemm_tile_rows<T, VL, MR - 1, NV>(rows, K, A, a_row, a_k, B, ldb, C, ldc, accumulate);
     }
   }
 }
 
 template <typename T, int VL, int MR, int NV>
-static inline void gemm_column_panel(int M, int K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                                     int64_t ldc, bool accumulate) {
+static inline void gemm_column_panel(int M, int K, const T* A, int64_t a_row, int64_t a_k, const T* B, int64_t ldb,
+                                     T* C, int64_t ldc, bool accumulate) {
   int i = 0;
-  for (; i + MR <= M; i += MR) gemm_tile<T, VL, MR, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
-  if (i < M) gemm_tile_rows<T, VL, MR - 1, NV>(M - i, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  for (; i + MR <= M; i += MR)
+    gemm_tile<T, VL, MR, NV>(K, A + i * a_row, a_row, a_k, B, ldb, C + i * ldc, ldc, accumulate);
+  if (i < M)
+    gemm_tile_rows<T, VL, MR - 1, NV>(M - i, K, A + i * a_row, a_row, a_k, B, ldb, C + i * ldc, ldc, accumulate);
 }
 
 // Register budget: MR * NV accumulators + NV rows of B + one broadcast must fit the vector register file
@@ -142,21 +145,21 @@ struct GemmShape {
 };
 
 template <typename T, int VL>
-static inline void gemm_nn(int M, int N, int K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-                           int64_t ldc, bool accumulate) {
+static inline void gemm(int M, int N, int K, const T* A, int64_t a_row, int64_t a_k, const T* B, int64_t ldb, T* C,
+                        int64_t ldc, bool accumulate) {
   constexpr int NV = GemmShape<T, VL>::NV;
   constexpr int MR = GemmShape<T, VL>::MR;
   if (M <= 0) return;
   int nvec = N / VL;
   int c = 0;
   for (; c + NV <= nvec; c += NV)
-    gemm_column_panel<T, VL, MR, NV>(M, K, A, lda, B + c * VL, ldb, C + c * VL, ldc, accumulate);
+    gemm_column_panel<T, VL, MR, NV>(M, K, A, a_row, a_k, B + c * VL, ldb, C + c * VL, ldc, accumulate);
   int rest = nvec - c;
   if constexpr (NV > 1) {
-    if (rest == 1) gemm_column_panel<T, VL, MR, 1>(M, K, A, lda, B + c * VL, ldb, C + c * VL, ldc, accumulate);
+    if (rest == 1) gemm_column_panel<T, VL, MR, 1>(M, K, A, a_row, a_k, B + c * VL, ldb, C + c * VL, ldc, accumulate);
   }
   if constexpr (NV > 3) {
-    if (rest == 2) gemm_column_panel<T, VL, MR, 2>(M, K, A, lda, B + c * VL, ldb, C + c * VL, ldc, accumulate);
-    if (rest == 3) gemm_column_panel<T, VL, MR, 3>(M, K, A, lda, B + c * VL, ldb, C + c * VL, ldc, accumulate);
+    if (rest == 2) gemm_column_panel<T, VL, MR, 2>(M, K, A, a_row, a_k, B + c * VL, ldb, C + c * VL, ldc, accumulate);
+    if (rest == 3) gemm_column_panel<T, VL, MR, 3>(M, K, A, a_row, a_k, B + c * VL, ldb, C + c * VL, ldc, accumulate);
   }
 }
