@@ -60,11 +60,17 @@ def use_impl(impl: str) -> Iterator[None]:
         set_default_impl(previous)
 
 
+_OPS = ("block_sparse_attention_forward",)
+# (op, device type) -> registered kernel? Read once: a dict lookup is something torch.compile can trace.
+_KERNELS = {
+    (op, device): extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"af2_ext::{op}", key)
+    for op in _OPS
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+}
+
+
 def _has_kernel(op: str, device: torch.device) -> bool:
-    if not extension_available():
-        return False
-    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"af2_ext::{op}", key)
+    return _KERNELS.get((op, device.type), False)
 
 
 def _use_kernel(op: str, device: torch.device, impl: Optional[str]) -> bool:
@@ -102,48 +108,55 @@ def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
+def _require(condition: bool, message) -> None:
+    """Raise ValueError(message()) unless condition. (Plain Python so that torch.compile traces it; the fake
+    kernels use torch._check.)"""
+    if not condition:
+        raise ValueError(message())
+
+
 def _check_block_sparse(q, k, v, layout, block_size, key_padding_mask, bias) -> None:
     """Argument checks with messages naming the argument; the C++ binding checks the same things."""
     for name, t in (("q", q), ("k", k), ("v", v), ("layout", layout)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    torch._check(q.dim() == 4, lambda: f"q must be (B, H, Nq, D), got {_shape(q)}")
-    torch._check(k.dim() == 4, lambda: f"k must be (B, H, Nk, D), got {_shape(k)}")
-    torch._check(v.dim() == 4, lambda: f"v must be (B, H, Nk, D), got {_shape(v)}")
-    torch._check(q.dtype in DTYPES, lambda: f"q must be float32, float16 or bfloat16 (float64 on CPU), got {q.dtype}")
-    torch._check(k.dtype == q.dtype and v.dtype == q.dtype,
+    _require(q.dim() == 4, lambda: f"q must be (B, H, Nq, D), got {_shape(q)}")
+    _require(k.dim() == 4, lambda: f"k must be (B, H, Nk, D), got {_shape(k)}")
+    _require(v.dim() == 4, lambda: f"v must be (B, H, Nk, D), got {_shape(v)}")
+    _require(q.dtype in DTYPES, lambda: f"q must be float32, float16 or bfloat16 (float64 on CPU), got {q.dtype}")
+    _require(k.dtype == q.dtype and v.dtype == q.dtype,
                  lambda: f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    torch._check(k.shape[0] == B and k.shape[1] == H and k.shape[3] == D,
+    _require(k.shape[0] == B and k.shape[1] == H and k.shape[3] == D,
                  lambda: f"k must be (B={B}, H={H}, Nk, D={D}), got {_shape(k)}")
-    torch._check(v.shape == k.shape, lambda: f"v must have k's shape {_shape(k)}, got {_shape(v)}")
-    torch._check(D in HEAD_DIMS, lambda: f"head dim D (q.size(-1)) must be 16, 32, 64 or 128, got {D}")
-    torch._check(block_size in BLOCK_SIZES, lambda: f"block_size must be 16, 32, 64 or 128, got {block_size}")
-    torch._check(B > 0 and H > 0 and Nq > 0 and Nk > 0,
+    _require(v.shape == k.shape, lambda: f"v must have k's shape {_shape(k)}, got {_shape(v)}")
+    _require(D in HEAD_DIMS, lambda: f"head dim D (q.size(-1)) must be 16, 32, 64 or 128, got {D}")
+    _require(block_size in BLOCK_SIZES, lambda: f"block_size must be 16, 32, 64 or 128, got {block_size}")
+    _require(B > 0 and H > 0 and Nq > 0 and Nk > 0,
                  lambda: f"q and k must be non-empty, got q {_shape(q)} and k {_shape(k)}")
-    torch._check(k.device == q.device and v.device == q.device,
+    _require(k.device == q.device and v.device == q.device,
                  lambda: f"k and v must be on q's device {q.device}, got {k.device} and {v.device}")
     nqb, nkb = -(-Nq // block_size), -(-Nk // block_size)
-    torch._check(layout.dtype == torch.bool, lambda: f"layout must be a bool tensor, got {layout.dtype}")
-    torch._check(layout.dim() == 3 and layout.shape[0] in (1, H) and layout.shape[1] == nqb and layout.shape[2] == nkb,
+    _require(layout.dtype == torch.bool, lambda: f"layout must be a bool tensor, got {layout.dtype}")
+    _require(layout.dim() == 3 and layout.shape[0] in (1, H) and layout.shape[1] == nqb and layout.shape[2] == nkb,
                  lambda: f"layout must be (1 or H={H}, ceil(Nq/block_size)={nqb}, ceil(Nk/block_size)={nkb}), "
                          f"got {_shape(layout)}")
-    torch._check(layout.device == q.device, lambda: f"layout must be on q's device {q.device}, got {layout.device}")
+    _require(layout.device == q.device, lambda: f"layout must be on q's device {q.device}, got {layout.device}")
     if key_padding_mask is not None:
         m = key_padding_mask
-        torch._check(m.dtype == torch.bool, lambda: f"key_padding_mask must be bool (True = keep), got {m.dtype}")
-        torch._check(m.dim() == 2 and m.shape[0] == B and m.shape[1] == Nk,
+        _require(m.dtype == torch.bool, lambda: f"key_padding_mask must be bool (True = keep), got {m.dtype}")
+        _require(m.dim() == 2 and m.shape[0] == B and m.shape[1] == Nk,
                      lambda: f"key_padding_mask must be (B={B}, Nk={Nk}), got {_shape(m)}")
-        torch._check(m.device == q.device,
+        _require(m.device == q.device,
                      lambda: f"key_padding_mask must be on q's device {q.device}, got {m.device}")
     if bias is not None:
-        torch._check(bias.is_floating_point(), lambda: f"bias must be a floating tensor, got {bias.dtype}")
-        torch._check(bias.dim() == 4 and bias.shape[0] > 0 and B % bias.shape[0] == 0 and bias.shape[1] in (1, H)
+        _require(bias.is_floating_point(), lambda: f"bias must be a floating tensor, got {bias.dtype}")
+        _require(bias.dim() == 4 and bias.shape[0] > 0 and B % bias.shape[0] == 0 and bias.shape[1] in (1, H)
                      and bias.shape[2] == Nq and bias.shape[3] == Nk,
                      lambda: f"bias must be (Bb, 1 or H={H}, Nq={Nq}, Nk={Nk}) with B={B} divisible by Bb, "
                              f"got {_shape(bias)}")
-        torch._check(bias.device == q.device, lambda: f"bias must be on q's device {q.device}, got {bias.device}")
+        _require(bias.device == q.device, lambda: f"bias must be on q's device {q.device}, got {bias.device}")
 
 
 def layout_index(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
