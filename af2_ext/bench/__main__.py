@@ -1,0 +1,37 @@
+"""``python -m af2_ext.bench <subcommand> [options]``: one subparser per benchmark module.
+
+A benchmark module provides ``add_arguments(parser)`` and ``main(args) -> int``; register it in
+:data:`SUBCOMMANDS`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "attention": ("af2_ext.bench.attention", "block-sparse attention vs dense SDPA, FlexAttention, reference"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m af2_ext.bench", description="af2_ext benchmarks")
+    subparsers = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=help_text, description=module.__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.main)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
