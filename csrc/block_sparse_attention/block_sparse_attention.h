@@ -57,6 +57,10 @@ struct BlockSparseCpuBackward {
   T* grad_k = nullptr;     // grad_k and grad_v are wanted together or not at all
   T* grad_v = nullptr;
   T* grad_bias = nullptr;  // (Bb, Hb, Nq, Nk), zero-initialised by the caller; nullptr: not wanted
+  // (B, H, num_q_blocks, D, block_size) workspaces filled by backward_prepare: scale * Q and grad_out, one
+  // transposed, zero-padded block each, so both passes read every query block contiguously.
+  T* q_t_blocks = nullptr;
+  T* grad_out_t_blocks = nullptr;
 };
 
 namespace cpu {
@@ -65,6 +69,8 @@ namespace cpu {
 // *_workspace_elems(shape) elements of T, private to the calling thread.
 int64_t forward_num_tasks(const BlockSparseShape& s);
 int64_t forward_workspace_elems(const BlockSparseShape& s);
+// Fills q_t_blocks and grad_out_t_blocks; one task per (batch, head, query block). Runs before both passes.
+int64_t backward_prepare_num_tasks(const BlockSparseShape& s);
 // Row pass: grad_q and grad_bias. A task owns whole bias rows, so the bias gradient is summed over the
 // batch rows and heads that share it in a fixed order: deterministic without atomics.
 int64_t backward_rows_num_tasks(const BlockSparseShape& s, bool with_grad_bias);
@@ -74,6 +80,8 @@ int64_t backward_workspace_elems(const BlockSparseShape& s);
 
 template <typename T>
 void forward(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end, T* workspace);
+template <typename T>
+void backward_prepare(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end);
 template <typename T>
 void backward_rows(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* workspace);
 template <typename T>

@@ -117,6 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto gk = want_kv ? at::empty_like(ka) : at::Tensor();
   auto gv = want_kv ? at::empty_like(va) : at::Tensor();
   auto gb = want_bias ? at::zeros_like(bias_a) : at::Tensor();
+  auto q_t_blocks = at::empty({s.batch, s.heads, s.num_q_blocks, s.head_dim, block_size}, qa.options());
+  auto go_t_blocks = at::empty_like(q_t_blocks);
   AT_DISPATCH_FLOATING_TYPES(acc, "block_sparse_attention_backward_cpu", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
     {  // delta = rowsum(grad_out * out), one query row at a time
@@ -151,6 +153,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     p.grad_k = ptr(gk);
     p.grad_v = ptr(gv);
     p.grad_bias = ptr(gb);
+    p.q_t_blocks = ptr(q_t_blocks);
+    p.grad_out_t_blocks = ptr(go_t_blocks);
+    at::parallel_for(0, cpu::backward_prepare_num_tasks(s), 1,
+                     [&](int64_t b, int64_t e) { cpu::backward_prepare<scalar_t>(p, b, e); });
     const int64_t ws = cpu::backward_workspace_elems(s);
     if (want_q || want_bias)
       parallel_tasks<scalar_t>(cpu::backward_rows_num_tasks(s, want_bias), ws, [&](int64_t b, int64_t e, scalar_t* w) {

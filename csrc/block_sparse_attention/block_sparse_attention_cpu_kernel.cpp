@@ -112,6 +112,8 @@ int64_t forward_workspace_elems(const BlockSparseShape& s) {
   return int64_t(s.block_size) * s.block_size + 2 * s.block_size * s.head_dim + 4 * s.block_size;
 }
 
+int64_t backward_prepare_num_tasks(const BlockSparseShape& s) { return s.batch * s.heads * s.num_q_blocks; }
+
 int64_t backward_rows_num_tasks(const BlockSparseShape& s, bool with_grad_bias) {
   return (with_grad_bias ? s.bias_batch * s.bias_heads : s.batch * s.heads) * s.num_q_blocks;
 }
@@ -119,12 +121,17 @@ int64_t backward_rows_num_tasks(const BlockSparseShape& s, bool with_grad_bias) 
 int64_t backward_cols_num_tasks(const BlockSparseShape& s) { return s.batch * s.heads * s.num_k_blocks; }
 
 int64_t backward_workspace_elems(const BlockSparseShape& s) {
-  return 2 * int64_t(s.block_size) * s.block_size + 4 * s.block_size * s.head_dim + 2 * s.block_size;
+  return 2 * int64_t(s.block_size) * s.block_size + 2 * s.block_size * s.head_dim + 2 * s.block_size;
 }
 
 template <typename T>
 void forward(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end, T* workspace) {
   AF2_EXT_CPU_DISPATCH(forward_impl<T>, p, begin, end, workspace)
+}
+
+template <typename T>
+void backward_prepare(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end) {
+  AF2_EXT_CPU_DISPATCH(backward_prepare_impl<T>, p, begin, end)
 }
 
 template <typename T>
@@ -139,6 +146,8 @@ void backward_cols(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t en
 
 template void forward<float>(const BlockSparseCpuForward<float>&, int64_t, int64_t, float*);
 template void forward<double>(const BlockSparseCpuForward<double>&, int64_t, int64_t, double*);
+template void backward_prepare<float>(const BlockSparseCpuBackward<float>&, int64_t, int64_t);
+template void backward_prepare<double>(const BlockSparseCpuBackward<double>&, int64_t, int64_t);
 template void backward_rows<float>(const BlockSparseCpuBackward<float>&, int64_t, int64_t, float*);
 template void backward_rows<double>(const BlockSparseCpuBackward<double>&, int64_t, int64_t, double*);
 template void backward_cols<float>(const BlockSparseCpuBackward<float>&, int64_t, int64_t, float*);

@@ -161,15 +161,28 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
   }
 }
 
-// The query-block state both backward passes start from: scale * Qᵀ, grad_outᵀ, lse and delta (padded with
-// +inf and 0 past the end of the block).
 template <typename T>
-static inline void load_query_block(const BlockSparseCpuBackward<T>& p, int64_t bh, int64_t r0, int rows, T* Qt,
-                                    T* dOt, T* lse, T* delta) {
+void backward_prepare_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end) {
   const BlockSparseShape& s = p.s;
   const int bs = s.block_size, D = int(s.head_dim);
-  transpose_block(p.q + (bh * s.seq_q + r0) * D, rows, D, p.scale, Qt, bs);
-  transpose_block(p.grad_out + (bh * s.seq_q + r0) * D, rows, D, T(1), dOt, bs);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t qb = t % s.num_q_blocks, bh = t / s.num_q_blocks, r0 = qb * bs;
+    const int rows = int(std::min<int64_t>(bs, s.seq_q - r0));
+    transpose_block(p.q + (bh * s.seq_q + r0) * D, rows, D, p.scale, p.q_t_blocks + t * D * bs, bs);
+    transpose_block(p.grad_out + (bh * s.seq_q + r0) * D, rows, D, T(1), p.grad_out_t_blocks + t * D * bs, bs);
+  }
+}
+
+// The query-block state both backward passes start from: scale * Qᵀ and grad_outᵀ (prepared blocks), lse
+// and delta (copied, padded with +inf and 0 past the end of the block).
+template <typename T>
+static inline void load_query_block(const BlockSparseCpuBackward<T>& p, int64_t bh, int64_t qb, int rows,
+                                    const T*& Qt, const T*& dOt, T* lse, T* delta) {
+  const BlockSparseShape& s = p.s;
+  const int bs = s.block_size, D = int(s.head_dim);
+  const int64_t r0 = qb * bs;
+  Qt = p.q_t_blocks + (bh * s.num_q_blocks + qb) * D * bs;
+  dOt = p.grad_out_t_blocks + (bh * s.num_q_blocks + qb) * D * bs;
   for (int i = 0; i < bs; ++i) {
     lse[i] = i < rows ? p.lse[bh * s.seq_q + r0 + i] : std::numeric_limits<T>::infinity();
     delta[i] = i < rows ? p.delta[bh * s.seq_q + r0 + i] : T(0);
@@ -207,10 +220,10 @@ void backward_rows_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
   T* St = ws;
   T* dSt = St + bs * bs;
   T* dQt = dSt + bs * bs;
-  T* Qt = dQt + D * bs;
-  T* dOt = Qt + D * bs;
-  T* lse = dOt + D * bs;
+  T* lse = dQt + D * bs;
   T* delta = lse + bs;
+  const T* Qt = nullptr;
+  const T* dOt = nullptr;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t qb = t % nqb, g = t / nqb, hg = g % head_groups, bg = g / head_groups;
     const int64_t r0 = qb * bs;
@@ -226,7 +239,7 @@ void backward_rows_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
         const T* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
         const T* bias = bias_block(s, p.bias, b, h);
         if (bias != nullptr) bias += r0 * s.seq_k;
-        load_query_block(p, bh, r0, rows, Qt, dOt, lse, delta);
+        load_query_block(p, bh, qb, rows, Qt, dOt, lse, delta);
         std::fill(dQt, dQt + D * bs, T(0));
         const int32_t count = p.row_count[hl * nqb + qb];
         const int32_t* idx = p.row_index + (hl * nqb + qb) * nkb;
@@ -262,10 +275,10 @@ void backward_cols_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
   T* dSt = St + bs * bs;
   T* dK = dSt + bs * bs;
   T* dV = dK + bs * D;
-  T* Qt = dV + bs * D;
-  T* dOt = Qt + D * bs;
-  T* lse = dOt + D * bs;
+  T* lse = dV + bs * D;
   T* delta = lse + bs;
+  const T* Qt = nullptr;
+  const T* dOt = nullptr;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t kb = t % nkb, bh = t / nkb, b = bh / s.heads, h = bh % s.heads;
     const int64_t hl = s.layout_heads == 1 ? 0 : h;
@@ -282,9 +295,9 @@ void backward_cols_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
     const int32_t count = p.col_count[hl * nkb + kb];
     const int32_t* idx = p.col_index + (hl * nkb + kb) * nqb;
     for (int32_t e = 0; e < count; ++e) {
-      const int64_t r0 = int64_t(idx[e]) * bs;
+      const int64_t qb = idx[e], r0 = qb * bs;
       const int rows = int(std::min<int64_t>(bs, s.seq_q - r0));
-      load_query_block(p, bh, r0, rows, Qt, dOt, lse, delta);
+      load_query_block(p, bh, qb, rows, Qt, dOt, lse, delta);
       recompute_block(p, Kb, Vb, cols, rows, bias ? bias + r0 * s.seq_k + c0 : nullptr, mask, Qt, dOt, lse, delta,
                       St, dSt);
       gemm<T, VL>(cols, D, rows, St, bs, 1, dOn + r0 * D, D, dV, D, true);  // dV += Pᵀ dO
