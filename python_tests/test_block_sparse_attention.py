@@ -1,0 +1,876 @@
+"""Tests for af2_ext.ops.block_sparse_attention against af2_ext.reference.block_sparse_attention_ref.
+
+Each check is written once as ``_check_x(device, ...)`` and run as ``test_x_cpu`` and ``test_x_cuda`` (the
+latter skips without CUDA or without a CUDA kernel). Tolerances come from helpers.assert_matches only.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import helpers
+from af2_ext import layouts, ops, reference
+
+OP = "block_sparse_attention_forward"
+cuda_test = helpers.cuda_test(OP)
+bsa = ops.block_sparse_attention
+
+
+def _blocks(n: int, block_size: int) -> int:
+    return -(-n // block_size)
+
+
+def _inputs(device, dtype=torch.float32, *, B=2, H=2, Nq=40, Nk=40, D=16, block_size=16, layout=None, seed=0,
+            mask=False, fully_padded=(), bias=None, neg_inf=0.0, empty_rows=(), requires_grad=True) -> dict:
+    """Keyword arguments of the op. ``bias`` is None or (Bb, Hb); ``layout`` defaults to a random per-head one."""
+    q, k, v = helpers.make_qkv(B, H, Nq, Nk, D, seed=seed, dtype=dtype, device=device, requires_grad=requires_grad)
+    if layout is None:
+        layout = helpers.random_layout(H, _blocks(Nq, block_size), _blocks(Nk, block_size), seed=seed + 10,
+                                       empty_rows=empty_rows)
+    kpm = None
+    if mask or fully_padded:
+        kpm = helpers.make_key_padding_mask(B, Nk, seed=seed + 20, device=device, fully_padded=fully_padded)
+    b = None
+    if bias is not None:
+        b = helpers.make_bias(*bias, Nq, Nk, seed=seed + 30, dtype=dtype, device=device, neg_inf_fraction=neg_inf,
+                              requires_grad=requires_grad)
+    return dict(q=q, k=k, v=v, layout=layout.to(device), block_size=block_size, key_padding_mask=kpm, bias=b)
+
+
+def _split(inputs: dict) -> tuple[dict, dict]:
+    """(differentiable tensors, the rest)."""
+    diff = {name: inputs[name] for name in ("q", "k", "v", "bias")}
+    rest = {name: value for name, value in inputs.items() if name not in diff}
+    return diff, rest
+
+
+def _grad_out(inputs: dict, seed: int = 99) -> torch.Tensor:
+    q = inputs["q"]
+    return helpers.randn(*q.shape, seed=seed, dtype=q.dtype, device=q.device)
+
+
+def _run_kernel(inputs: dict, *, grads=True, scale=None, impl="kernel") -> tuple[torch.Tensor, dict]:
+    diff, rest = _split(inputs)
+    return helpers.forward_backward(bsa, diff, _grad_out(inputs) if grads else None, **rest, scale=scale, impl=impl)
+
+
+def _assert_like_reference(inputs: dict, out: torch.Tensor, grads: dict, *, scale=None, label: str = "") -> None:
+    """Compares the op's output and gradients (for grad_out = _grad_out(inputs)) with the reference under the
+    tolerance policy; fp16/bf16 also run the low-precision oracle for the rule."""
+    diff, rest = _split(inputs)
+    dtype = inputs["q"].dtype
+    grad_out = _grad_out(inputs) if grads else None
+    ref, ref_grads = helpers.forward_backward(reference.block_sparse_attention_ref, diff, grad_out,
+                                              dtype=helpers.oracle_dtype(dtype), **rest, scale=scale)
+    lowp, lowp_grads = None, {}
+    if dtype in helpers.LOW_PRECISION:
+        lowp, lowp_grads = helpers.forward_backward(helpers.block_sparse_attention_lowp, diff, grad_out, **rest,
+                                                    scale=scale)
+    assert out.dtype == dtype and out.device == inputs["q"].device, f"{label}out is {out.dtype} on {out.device}"
+    helpers.assert_matches(f"{label}out", out, ref, ref_lowp=lowp)
+    assert set(grads) == set(ref_grads), f"{label}gradients {sorted(grads)} != reference {sorted(ref_grads)}"
+    for name in grads:
+        assert grads[name].dtype == diff[name].dtype, \
+            f"{label}grad {name} is {grads[name].dtype}, input {diff[name].dtype}"
+        helpers.assert_matches(f"{label}grad {name}", grads[name], ref_grads[name], kind="grad",
+                               ref_lowp=lowp_grads.get(name), precision=dtype)
+
+
+def _check_against_reference(inputs: dict, *, scale=None) -> tuple[torch.Tensor, dict]:
+    """Runs the kernel forward and backward (for every input that requires grad) and compares with the
+    reference. Returns the kernel's (out, grads)."""
+    out, grads = _run_kernel(inputs, scale=scale)
+    _assert_like_reference(inputs, out, grads, scale=scale)
+    return out, grads
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Values and gradients against the reference
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_fp32(device, contiguous):
+    inputs = _inputs(device, B=2, H=3, Nq=64, Nk=64, D=32, mask=True, bias=(2, 3), seed=1)
+    if not contiguous:  # (B, N, H, D) storage seen as (B, H, N, D), as attention modules produce it
+        for name in ("q", "k", "v"):
+            t = inputs[name].detach().transpose(1, 2).contiguous().transpose(1, 2)
+            inputs[name] = t.requires_grad_()
+        assert not inputs["q"].is_contiguous()
+    _check_against_reference(inputs)
+    _check_against_reference(inputs, scale=0.37)
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_fp32_cpu(contiguous):
+    _check_fp32("cpu", contiguous)
+
+
+@cuda_test
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_fp32_cuda(contiguous):
+    _check_fp32("cuda", contiguous)
+
+
+def _check_strided_grad_out(device, dtype):
+    """A loss whose gradient reaches the op as a broadcast (stride 0) plus a strided slice of it."""
+    inputs = _inputs(device, dtype, B=2, H=2, Nq=40, Nk=33, D=16, bias=(1, 2), mask=True, seed=26)
+    diff, rest = _split(inputs)
+
+    def loss(fn, compute_dtype, **kwargs):
+        leaves = {name: t.detach().to(compute_dtype).requires_grad_() for name, t in diff.items()}
+        out = fn(**leaves, **rest, **kwargs)
+        (out.sum() + (out.transpose(1, 2)[:, ::3] ** 2).sum()).backward()
+        return {name: leaf.grad for name, leaf in leaves.items()}
+
+    grads = loss(bsa, dtype, impl="kernel")
+    ref_grads = loss(reference.block_sparse_attention_ref, helpers.oracle_dtype(dtype))
+    for name in grads:
+        helpers.assert_matches(f"grad {name}", grads[name], ref_grads[name], kind="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_strided_grad_out_cpu(dtype):
+    _check_strided_grad_out("cpu", dtype)
+
+
+@cuda_test
+def test_strided_grad_out_cuda():  # fp64 is CPU-only
+    _check_strided_grad_out("cuda", torch.float32)
+
+
+def _check_low_precision(device, dtype):
+    inputs = _inputs(device, dtype, B=2, H=2, Nq=77, Nk=50, D=64, block_size=32, mask=True, bias=(1, 2),
+                     neg_inf=0.05, seed=2)
+    _check_against_reference(inputs)
+
+
+@pytest.mark.parametrize("dtype", helpers.LOW_PRECISION, ids=str)
+def test_low_precision_cpu(dtype):
+    _check_low_precision("cpu", dtype)
+
+
+@cuda_test
+@pytest.mark.parametrize("dtype", helpers.LOW_PRECISION, ids=str)
+def test_low_precision_cuda(dtype):
+    _check_low_precision("cuda", dtype)
+
+
+def test_fp64_cpu():  # fp64 is CPU-only
+    inputs = _inputs("cpu", torch.float64, B=2, H=2, Nq=50, Nk=45, D=16, mask=True, bias=(2, 1), seed=3)
+    _check_against_reference(inputs)
+
+
+def _check_block_size_head_dim(device, block_size, D):
+    Nq, Nk = 2 * block_size + 3, block_size + 5  # partial tail blocks, Nq != Nk
+    inputs = _inputs(device, B=1, H=2, Nq=Nq, Nk=Nk, D=D, block_size=block_size, mask=True, bias=(1, 2), seed=4)
+    _check_against_reference(inputs)
+
+
+# Every block size and every head dim once, not the cross product.
+BLOCK_SIZE_HEAD_DIM = [(16, 128), (32, 16), (64, 32), (128, 64)]
+
+
+@pytest.mark.parametrize("block_size, D", BLOCK_SIZE_HEAD_DIM)
+def test_block_size_head_dim_cpu(block_size, D):
+    _check_block_size_head_dim("cpu", block_size, D)
+
+
+@cuda_test
+@pytest.mark.parametrize("block_size, D", BLOCK_SIZE_HEAD_DIM)
+def test_block_size_head_dim_cuda(block_size, D):
+    _check_block_size_head_dim("cuda", block_size, D)
+
+
+def _check_lengths(device, Nq, Nk):
+    _check_against_reference(_inputs(device, B=2, H=2, Nq=Nq, Nk=Nk, D=16, mask=True, bias=(2, 2), seed=5))
+
+
+LENGTHS = [(1, 1), (17, 50), (50, 17), (33, 33), (100, 7)]
+
+
+@pytest.mark.parametrize("Nq, Nk", LENGTHS)
+def test_lengths_cpu(Nq, Nk):
+    _check_lengths("cpu", Nq, Nk)
+
+
+@cuda_test
+@pytest.mark.parametrize("Nq, Nk", LENGTHS)
+def test_lengths_cuda(Nq, Nk):
+    _check_lengths("cuda", Nq, Nk)
+
+
+def _check_partial_grads(device, wanted):
+    inputs = _inputs(device, B=2, H=2, Nq=40, Nk=33, D=16, bias=(1, 2), mask=True, seed=23)
+    for name in ("q", "k", "v", "bias"):
+        inputs[name] = inputs[name].detach().requires_grad_(name in wanted)
+    _, grads = _check_against_reference(inputs)
+    assert set(grads) == set(wanted), f"asked for gradients of {wanted}, got {sorted(grads)}"
+
+
+PARTIAL_GRADS = [("q",), ("k",), ("v",), ("bias",), ("q", "bias"), ("k", "v")]
+
+
+@pytest.mark.parametrize("wanted", PARTIAL_GRADS, ids="+".join)
+def test_partial_grads_cpu(wanted):
+    _check_partial_grads("cpu", wanted)
+
+
+@cuda_test
+@pytest.mark.parametrize("wanted", PARTIAL_GRADS, ids="+".join)
+def test_partial_grads_cuda(wanted):
+    _check_partial_grads("cuda", wanted)
+
+
+def _check_bias_dtype(device, dtype, bias_dtype):
+    inputs = _inputs(device, dtype, B=2, H=2, Nq=40, Nk=33, D=16, bias=(1, 2), mask=True, seed=24)
+    inputs["bias"] = inputs["bias"].detach().to(bias_dtype).requires_grad_()
+    _, grads = _check_against_reference(inputs)
+    assert grads["bias"].dtype == bias_dtype, f"grad bias is {grads['bias'].dtype}, bias is {bias_dtype}"
+
+
+# A bias in a wider floating dtype than q (the gradient comes back in the bias' dtype, as accurate as q's).
+BIAS_DTYPES = [(torch.float16, torch.float32), (torch.float32, torch.float64)]
+
+
+@pytest.mark.parametrize("dtype, bias_dtype", BIAS_DTYPES, ids=str)
+def test_bias_dtype_cpu(dtype, bias_dtype):
+    _check_bias_dtype("cpu", dtype, bias_dtype)
+
+
+@cuda_test
+@pytest.mark.parametrize("dtype, bias_dtype", BIAS_DTYPES, ids=str)
+def test_bias_dtype_cuda(dtype, bias_dtype):
+    _check_bias_dtype("cuda", dtype, bias_dtype)
+
+
+def _check_large_logits(device):
+    """Logits in the hundreds: exp must not overflow (the softmax is shifted by the running max)."""
+    inputs = _inputs(device, B=2, H=2, Nq=40, Nk=33, D=16, bias=(1, 2), mask=True, seed=25)
+    inputs["q"] = (inputs["q"].detach() * 30).requires_grad_()
+    inputs["bias"] = (inputs["bias"].detach() * 50).requires_grad_()
+    _check_against_reference(inputs)
+
+
+def test_large_logits_cpu():
+    _check_large_logits("cpu")
+
+
+@cuda_test
+def test_large_logits_cuda():
+    _check_large_logits("cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layouts
+# ----------------------------------------------------------------------------------------------------------
+
+N_LAYOUT, H_LAYOUT, BS_LAYOUT = 123, 2, 16  # 8 blocks of 16, the last one partial
+NB_LAYOUT = _blocks(N_LAYOUT, BS_LAYOUT)
+
+
+def _element_mask() -> torch.Tensor:
+    """(H, N, N) element mask for from_mask: a band of +-20 tokens, per-head shifted, plus token 0 global."""
+    i = torch.arange(N_LAYOUT)
+    heads = [((i[:, None] - i[None, :] - 7 * h).abs() <= 20) | (i[None, :] == 0) for h in range(H_LAYOUT)]
+    return torch.stack(heads)
+
+
+LAYOUT_BUILDERS = {
+    "dense": lambda: layouts.dense(NB_LAYOUT, num_heads=H_LAYOUT),
+    "local": lambda: layouts.local(NB_LAYOUT, window=3, num_heads=1),
+    "bigbird": lambda: layouts.bigbird(NB_LAYOUT, window=3, num_global=1, num_random=1, num_heads=H_LAYOUT, seed=3),
+    "fixed": lambda: layouts.fixed(NB_LAYOUT, num_local_blocks=4, num_global_blocks=1,
+                                   num_different_global_patterns=2, num_heads=H_LAYOUT),
+    "variable": lambda: layouts.variable(NB_LAYOUT, local_window_blocks=(2, 3), global_block_indices=(0, 5),
+                                         num_random_blocks=1, horizontal_global_attention=True, seed=4),
+    "seed_default": lambda: layouts.seed_default(N_LAYOUT, block_size=BS_LAYOUT, num_heads=H_LAYOUT, seed=5),
+    "from_mask": lambda: layouts.from_mask(_element_mask(), BS_LAYOUT),
+}
+
+
+def _check_layout_builder(device, name):
+    layout = LAYOUT_BUILDERS[name]()
+    assert layout.shape[1:] == (NB_LAYOUT, NB_LAYOUT), f"{name} layout shape {tuple(layout.shape)}"
+    inputs = _inputs(device, B=1, H=H_LAYOUT, Nq=N_LAYOUT, Nk=N_LAYOUT, D=32, block_size=BS_LAYOUT, layout=layout,
+                     mask=True, seed=6)
+    _check_against_reference(inputs)
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_BUILDERS))
+def test_layout_builder_cpu(name):
+    _check_layout_builder("cpu", name)
+
+
+@cuda_test
+@pytest.mark.parametrize("name", sorted(LAYOUT_BUILDERS))
+def test_layout_builder_cuda(name):
+    _check_layout_builder("cuda", name)
+
+
+def _check_shared_vs_per_head_layout(device):
+    H = 3
+    shared = helpers.random_layout(1, 4, 3, seed=7)
+    inputs = _inputs(device, B=2, H=H, Nq=60, Nk=40, D=16, layout=shared, bias=(1, H), seed=7)
+    out_shared, grads_shared = _check_against_reference(inputs)
+    # The same layout given once per head is the same computation.
+    out_repeated, grads_repeated = _run_kernel({**inputs, "layout": shared.expand(H, -1, -1).contiguous().to(device)})
+    assert torch.equal(out_shared, out_repeated), "a 1-head layout and the same layout repeated per head differ"
+    for name in grads_shared:
+        assert torch.equal(grads_shared[name], grads_repeated[name]), f"grad {name}: 1-head vs repeated layout"
+
+    # Heads with different layouts: head h must be the op run on head h alone with layout[h].
+    per_head = helpers.random_layout(H, 4, 3, seed=8, density=0.4)
+    assert not (torch.equal(per_head[0], per_head[1]) and torch.equal(per_head[1], per_head[2]))
+    inputs = {**inputs, "layout": per_head.to(device)}
+    out, grads = _check_against_reference(inputs)
+    for h in range(H):
+        alone = {name: (t[:, h:h + 1].detach() if name in ("q", "k", "v", "bias") else t)
+                 for name, t in inputs.items()}
+        alone["layout"] = per_head[h:h + 1].to(device)
+        out_h = bsa(**alone, impl="kernel")
+        helpers.assert_matches(f"head {h} alone vs in the batch of heads", out[:, h:h + 1], out_h)
+        # Another head's (different) layout on head h's data gives something else: the match is specific.
+        for g in range(H):
+            if not torch.equal(per_head[g], per_head[h]):
+                out_hg = bsa(**{**alone, "layout": per_head[g:g + 1].to(device)}, impl="kernel")
+                assert helpers.max_abs_err(out_hg, out_h) > 1e-3, \
+                    f"layouts of heads {g} and {h} differ but give the same output: test is vacuous"
+
+
+def test_shared_vs_per_head_layout_cpu():
+    _check_shared_vs_per_head_layout("cpu")
+
+
+@cuda_test
+def test_shared_vs_per_head_layout_cuda():
+    _check_shared_vs_per_head_layout("cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Empty rows, padding, bias
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_empty_rows(device, dtype):
+    bs, Nq, Nk = 16, 70, 45  # query blocks 0..4, the last partial
+    empty_blocks, padded_batch = (0, 2, 4), 1
+    inputs = _inputs(device, dtype, B=3, H=2, Nq=Nq, Nk=Nk, D=32, block_size=bs, bias=(3, 2), seed=9,
+                     mask=True, fully_padded=(padded_batch,), empty_rows=empty_blocks)
+    out, grads = _check_against_reference(inputs)
+    for name, t in (("out", out), *((f"grad {n}", g) for n, g in grads.items())):
+        helpers.assert_finite(name, t)
+    empty_q = torch.zeros(Nq, dtype=torch.bool)
+    for blk in empty_blocks:
+        empty_q[blk * bs:(blk + 1) * bs] = True
+    empty_q = empty_q.to(device)
+
+    def assert_zero(name, t):
+        assert t.numel() > 0 and torch.count_nonzero(t) == 0, \
+            f"{name} must be exactly zero, got {int(torch.count_nonzero(t))} non-zeros (max |x| {t.abs().max()})"
+
+    assert_zero("out of query rows with an empty layout row", out[:, :, empty_q])
+    assert_zero("grad q of query rows with an empty layout row", grads["q"][:, :, empty_q])
+    assert_zero("grad bias of query rows with an empty layout row", grads["bias"][:, :, empty_q])
+    assert_zero("out of the fully padded batch row", out[padded_batch])
+    for name in ("q", "k", "v", "bias"):
+        assert_zero(f"grad {name} of the fully padded batch row", grads[name][padded_batch])
+    assert torch.count_nonzero(out[0][:, ~empty_q]) > 0, "visible rows must not be zero (test is vacuous)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_empty_rows_and_fully_padded_cpu(dtype):
+    _check_empty_rows("cpu", dtype)
+
+
+@cuda_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_empty_rows_and_fully_padded_cuda(dtype):
+    _check_empty_rows("cuda", dtype)
+
+
+def _check_all_empty(device):
+    inputs = _inputs(device, B=2, H=2, Nq=40, Nk=24, D=16, bias=(1, 1), seed=10,
+                     layout=torch.zeros(2, 3, 2, dtype=torch.bool))
+    out, grads = _run_kernel(inputs)
+    assert torch.count_nonzero(out) == 0, "an all-False layout must give a zero output"
+    for name, g in grads.items():
+        helpers.assert_finite(f"grad {name}", g)
+        assert torch.count_nonzero(g) == 0, f"an all-False layout must give zero grad {name}"
+
+
+def test_all_empty_layout_cpu():
+    _check_all_empty("cpu")
+
+
+@cuda_test
+def test_all_empty_layout_cuda():
+    _check_all_empty("cuda")
+
+
+BIAS_SHAPES = [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2)]  # (Bb, Hb) for B=4, H=2
+
+
+def _check_bias_broadcast(device, Bb, Hb):
+    inputs = _inputs(device, B=4, H=2, Nq=40, Nk=33, D=16, bias=(Bb, Hb), mask=True, seed=11)
+    _, grads = _check_against_reference(inputs)
+    assert grads["bias"].shape == (Bb, Hb, 40, 33)
+
+
+@pytest.mark.parametrize("Bb, Hb", BIAS_SHAPES)
+def test_bias_broadcast_cpu(Bb, Hb):
+    _check_bias_broadcast("cpu", Bb, Hb)
+
+
+@cuda_test
+@pytest.mark.parametrize("Bb, Hb", BIAS_SHAPES)
+def test_bias_broadcast_cuda(Bb, Hb):
+    _check_bias_broadcast("cuda", Bb, Hb)
+
+
+def _check_bias_neg_inf(device, dtype):
+    inputs = _inputs(device, dtype, B=2, H=2, Nq=50, Nk=40, D=16, bias=(2, 1), neg_inf=0.3, seed=12)
+    bias = inputs["bias"].detach().clone()
+    bias[0, 0, 5] = -torch.inf  # query row 5 of batch 0 sees nothing through the bias alone
+    bias[1, 0, :, 3] = -torch.inf  # key 3 of batch 1 is masked for every query
+    inputs["bias"] = bias.requires_grad_()
+    out, grads = _check_against_reference(inputs)
+    assert torch.count_nonzero(out[0, :, 5]) == 0, "a query row whose bias is all -inf must be zero"
+    assert torch.count_nonzero(grads["q"][0, :, 5]) == 0, "grad q of a query row whose bias is all -inf"
+    assert torch.count_nonzero(grads["k"][1, :, 3]) == 0 and torch.count_nonzero(grads["v"][1, :, 3]) == 0, \
+        "grad k and v of a key masked by -inf bias must be zero"
+    neg_inf = torch.isneginf(bias)
+    assert torch.count_nonzero(grads["bias"][neg_inf]) == 0, "grad bias must be zero where the bias is -inf"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bias_neg_inf_cpu(dtype):
+    _check_bias_neg_inf("cpu", dtype)
+
+
+@cuda_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bias_neg_inf_cuda(dtype):
+    _check_bias_neg_inf("cuda", dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Determinism, gradcheck, opcheck, torch.compile, impl choice
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_determinism(device, thread_counts):
+    # Every batch row and head shares one bias: the bias gradient sums over all of them.
+    inputs = _inputs(device, B=4, H=4, Nq=96, Nk=80, D=32, bias=(1, 1), mask=True, seed=13)
+    runs = []
+    for threads in thread_counts:
+        with helpers.num_threads(threads):
+            runs.append((threads, _run_kernel(inputs)))
+    (t0, (out0, grads0)), rest = runs[0], runs[1:]
+    for threads, (out, grads) in rest:
+        assert torch.equal(out, out0), f"out differs between runs ({t0} and {threads} threads)"
+        for name in ("bias", "q", "k", "v"):
+            diff = (grads[name] - grads0[name]).abs().max()
+            assert torch.equal(grads[name], grads0[name]), \
+                f"grad {name} differs between runs ({t0} and {threads} threads): max |diff| {diff}"
+
+
+def test_determinism_cpu():
+    _check_determinism("cpu", [torch.get_num_threads(), torch.get_num_threads(), 1])
+
+
+@cuda_test
+def test_determinism_cuda():
+    _check_determinism("cuda", [1, 1])
+
+
+GRADCHECK_CASES = {
+    # per-head layout with an empty row, bias shared over the batch, a fully padded batch row
+    "bias_mask": dict(B=2, H=2, Nq=17, Nk=18, layout=torch.tensor([[[1, 0], [0, 0]], [[1, 1], [0, 1]]]).bool(),
+                      bias=(1, 2), mask=True, fully_padded=(1,)),
+    # one shared layout, Nq != Nk, bias per batch row and shared over heads, custom scale
+    "shared_layout": dict(B=2, H=2, Nq=17, Nk=33, layout=torch.tensor([[[1, 0, 1], [0, 1, 1]]]).bool(),
+                          bias=(2, 1), mask=True, scale=0.3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRADCHECK_CASES))
+def test_gradcheck_fp64_cpu(case):  # fp64 is CPU-only
+    kwargs = dict(GRADCHECK_CASES[case])
+    scale = kwargs.pop("scale", None)
+    inputs = _inputs("cpu", torch.float64, D=16, seed=14, **kwargs)
+    diff, rest = _split(inputs)
+
+    def fn(q, k, v, bias):
+        return bsa(q, k, v, **rest, bias=bias, scale=scale, impl="kernel")
+
+    # Full (not fast_mode) gradcheck: fast mode misses a 0.1% error in one gradient entry. One thread: these
+    # thousands of tiny calls are fastest, and least hurt by a busy machine, without a thread pool.
+    with helpers.num_threads(1):
+        assert torch.autograd.gradcheck(fn, (diff["q"], diff["k"], diff["v"], diff["bias"]), eps=1e-6, atol=1e-7,
+                                        rtol=1e-5)
+
+
+def _opcheck_samples(device):
+    samples = []
+    for kwargs in (
+        dict(B=1, H=2, Nq=40, Nk=24, D=16, empty_rows=(1,)),
+        dict(B=2, H=2, Nq=33, Nk=33, D=32, block_size=32, mask=True, bias=(1, 2)),
+        dict(B=2, H=1, Nq=20, Nk=50, D=16, mask=True, fully_padded=(0,), bias=(2, 1), requires_grad=False,
+             layout=torch.tensor([[[1, 0, 1, 1], [0, 0, 0, 0]]]).bool()),
+    ):
+        inputs = _inputs(device, seed=15, **kwargs)
+        index = ops.layout_index(inputs["layout"])
+        samples.append((inputs["q"], inputs["k"], inputs["v"], *index, inputs["block_size"],
+                        inputs["key_padding_mask"], inputs["bias"], 0.25))
+    return samples
+
+
+def _check_opcheck(device):
+    op = torch.ops.af2_ext.block_sparse_attention_forward.default
+    for i, args in enumerate(_opcheck_samples(device)):
+        results = torch.library.opcheck(op, args)
+        failed = {name: result for name, result in results.items() if result != "SUCCESS"}
+        assert not failed, f"opcheck sample {i}: {failed}"
+
+
+def test_opcheck_cpu():
+    _check_opcheck("cpu")
+
+
+@cuda_test
+def test_opcheck_cuda():
+    _check_opcheck("cuda")
+
+
+def _check_torch_compile(device):
+    torch._dynamo.reset()
+    inputs = _inputs(device, B=2, H=2, Nq=40, Nk=33, D=16, bias=(1, 2), mask=True, seed=16)
+    diff, rest = _split(inputs)
+
+    def attention(q, k, v, bias):
+        return bsa(q, k, v, rest["layout"], block_size=16, key_padding_mask=rest["key_padding_mask"], bias=bias,
+                   impl="kernel")
+
+    compiled = torch.compile(attention, fullgraph=True)
+    grad_out = _grad_out(inputs)
+    eager_out, eager_grads = helpers.forward_backward(attention, diff, grad_out)
+    out, grads = helpers.forward_backward(compiled, diff, grad_out)
+    helpers.assert_matches("compiled out vs eager", out, eager_out)
+    for name in eager_grads:
+        helpers.assert_matches(f"compiled grad {name} vs eager", grads[name], eager_grads[name], kind="grad")
+
+
+@pytest.mark.slow
+def test_torch_compile_cpu():
+    _check_torch_compile("cpu")
+
+
+@pytest.mark.slow
+@cuda_test
+def test_torch_compile_cuda():
+    _check_torch_compile("cuda")
+
+
+def _check_impl_choice(device):
+    inputs = _inputs(device, B=2, H=2, Nq=45, Nk=40, D=32, bias=(2, 2), mask=True, seed=17)
+    kernel_out, kernel_grads = _run_kernel(inputs, impl="kernel")
+    ref_out, ref_grads = _run_kernel(inputs, impl="reference")
+    helpers.assert_matches("impl='kernel' vs impl='reference' out", kernel_out, ref_out)
+    for name in kernel_grads:
+        helpers.assert_matches(f"impl='kernel' vs impl='reference' grad {name}", kernel_grads[name],
+                               ref_grads[name], kind="grad")
+    auto_out, _ = _run_kernel(inputs, grads=False, impl="auto")
+    assert torch.equal(auto_out, kernel_out), "impl='auto' must run the kernel where one is registered"
+    with ops.use_impl("reference"):
+        default_out, _ = _run_kernel(inputs, grads=False, impl=None)
+    assert torch.equal(default_out, ref_out), "use_impl('reference') must make impl=None run the reference"
+
+
+def test_impl_choice_cpu():
+    _check_impl_choice("cpu")
+
+
+@cuda_test
+def test_impl_choice_cuda():
+    _check_impl_choice("cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU instruction-set variants (AF2_EXT_CPU_ISA lowers the dispatch; it is read once per process)
+# ----------------------------------------------------------------------------------------------------------
+
+ISA_RANK = {"generic": 0, "avx2": 1, "avx512": 2}
+ISA_CHILD = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import test_block_sparse_attention as t
+cases = {
+    "fp32": t._inputs("cpu", torch.float32, B=2, H=2, Nq=45, Nk=37, D=32, mask=True, fully_padded=(1,),
+                      bias=(1, 2), neg_inf=0.1, empty_rows=(1,), seed=18),
+    "fp64": t._inputs("cpu", torch.float64, B=1, H=2, Nq=40, Nk=70, D=16, block_size=32, bias=(1, 1), seed=19),
+    "bf16": t._inputs("cpu", torch.bfloat16, B=1, H=2, Nq=64, Nk=64, D=64, block_size=64, mask=True, seed=20),
+    "fp32_bs128": t._inputs("cpu", torch.float32, B=1, H=1, Nq=130, Nk=40, D=128, block_size=128, bias=(1, 1),
+                            seed=21),
+}
+results = {}
+for name, inputs in cases.items():
+    out, grads = t._run_kernel(inputs)
+    results[name] = (inputs, out, grads)
+torch.save({"isa": torch.ops.af2_ext.cpu_isa(), "results": results}, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_isa_variants_cpu(tmp_path):
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    native = ops.cpu_isa()
+    children = {}
+    for isa in ("avx2", "generic"):  # both at once: most of the time is interpreter start-up
+        env = {**os.environ, "AF2_EXT_CPU_ISA": isa, "OMP_NUM_THREADS": "1"}
+        path = tmp_path / f"{isa}.pt"
+        proc = subprocess.Popen([sys.executable, "-c", ISA_CHILD, tests_dir, str(path)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        children[isa] = (proc, path)
+    for isa, (proc, path) in children.items():
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"AF2_EXT_CPU_ISA={isa} child failed (rc {proc.returncode}):\n{output}"
+        saved = torch.load(path, weights_only=False)
+        assert ISA_RANK[saved["isa"]] <= ISA_RANK[isa], f"asked for {isa}, cpu_isa() reports {saved['isa']}"
+        if "AF2_EXT_CPU_ISA" not in os.environ:  # then this process reports the native ISA
+            expected = min(isa, native, key=ISA_RANK.get)
+            assert saved["isa"] == expected, f"asked for {isa} on a {native} CPU, cpu_isa() reports {saved['isa']}"
+        for case, (inputs, out, grads) in saved["results"].items():
+            _assert_like_reference(inputs, out, grads, label=f"[AF2_EXT_CPU_ISA={isa}, {case}] ")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: errors that name the argument
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _replace(**changes):
+    """A mutation of the base inputs (B=2, H=2, Nq=Nk=32, D=16, block 16): name -> f(inputs, other_device)."""
+
+    def mutate(inputs, other):
+        for name, change in changes.items():
+            inputs[name] = change(inputs, other)
+
+    return mutate
+
+
+def _qkv(d, dtype=torch.float32):
+    return lambda inputs, other: helpers.randn(2, 2, 32, d, seed=0, dtype=dtype, device=inputs["q"].device)
+
+
+BAD_INPUTS = {
+    "q_rank": (_replace(q=lambda i, o: i["q"][0]), r"q must be \(B, H, Nq, D\)"),
+    "k_rank": (_replace(k=lambda i, o: i["k"][None]), r"k must be \(B, H, Nk, D\)"),
+    "v_rank": (_replace(v=lambda i, o: i["v"][0]), r"v must be \(B, H, Nk, D\)"),
+    "k_batch": (_replace(k=lambda i, o: i["k"][:1], v=lambda i, o: i["v"][:1]), r"k must be \(B=2, H=2, Nk, D=16\)"),
+    "k_heads": (_replace(k=lambda i, o: i["k"][:, :1], v=lambda i, o: i["v"][:, :1]), r"k must be \(B=2, H=2"),
+    "k_head_dim": (_replace(k=_qkv(32), v=_qkv(32)), r"k must be \(B=2, H=2, Nk, D=16\)"),
+    "v_shape": (_replace(v=lambda i, o: i["v"][:, :, :-1]), r"v must have k's shape"),
+    "k_dtype": (_replace(k=lambda i, o: i["k"].double()), r"k and v must have q's dtype"),
+    "v_dtype": (_replace(v=lambda i, o: i["v"].half()), r"k and v must have q's dtype"),
+    "int32": (_replace(q=_qkv(16, torch.int32), k=_qkv(16, torch.int32), v=_qkv(16, torch.int32)),
+              r"q must be float32, float16 or bfloat16"),
+    "head_dim_48": (_replace(q=_qkv(48), k=_qkv(48), v=_qkv(48)), r"head dim D \(q.size\(-1\)\) must be .* got 48"),
+    "block_size_8": (_replace(block_size=lambda i, o: 8), r"block_size must be 16, 32, 64 or 128, got 8"),
+    "block_size_24": (_replace(block_size=lambda i, o: 24), r"block_size must be 16, 32, 64 or 128, got 24"),
+    "block_size_256": (_replace(block_size=lambda i, o: 256), r"block_size must be 16, 32, 64 or 128, got 256"),
+    "layout_blocks": (_replace(layout=lambda i, o: i["layout"][:, :1]), r"layout must be \(1 or H=2"),
+    "layout_heads": (_replace(layout=lambda i, o: i["layout"][:1].expand(3, -1, -1)), r"layout must be \(1 or H=2"),
+    "layout_rank": (_replace(layout=lambda i, o: i["layout"][0]), r"layout must be \(1 or H=2"),
+    "layout_dtype": (_replace(layout=lambda i, o: i["layout"].to(torch.uint8)), r"layout must be a bool tensor"),
+    "mask_dtype": (_replace(key_padding_mask=lambda i, o: i["key_padding_mask"].float()),
+                   r"key_padding_mask must be bool"),
+    "mask_keys": (_replace(key_padding_mask=lambda i, o: i["key_padding_mask"][:, :-1]),
+                  r"key_padding_mask must be \(B=2, Nk=32\)"),
+    "mask_batch": (_replace(key_padding_mask=lambda i, o: i["key_padding_mask"][:1]),
+                   r"key_padding_mask must be \(B=2, Nk=32\)"),
+    "bias_dtype": (_replace(bias=lambda i, o: i["bias"].to(torch.int32)), r"bias must be a floating tensor"),
+    "bias_queries": (_replace(bias=lambda i, o: i["bias"][:, :, :-1]), r"bias must be \(Bb, 1 or H=2, Nq=32, Nk=32\)"),
+    "bias_batch_3": (_replace(bias=lambda i, o: i["bias"][:1].expand(3, -1, -1, -1)), r"bias must be \(Bb, 1 or H=2"),
+    "bias_heads_3": (_replace(bias=lambda i, o: i["bias"][:, :1].expand(-1, 3, -1, -1)), r"bias must be \(Bb, 1 or H=2"),
+    "bias_rank": (_replace(bias=lambda i, o: i["bias"][0]), r"bias must be \(Bb, 1 or H=2"),
+    "kv_device": (_replace(k=lambda i, o: i["k"].to(o), v=lambda i, o: i["v"].to(o)), r"k and v must be on q's device"),
+    "layout_device": (_replace(layout=lambda i, o: i["layout"].to(o)), r"layout must be on q's device"),
+    "mask_device": (_replace(key_padding_mask=lambda i, o: i["key_padding_mask"].to(o)),
+                    r"key_padding_mask must be on q's device"),
+    "bias_device": (_replace(bias=lambda i, o: i["bias"].to(o)), r"bias must be on q's device"),
+    "q_not_tensor": (_replace(q=lambda i, o: i["q"].tolist()), r"q must be a torch.Tensor"),
+    "empty": (_replace(q=lambda i, o: i["q"][:, :, :0], layout=lambda i, o: i["layout"][:, :0],
+                       bias=lambda i, o: i["bias"][:, :, :0]), r"q and k must be non-empty"),
+}
+
+
+def _bad_base(device) -> dict:
+    return _inputs(device, B=2, H=2, Nq=32, Nk=32, D=16, mask=True, bias=(2, 2), requires_grad=False, seed=21)
+
+
+def _check_bad_input(device, case):
+    mutate, match = BAD_INPUTS[case]
+    inputs = _bad_base(device)
+    mutate(inputs, helpers.other_device(device))
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        bsa(**inputs, impl="kernel")
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_cpu(case):
+    _check_bad_input("cpu", case)
+
+
+@cuda_test
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_cuda(case):
+    _check_bad_input("cuda", case)
+
+
+def _check_bad_impl(device):
+    with pytest.raises(ValueError, match=r"impl must be one of"):
+        bsa(**_bad_base(device), impl="fast")
+
+
+def test_bad_impl_cpu():
+    _check_bad_impl("cpu")
+
+
+@cuda_test
+def test_bad_impl_cuda():
+    _check_bad_impl("cuda")
+
+
+def _forward_args(inputs: dict) -> dict:
+    """Keyword arguments of torch.ops.af2_ext.block_sparse_attention_forward for the op's inputs."""
+    row_count, row_index, col_count, col_index = ops.layout_index(inputs["layout"])
+    return dict(q=inputs["q"], k=inputs["k"], v=inputs["v"], row_count=row_count, row_index=row_index,
+                col_count=col_count, col_index=col_index, block_size=inputs["block_size"],
+                key_padding_mask=inputs["key_padding_mask"], bias=inputs["bias"], scale=0.25)
+
+
+# The C++ binding's own checks, reached by calling the registered op directly (no Python checks on the way).
+BAD_OP_INPUTS = {
+    name: BAD_INPUTS[name] for name in ("q_rank", "k_batch", "v_shape", "k_dtype", "int32", "head_dim_48",
+                                        "block_size_24", "mask_dtype", "mask_keys", "bias_dtype", "bias_queries",
+                                        "bias_heads_3")
+}
+BAD_INDEX = {
+    "row_count_dtype": (lambda a: a.update(row_count=a["row_count"].long()), r"row_count and row_index must be int32"),
+    "row_index_shape": (lambda a: a.update(row_index=a["row_index"][:, :, :1]), r"row_index must be \(2, 2, 2\)"),
+    "col_count_heads": (lambda a: a.update(col_count=a["col_count"][:1], col_index=a["col_index"][:1]),
+                        r"col_count must have row_count's layout heads"),
+}
+
+
+def _check_bad_op_input(device, case):
+    if case in BAD_OP_INPUTS:
+        mutate, match = BAD_OP_INPUTS[case]
+        inputs = _bad_base(device)
+        mutate(inputs, helpers.other_device(device))
+        args = _forward_args(inputs)
+    else:
+        corrupt, match = BAD_INDEX[case]
+        args = _forward_args(_bad_base(device))
+        corrupt(args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.af2_ext.block_sparse_attention_forward.default(**args)
+
+
+@pytest.mark.parametrize("case", list(BAD_OP_INPUTS) + list(BAD_INDEX))
+def test_bad_op_input_cpu(case):
+    _check_bad_op_input("cpu", case)
+
+
+@cuda_test
+@pytest.mark.parametrize("case", list(BAD_OP_INPUTS) + list(BAD_INDEX))
+def test_bad_op_input_cuda(case):
+    _check_bad_op_input("cuda", case)
+
+
+# A corrupt layout index must be rejected by the op, never read out of bounds. Base layout: H=2, 3 x 2 blocks.
+def _set(name, position, value):
+    def corrupt(args):
+        t = args[name].clone()
+        t[position] = value
+        args[name] = t
+
+    return corrupt
+
+
+def _chain(*corruptions):
+    def corrupt(args):
+        for c in corruptions:
+            c(args)
+
+    return corrupt
+
+
+CORRUPT_ROW_INDEX = {
+    "count_above_blocks": _set("row_count", (0, 0), 3),
+    "count_negative": _set("row_count", (1, 2), -1),
+    "index_out_of_range": _chain(_set("row_count", (0, 1), 1), _set("row_index", (0, 1, 0), 2)),
+    "index_negative": _chain(_set("row_count", (0, 1), 1), _set("row_index", (0, 1, 0), -1)),
+    "index_huge": _chain(_set("row_count", (1, 0), 1), _set("row_index", (1, 0, 0), 2 ** 30)),
+    "descending": _chain(_set("row_count", (0, 2), 2), _set("row_index", (0, 2), torch.tensor([1, 0]))),
+    "repeated": _chain(_set("row_count", (0, 2), 2), _set("row_index", (0, 2), torch.tensor([1, 1]))),
+}
+
+
+def _corrupt_base(device) -> dict:
+    layout = torch.tensor([[[1, 0], [0, 1], [1, 1]], [[1, 1], [0, 1], [1, 0]]]).bool()
+    inputs = _inputs(device, B=2, H=2, Nq=40, Nk=20, D=16, mask=True, bias=(1, 2), requires_grad=False, seed=22,
+                     layout=layout)
+    return _forward_args(inputs)
+
+
+def _check_corrupt_row_index(device, case):
+    args = _corrupt_base(device)
+    CORRUPT_ROW_INDEX[case](args)
+    with pytest.raises(RuntimeError, match=r"row_index"):
+        torch.ops.af2_ext.block_sparse_attention_forward.default(**args)
+
+
+@pytest.mark.parametrize("case", list(CORRUPT_ROW_INDEX))
+def test_corrupt_row_index_cpu(case):
+    _check_corrupt_row_index("cpu", case)
+
+
+@cuda_test
+@pytest.mark.parametrize("case", list(CORRUPT_ROW_INDEX))
+def test_corrupt_row_index_cuda(case):
+    _check_corrupt_row_index("cuda", case)
+
+
+CORRUPT_COL_INDEX = {  # col_count is (2, 2), col_index (2, 2, 3)
+    "count_above_blocks": _set("col_count", (0, 0), 4),
+    "index_out_of_range": _chain(_set("col_count", (0, 0), 1), _set("col_index", (0, 0, 0), 3)),
+    "repeated": _chain(_set("col_count", (1, 0), 2), _set("col_index", (1, 0), torch.tensor([2, 2, 1]))),
+}
+
+
+def _check_corrupt_col_index_backward(device, case):
+    args = _corrupt_base(device)
+    out, lse = torch.ops.af2_ext.block_sparse_attention_forward.default(**args)
+    CORRUPT_COL_INDEX[case](args)
+    with pytest.raises(RuntimeError, match=r"col_index"):
+        torch.ops.af2_ext.block_sparse_attention_backward.default(
+            torch.ones_like(out), args["q"], args["k"], args["v"], out, lse, args["row_count"], args["row_index"],
+            args["col_count"], args["col_index"], args["block_size"], args["key_padding_mask"], args["bias"],
+            args["scale"], [True, True, True, True])
+
+
+@pytest.mark.parametrize("case", list(CORRUPT_COL_INDEX))
+def test_corrupt_col_index_backward_cpu(case):
+    _check_corrupt_col_index_backward("cpu", case)
+
+
+@cuda_test
+@pytest.mark.parametrize("case", list(CORRUPT_COL_INDEX))
+def test_corrupt_col_index_backward_cuda(case):
+    _check_corrupt_col_index_backward("cuda", case)
