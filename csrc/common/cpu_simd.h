@@ -18,10 +18,8 @@ struct Vec {
     return v;
   }
   static inline void store(T* p, type v) { std::memcpy(p, &v, sizeof(type)); }
-  static inline type broadcast(T x) {
-    type v = {};
-    return v + x;
-  }
+  // x - (+0) is exactly x for every x (x + 0 is not, for -0), so this folds to a bare broadcast.
+  static inline type broadcast(T x) { return x - type{}; }
   static inline type max(type a, type b) {
     itype gt = a > b;
     return select(gt, a, b);
