@@ -112,8 +112,17 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
       add_bias_mask<T, VL>(St, cols, rows, bs, bias ? bias + c0 : nullptr, s.seq_k, mask ? mask + c0 : nullptr);
       const vec ninf = V::broadcast(neg_inf<T>()), zero = V::broadcast(T(0));
       for (int i = 0; i < bs; i += VL) {
-        vec mx = V::load(St + i);
-        for (int j = 1; j < cols; ++j) mx = V::max(mx, V::load(St + j * bs + i));
+        // Four independent chains down the column strip hide the latency of max and add.
+        vec mx0 = V::load(St + i), mx1 = mx0, mx2 = mx0, mx3 = mx0;
+        int j = 1;
+        for (; j + 4 <= cols; j += 4) {
+          mx0 = V::max(mx0, V::load(St + j * bs + i));
+          mx1 = V::max(mx1, V::load(St + (j + 1) * bs + i));
+          mx2 = V::max(mx2, V::load(St + (j + 2) * bs + i));
+          mx3 = V::max(mx3, V::load(St + (j + 3) * bs + i));
+        }
+        for (; j < cols; ++j) mx0 = V::max(mx0, V::load(St + j * bs + i));
+        const vec mx = V::max(V::max(mx0, mx1), V::max(mx2, mx3));
         const vec m_old = V::load(m + i);
         vec m_new = V::max(m_old, mx);
         V::store(m + i, m_new);
@@ -121,15 +130,24 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
         m_new = V::select(m_new == ninf, zero, m_new);
         V::store(alpha + i, m_old - m_new);
         if constexpr (sizeof(T) == 4) {  // exp, store and sum in one pass over the column strip
-          vec sum = zero;
-          for (int j = 0; j < cols; ++j) {
-            const vec e = vexp<VL>(V::load(St + j * bs + i) - m_new);
-            V::store(St + j * bs + i, e);
-            sum += e;
+          vec sum0 = zero, sum1 = zero;
+          j = 0;
+          for (; j + 2 <= cols; j += 2) {
+            const vec e0 = vexp<VL>(V::load(St + j * bs + i) - m_new);
+            const vec e1 = vexp<VL>(V::load(St + (j + 1) * bs + i) - m_new);
+            V::store(St + j * bs + i, e0);
+            V::store(St + (j + 1) * bs + i, e1);
+            sum0 += e0;
+            sum1 += e1;
           }
-          V::store(block_sum + i, sum);
+          if (j < cols) {
+            const vec e0 = vexp<VL>(V::load(St + j * bs + i) - m_new);
+            V::store(St + j * bs + i, e0);
+            sum0 += e0;
+          }
+          V::store(block_sum + i, sum0 + sum1);
         } else {
-          for (int j = 0; j < cols; ++j) V::store(St + j * bs + i, V::load(St + j * bs + i) - m_new);
+          for (j = 0; j < cols; ++j) V::store(St + j * bs + i, V::load(St + j * bs + i) - m_new);
         }
       }
       if constexpr (sizeof(T) != 4) {

@@ -20,20 +20,10 @@ struct Vec {
   static inline void store(T* p, type v) { std::memcpy(p, &v, sizeof(type)); }
   // x - (+0) is exactly x for every x (x + 0 is not, for -0), so this folds to a bare broadcast.
   static inline type broadcast(T x) { return x - type{}; }
-  static inline type max(type a, type b) {
-    itype gt = a > b;
-    return select(gt, a, b);
-  }
+  // The vector ?: of GCC/Clang C++: compiles to vmaxps / blends, not to bit masking.
+  static inline type max(type a, type b) { return a > b ? a : b; }
   // Lane-wise `mask ? a : b` with an all-ones / all-zeros integer mask, as produced by vector comparisons.
-  static inline type select(itype mask, type a, type b) {
-    itype ai, bi;
-    std::memcpy(&ai, &a, sizeof(type));
-    std::memcpy(&bi, &b, sizeof(type));
-    itype ri = (ai & mask) | (bi & ~mask);
-    type r;
-    std::memcpy(&r, &ri, sizeof(type));
-    return r;
-  }
+  static inline type select(itype mask, type a, type b) { return mask ? a : b; }
   static inline T reduce_max(type v) {
     T r = v[0];
     for (int i = 1; i < VL; ++i) r = v[i] > r ? v[i] : r;
