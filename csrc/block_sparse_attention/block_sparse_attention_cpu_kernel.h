@@ -45,6 +45,12 @@ static inline void exp_inplace(T* x, int n) {
   }
 }
 
+template <typename T, int VL>
+static inline void scale_row(T* x, int n, T a) {
+  typedef Vec<T, VL> V;
+  for (int j = 0; j < n; j += VL) V::store(x + j, V::load(x + j) * a);
+}
+
 // St (cols x bs, keys x queries) += bias and the key padding mask; rows of the query block past its end are
 // left alone (their probabilities are discarded or forced to 0 by lse = +inf).
 template <typename T, int VL>
@@ -82,9 +88,9 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
   const int bs = s.block_size;
   const int D = int(s.head_dim);
   const int64_t nqb = s.num_q_blocks, nkb = s.num_k_blocks;
-  T* St = ws;              // bs x bs
-  T* accT = St + bs * bs;  // D x bs: the output block, transposed
-  T* Qt = accT + bs * D;   // D x bs: scale * query block, transposed
+  T* St = ws;             // bs x bs
+  T* acc = St + bs * bs;  // bs x D: the unnormalised output block
+  T* Qt = acc + bs * D;   // D x bs: scale * query block, transposed
   T* m = Qt + D * bs;      // running max per query
   T* l = m + bs;           // running sum per query
   T* alpha = l + bs;       // rescale of the running state per query
@@ -102,7 +108,7 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
     transpose_block(p.q + (bh * s.seq_q + r0) * D, rows, D, p.scale, Qt, bs);
     std::fill(m, m + bs, neg_inf<T>());
     std::fill(l, l + bs, T(0));
-    std::fill(accT, accT + D * bs, T(0));
+    std::fill(acc, acc + bs * D, T(0));
     const int32_t count = p.row_count[hl * nqb + qb];
     const int32_t* idx = p.row_index + (hl * nqb + qb) * nkb;
     for (int32_t e = 0; e < count; ++e) {
@@ -159,17 +165,17 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
       exp_inplace<T, VL>(alpha, bs);
       for (int i = 0; i < bs; i += VL)
         V::store(l + i, V::load(l + i) * V::load(alpha + i) + V::load(block_sum + i));
-      for (int d = 0; d < D; ++d)
-        for (int i = 0; i < bs; i += VL) V::store(accT + d * bs + i, V::load(accT + d * bs + i) * V::load(alpha + i));
-      // accT (D x bs) += Vᵀ (D x cols) * P (cols x bs); Vᵀ is read transposed in place.
-      gemm<T, VL>(D, bs, cols, Vn + c0 * D, 1, D, St, bs, accT, bs, true);
+      for (int i = 0; i < rows; ++i)
+        if (alpha[i] != T(1)) scale_row<T, VL>(acc + i * D, D, alpha[i]);
+      // acc (rows x D) += P (rows x cols) * V (cols x D); P is read out of St transposed.
+      gemm<T, VL>(rows, D, cols, St, 1, bs, Vn + c0 * D, D, acc, D, true);
     }
     T* O = p.out + (bh * s.seq_q + r0) * D;
     T* lse = p.lse + bh * s.seq_q + r0;
     for (int i = 0; i < rows; ++i) {
       if (l[i] > T(0)) {
         const T inv = T(1) / l[i];
-        for (int d = 0; d < D; ++d) O[i * D + d] = accT[d * bs + i] * inv;
+        for (int d = 0; d < D; d += VL) V::store(O + i * D + d, V::load(acc + i * D + d) * inv);
         lse[i] = m[i] + std::log(l[i]);
       } else {  // no visible key: zeros out, and +inf makes every recomputed probability 0 in the backward
         std::fill(O + i * D, O + (i + 1) * D, T(0));
@@ -237,8 +243,8 @@ void backward_rows_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
   const int64_t batch_per_group = s.batch / batch_groups, heads_per_group = s.heads / head_groups;
   T* St = ws;
   T* dSt = St + bs * bs;
-  T* dQt = dSt + bs * bs;
-  T* lse = dQt + D * bs;
+  T* dQ = dSt + bs * bs;  // bs x D
+  T* lse = dQ + bs * D;
   T* delta = lse + bs;
   const T* Qt = nullptr;
   const T* dOt = nullptr;
@@ -258,7 +264,7 @@ void backward_rows_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
         const T* bias = bias_block(s, p.bias, b, h);
         if (bias != nullptr) bias += r0 * s.seq_k;
         load_query_block(p, bh, qb, rows, Qt, dOt, lse, delta);
-        std::fill(dQt, dQt + D * bs, T(0));
+        std::fill(dQ, dQ + bs * D, T(0));
         const int32_t count = p.row_count[hl * nqb + qb];
         const int32_t* idx = p.row_index + (hl * nqb + qb) * nkb;
         for (int32_t e = 0; e < count; ++e) {
@@ -269,13 +275,12 @@ void backward_rows_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
           if (grad_bias != nullptr)
             for (int i = 0; i < rows; ++i)
               for (int j = 0; j < cols; ++j) grad_bias[i * s.seq_k + c0 + j] += dSt[j * bs + i];
-          // dQᵀ (D x bs) += Kᵀ (D x cols) * dSᵀ (cols x bs)
-          if (p.grad_q != nullptr) gemm<T, VL>(D, bs, cols, Kn + c0 * D, 1, D, dSt, bs, dQt, bs, true);
+          // dQ (rows x D) += dS (rows x cols) * K (cols x D); dS is read out of dSt transposed.
+          if (p.grad_q != nullptr) gemm<T, VL>(rows, D, cols, dSt, 1, bs, Kn + c0 * D, D, dQ, D, true);
         }
         if (p.grad_q != nullptr) {
           T* gq = p.grad_q + (bh * s.seq_q + r0) * D;
-          for (int i = 0; i < rows; ++i)
-            for (int d = 0; d < D; ++d) gq[i * D + d] = dQt[d * bs + i] * p.scale;
+          for (int i = 0; i < rows * D; ++i) gq[i] = dQ[i] * p.scale;
         }
       }
     }

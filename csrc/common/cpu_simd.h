@@ -40,16 +40,15 @@ struct Vec {
 // The rounding of x * log2(e) to an integer uses the 1.5 * 2^23 "magic number": adding it leaves the
 // rounded integer in the low mantissa bits, which also become the exponent of 2^n, with no conversions.
 // Inputs below the underflow threshold (including -inf) give exactly 0, which the attention kernels rely on
-// for masked logits.
+// for masked logits. Precondition: x <= 88.37 (no overflow clamp; the kernels only take exp of a logit minus
+// a running maximum or the log-sum-exp).
 template <int VL>
 static inline typename Vec<float, VL>::type vexp(typename Vec<float, VL>::type x) {
   typedef Vec<float, VL> V;
   typedef typename V::type vf;
   typedef typename V::itype vi;
   const float magic = 12582912.0f;  // 1.5 * 2^23
-  const vi keep = x >= -87.3365478515625f;  // exp of that is the smallest normal float
-  x = V::select(x > 88.3762626647949f, V::broadcast(88.3762626647949f), x);
-  x = V::select(keep, x, V::broadcast(0.0f));  // keeps -inf and NaN out of the arithmetic below
+  const vi keep = x >= -87.3365478515625f;  // exp of that is the smallest normal float; false for NaN
   const vf y = x * 1.44269504088896341f + magic;
   const vf fx = y - magic;
   const vf r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
@@ -71,7 +70,7 @@ static inline typename Vec<float, VL>::type vexp(typename Vec<float, VL>::type x
   vf scale;
   std::memcpy(&scale, &e, sizeof(vf));
   const vf res = p * scale;
-  return V::select(keep, res, V::broadcast(0.0f));
+  return V::select(keep, res, V::broadcast(0.0f));  // also discards what -inf made of the arithmetic above
 }
 
 // C[M x N] = (accumulate ? C : 0) + A[M x K] * B[K x N]. B and C are row-major (leading dimensions ldb, ldc;
@@ -126,30 +125,33 @@ static inline void gemm_column_panel(int M, int K, const T* A, int64_t a_row, in
 }
 
 // Register budget: MR * NV accumulators + NV rows of B + one broadcast must fit the vector register file
-// (32 registers with AVX-512, 16 with AVX2/SSE).
+// (32 registers with AVX-512, 16 with AVX2/SSE). Row counts that divide the 16- to 128-row tiles evenly
+// measured fastest: 4 rows for 4 vectors of C per row, 8 rows for 2 or 1 (AVX-512).
 template <typename T, int VL>
 struct GemmShape {
-  static constexpr int kBytes = VL * int(sizeof(T));
-  static constexpr int NV = kBytes >= 64 ? 4 : 2;
-  static constexpr int MR = 4;  // 6 fits AVX-512 too, but 4 divides the 32- to 128-row tiles evenly (measured faster)
+  static constexpr bool kWide = VL * int(sizeof(T)) >= 64;
+  static constexpr int NV = kWide ? 4 : 2;
+  static constexpr int rows(int nv) { return kWide && nv <= 2 ? 8 : 4; }
 };
 
 template <typename T, int VL>
 static inline void gemm(int M, int N, int K, const T* A, int64_t a_row, int64_t a_k, const T* B, int64_t ldb, T* C,
                         int64_t ldc, bool accumulate) {
-  constexpr int NV = GemmShape<T, VL>::NV;
-  constexpr int MR = GemmShape<T, VL>::MR;
+  typedef GemmShape<T, VL> G;
+  constexpr int NV = G::NV;
   if (M <= 0) return;
-  int nvec = N / VL;
+  const int nvec = N / VL;
   int c = 0;
   for (; c + NV <= nvec; c += NV)
-    gemm_column_panel<T, VL, MR, NV>(M, K, A, a_row, a_k, B + c * VL, ldb, C + c * VL, ldc, accumulate);
-  int rest = nvec - c;
+    gemm_column_panel<T, VL, G::rows(NV), NV>(M, K, A, a_row, a_k, B + c * VL, ldb, C + c * VL, ldc, accumulate);
+  const int rest = nvec - c;
+  B += c * VL;
+  C += c * VL;
   if constexpr (NV > 1) {
-    if (rest == 1) gemm_column_panel<T, VL, MR, 1>(M, K, A, a_row, a_k, B + c * VL, ldb, C + c * VL, ldc, accumulate);
+    if (rest == 1) gemm_column_panel<T, VL, G::rows(1), 1>(M, K, A, a_row, a_k, B, ldb, C, ldc, accumulate);
   }
   if constexpr (NV > 3) {
-    if (rest == 2) gemm_column_panel<T, VL, MR, 2>(M, K, A, a_row, a_k, B + c * VL, ldb, C + c * VL, ldc, accumulate);
-    if (rest == 3) gemm_column_panel<T, VL, MR, 3>(M, K, A, a_row, a_k, B + c * VL, ldb, C + c * VL, ldc, accumulate);
+    if (rest == 2) gemm_column_panel<T, VL, G::rows(2), 2>(M, K, A, a_row, a_k, B, ldb, C, ldc, accumulate);
+    if (rest == 3) gemm_column_panel<T, VL, G::rows(3), 3>(M, K, A, a_row, a_k, B, ldb, C, ldc, accumulate);
   }
 }
