@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -182,6 +183,24 @@ def layout_index(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return row_count, row_index, col_count, col_index
 
 
+# id(layout) -> (weak reference, layout._version, index): a layout reused across calls (the usual case: one
+# per model layer) is converted once. The weak reference tells a live layout from a new tensor that reuses
+# a freed id, and _version catches in-place edits.
+_INDEX_CACHE: dict = {}
+
+
+def _cached_layout_index(layout: torch.Tensor):
+    if torch.compiler.is_compiling() or layout.is_inference():
+        return layout_index(layout)
+    key = id(layout)
+    hit = _INDEX_CACHE.get(key)
+    if hit is not None and hit[0]() is layout and hit[1] == layout._version:
+        return hit[2]
+    index = layout_index(layout)
+    _INDEX_CACHE[key] = (weakref.ref(layout, lambda _, key=key: _INDEX_CACHE.pop(key, None)), layout._version, index)
+    return index
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -216,7 +235,7 @@ def block_sparse_attention(
     if not _use_kernel("block_sparse_attention_forward", q.device, impl):
         return reference.block_sparse_attention_ref(q, k, v, layout, block_size=block_size,
                                                     key_padding_mask=key_padding_mask, bias=bias, scale=scale)
-    row_count, row_index, col_count, col_index = layout_index(layout)
+    row_count, row_index, col_count, col_index = _cached_layout_index(layout)
     out, _ = torch.ops.af2_ext.block_sparse_attention_forward.default(
         q, k, v, row_count, row_index, col_count, col_index, block_size, key_padding_mask, bias, scale)
     return out
