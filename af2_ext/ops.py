@@ -9,6 +9,7 @@ reference.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 import weakref
 from typing import Iterator, Optional
@@ -23,6 +24,11 @@ try:
     _EXTENSION_ERROR: Optional[BaseException] = None
 except ImportError as error:  # the package still imports; ops fall back to the reference
     _EXTENSION_ERROR = error
+
+CPU_ISAS = ("generic", "avx2", "avx512")
+if os.environ.get("AF2_EXT_CPU_ISA") and os.environ["AF2_EXT_CPU_ISA"] not in CPU_ISAS:
+    warnings.warn(f"AF2_EXT_CPU_ISA={os.environ['AF2_EXT_CPU_ISA']!r} is not one of {CPU_ISAS}; ignored (the "
+                  "CPU kernels use the best instruction set this CPU has)", RuntimeWarning)
 
 BUILD_HINT = "build it with `python -m pip install --no-build-isolation -e .` from the af2_ext checkout"
 IMPLS = ("auto", "kernel", "reference")
@@ -110,54 +116,75 @@ def _shape(t: torch.Tensor) -> tuple:
 
 
 def _require(condition: bool, message) -> None:
-    """Raise ValueError(message()) unless condition. (Plain Python so that torch.compile traces it; the fake
-    kernels use torch._check.)"""
+    """Raise ValueError(message()) unless condition: plain Python, so torch.compile traces it (the fake
+    kernels check with torch._check instead)."""
     if not condition:
         raise ValueError(message())
 
 
+def _check_attention_inputs(q, k, v, block_size, key_padding_mask, bias, check=_require) -> None:
+    """The checks the C++ binding makes on q, k, v, block_size, the mask and the bias, same messages."""
+    check(q.dim() == 4, lambda: f"q must be (B, H, Nq, D), got {_shape(q)}")
+    check(k.dim() == 4, lambda: f"k must be (B, H, Nk, D), got {_shape(k)}")
+    check(v.dim() == 4, lambda: f"v must be (B, H, Nk, D), got {_shape(v)}")
+    check(q.dtype in DTYPES, lambda: f"q must be float32, float16 or bfloat16 (float64 on CPU), got {q.dtype}")
+    check(k.dtype == q.dtype and v.dtype == q.dtype,
+          lambda: f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    check(k.shape[0] == B and k.shape[1] == H and k.shape[3] == D,
+          lambda: f"k must be (B={B}, H={H}, Nk, D={D}), got {_shape(k)}")
+    check(v.shape == k.shape, lambda: f"v must have k's shape {_shape(k)}, got {_shape(v)}")
+    check(D in HEAD_DIMS, lambda: f"head dim D (q.size(-1)) must be 16, 32, 64 or 128, got {D}")
+    check(block_size in BLOCK_SIZES, lambda: f"block_size must be 16, 32, 64 or 128, got {block_size}")
+    check(B > 0 and H > 0 and Nq > 0 and Nk > 0,
+          lambda: f"q and k must be non-empty, got q {_shape(q)} and k {_shape(k)}")
+    check(k.device == q.device and v.device == q.device,
+          lambda: f"k and v must be on q's device {q.device}, got {k.device} and {v.device}")
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        check(m.dtype == torch.bool, lambda: f"key_padding_mask must be bool (True = keep), got {m.dtype}")
+        check(m.dim() == 2 and m.shape[0] == B and m.shape[1] == Nk,
+              lambda: f"key_padding_mask must be (B={B}, Nk={Nk}), got {_shape(m)}")
+        check(m.device == q.device, lambda: f"key_padding_mask must be on q's device {q.device}, got {m.device}")
+    if bias is not None:
+        check(bias.is_floating_point(), lambda: f"bias must be a floating tensor, got {bias.dtype}")
+        check(bias.dim() == 4 and bias.shape[0] > 0 and B % bias.shape[0] == 0 and bias.shape[1] in (1, H)
+              and bias.shape[2] == Nq and bias.shape[3] == Nk,
+              lambda: f"bias must be (Bb, 1 or H={H}, Nq={Nq}, Nk={Nk}) with B={B} divisible by Bb, "
+                      f"got {_shape(bias)}")
+        check(bias.device == q.device, lambda: f"bias must be on q's device {q.device}, got {bias.device}")
+
+
 def _check_block_sparse(q, k, v, layout, block_size, key_padding_mask, bias) -> None:
-    """Argument checks with messages naming the argument; the C++ binding checks the same things."""
+    """Checks of the public op's arguments; errors name the argument and the shape expected."""
     for name, t in (("q", q), ("k", k), ("v", v), ("layout", layout)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    _require(q.dim() == 4, lambda: f"q must be (B, H, Nq, D), got {_shape(q)}")
-    _require(k.dim() == 4, lambda: f"k must be (B, H, Nk, D), got {_shape(k)}")
-    _require(v.dim() == 4, lambda: f"v must be (B, H, Nk, D), got {_shape(v)}")
-    _require(q.dtype in DTYPES, lambda: f"q must be float32, float16 or bfloat16 (float64 on CPU), got {q.dtype}")
-    _require(k.dtype == q.dtype and v.dtype == q.dtype,
-                 lambda: f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    _require(k.shape[0] == B and k.shape[1] == H and k.shape[3] == D,
-                 lambda: f"k must be (B={B}, H={H}, Nk, D={D}), got {_shape(k)}")
-    _require(v.shape == k.shape, lambda: f"v must have k's shape {_shape(k)}, got {_shape(v)}")
-    _require(D in HEAD_DIMS, lambda: f"head dim D (q.size(-1)) must be 16, 32, 64 or 128, got {D}")
-    _require(block_size in BLOCK_SIZES, lambda: f"block_size must be 16, 32, 64 or 128, got {block_size}")
-    _require(B > 0 and H > 0 and Nq > 0 and Nk > 0,
-                 lambda: f"q and k must be non-empty, got q {_shape(q)} and k {_shape(k)}")
-    _require(k.device == q.device and v.device == q.device,
-                 lambda: f"k and v must be on q's device {q.device}, got {k.device} and {v.device}")
+    _check_attention_inputs(q, k, v, block_size, key_padding_mask, bias)
+    H, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
     nqb, nkb = -(-Nq // block_size), -(-Nk // block_size)
     _require(layout.dtype == torch.bool, lambda: f"layout must be a bool tensor, got {layout.dtype}")
     _require(layout.dim() == 3 and layout.shape[0] in (1, H) and layout.shape[1] == nqb and layout.shape[2] == nkb,
-                 lambda: f"layout must be (1 or H={H}, ceil(Nq/block_size)={nqb}, ceil(Nk/block_size)={nkb}), "
-                         f"got {_shape(layout)}")
+             lambda: f"layout must be (1 or H={H}, ceil(Nq/block_size)={nqb}, ceil(Nk/block_size)={nkb}), "
+                     f"got {_shape(layout)}")
     _require(layout.device == q.device, lambda: f"layout must be on q's device {q.device}, got {layout.device}")
-    if key_padding_mask is not None:
-        m = key_padding_mask
-        _require(m.dtype == torch.bool, lambda: f"key_padding_mask must be bool (True = keep), got {m.dtype}")
-        _require(m.dim() == 2 and m.shape[0] == B and m.shape[1] == Nk,
-                     lambda: f"key_padding_mask must be (B={B}, Nk={Nk}), got {_shape(m)}")
-        _require(m.device == q.device,
-                     lambda: f"key_padding_mask must be on q's device {q.device}, got {m.device}")
-    if bias is not None:
-        _require(bias.is_floating_point(), lambda: f"bias must be a floating tensor, got {bias.dtype}")
-        _require(bias.dim() == 4 and bias.shape[0] > 0 and B % bias.shape[0] == 0 and bias.shape[1] in (1, H)
-                     and bias.shape[2] == Nq and bias.shape[3] == Nk,
-                     lambda: f"bias must be (Bb, 1 or H={H}, Nq={Nq}, Nk={Nk}) with B={B} divisible by Bb, "
-                             f"got {_shape(bias)}")
-        _require(bias.device == q.device, lambda: f"bias must be on q's device {q.device}, got {bias.device}")
+
+
+def _check_layout_index(q, k, block_size, row_count, row_index, col_count, col_index, check) -> None:
+    """The C++ binding's shape checks of the block index (its values are checked in the kernel's binding)."""
+    H, nqb, nkb = q.shape[1], -(-q.shape[2] // block_size), -(-k.shape[2] // block_size)
+    for count, index, cname, iname, outer, inner in ((row_count, row_index, "row_count", "row_index", nqb, nkb),
+                                                     (col_count, col_index, "col_count", "col_index", nkb, nqb)):
+        check(count.dtype == torch.int32 and index.dtype == torch.int32,
+              lambda: f"{cname} and {iname} must be int32, got {count.dtype} and {index.dtype}")
+        check(count.dim() == 2 and count.shape[0] in (1, H) and count.shape[1] == outer,
+              lambda: f"{cname} must be (1 or H={H}, {outer}), got {_shape(count)}")
+        check(index.dim() == 3 and index.shape[0] == count.shape[0] and index.shape[1] == outer
+              and index.shape[2] == inner,
+              lambda: f"{iname} must be ({count.shape[0]}, {outer}, {inner}), got {_shape(index)}")
+    check(col_count.shape[0] == row_count.shape[0],
+          lambda: f"col_count must have row_count's layout heads {row_count.shape[0]}, got {col_count.shape[0]}")
 
 
 def layout_index(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -250,15 +277,20 @@ if extension_available():
     @torch.library.register_fake("af2_ext::block_sparse_attention_forward")
     def _block_sparse_attention_forward_fake(q, k, v, row_count, row_index, col_count, col_index, block_size,
                                              key_padding_mask, bias, scale):
+        _check_attention_inputs(q, k, v, block_size, key_padding_mask, bias, check=torch._check)
+        _check_layout_index(q, k, block_size, row_count, row_index, col_count, col_index, check=torch._check)
         B, H, Nq, _ = q.shape
-        nqb, nkb = -(-Nq // block_size), -(-k.shape[2] // block_size)
-        torch._check(row_count.shape == (row_count.shape[0], nqb) and row_index.shape[1:] == (nqb, nkb),
-                     lambda: f"row_index must be (Hl, {nqb}, {nkb}), got {_shape(row_index)}")
         return torch.empty_like(q), q.new_empty((B, H, Nq), dtype=_lse_dtype(q.dtype))
 
     @torch.library.register_fake("af2_ext::block_sparse_attention_backward")
     def _block_sparse_attention_backward_fake(grad_out, q, k, v, out, lse, row_count, row_index, col_count,
                                               col_index, block_size, key_padding_mask, bias, scale, output_mask):
+        _check_attention_inputs(q, k, v, block_size, key_padding_mask, bias, check=torch._check)
+        _check_layout_index(q, k, block_size, row_count, row_index, col_count, col_index, check=torch._check)
+        torch._check(grad_out.shape == q.shape and out.shape == q.shape,
+                     lambda: f"grad_out and out must have q's shape {_shape(q)}, got {_shape(grad_out)} and "
+                             f"{_shape(out)}")
+
         def grad(wanted, like):
             return torch.empty_like(like) if wanted and like is not None else q.new_empty((0,))
 

@@ -874,3 +874,50 @@ def test_corrupt_col_index_backward_cpu(case):
 @pytest.mark.parametrize("case", list(CORRUPT_COL_INDEX))
 def test_corrupt_col_index_backward_cuda(case):
     _check_corrupt_col_index_backward("cuda", case)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layout index cache, fake-kernel checks, ISA override warning
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_layout_edit_in_place(device):
+    inputs = _inputs(device, layout=layouts.dense(3, num_heads=2), requires_grad=False)
+    before = bsa(**inputs)
+    inputs["layout"][:, :, 1:] = False  # an in-place edit must not reuse the cached block index
+    after = bsa(**inputs)
+    expected = reference.block_sparse_attention_ref(**inputs)
+    helpers.assert_matches("output after the layout was edited in place", after, expected)
+    assert not torch.allclose(before, after), "editing the layout in place did not change the output"
+
+
+def test_layout_edit_in_place_cpu():
+    _check_layout_edit_in_place("cpu")
+
+
+@cuda_test
+def test_layout_edit_in_place_cuda():
+    _check_layout_edit_in_place("cuda")
+
+
+def test_fake_kernel_checks_index():
+    """Under FakeTensorMode (torch.compile's tracing) a bad block index fails with the C++ binding's message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    inputs = _inputs("cpu", requires_grad=False)
+    row_count, row_index, col_count, col_index = ops.layout_index(inputs["layout"])
+    bad_row_index = row_index[:, :, :1].contiguous()
+    with FakeTensorMode() as mode:
+        q, k, v = (mode.from_tensor(inputs[n]) for n in ("q", "k", "v"))
+        bad_index = mode.from_tensor(bad_row_index)
+        with pytest.raises(RuntimeError, match="row_index must be"):
+            torch.ops.af2_ext.block_sparse_attention_forward(q, k, v, mode.from_tensor(row_count), bad_index,
+                                                             mode.from_tensor(col_count), mode.from_tensor(col_index),
+                                                             16, None, None, 0.25)
+
+
+def test_unknown_cpu_isa_warns():
+    code = "import warnings; warnings.simplefilter('error'); import af2_ext"
+    env = {**os.environ, "AF2_EXT_CPU_ISA": "avx9000"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "AF2_EXT_CPU_ISA='avx9000' is not one of" in proc.stderr, proc.stderr[-2000:]
