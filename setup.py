@@ -47,7 +47,7 @@ def _torch_arch_list(archs: str) -> str:
 
 
 def _extension():
-    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]  # -fopenmp: at::parallel_for is inline
+    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp"]  # -fopenmp: at::parallel_for is inline
     include_dirs = [os.path.join(ROOT, "csrc")]
     sources = _sources("ops.cpp", "*_cpu.cpp", "*_cpu_kernel.cpp")
     if not _want_cuda():

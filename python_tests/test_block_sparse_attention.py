@@ -921,3 +921,23 @@ def test_unknown_cpu_isa_warns():
     env = {**os.environ, "AF2_EXT_CPU_ISA": "avx9000"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "AF2_EXT_CPU_ISA='avx9000' is not one of" in proc.stderr, proc.stderr[-2000:]
+
+
+@cuda_test
+def test_compile_reduce_overhead_cuda():
+    """CUDA graphs capture the op on a side stream: it must launch on the current stream, not the default one."""
+    inputs = _inputs("cuda", requires_grad=False, B=2, H=2, Nq=45, Nk=37, D=32, bias=(1, 2), mask=True)
+    layout, kpm, bias = inputs["layout"], inputs["key_padding_mask"], inputs["bias"]
+    expected = reference.block_sparse_attention_ref(**inputs)
+
+    def attend(q, k, v):
+        return bsa(q, k, v, layout, block_size=inputs["block_size"], key_padding_mask=kpm, bias=bias)
+
+    compiled = torch.compile(attend, mode="reduce-overhead", fullgraph=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(4):  # warm-up, recording, then replays of the CUDA graph
+            out = compiled(inputs["q"], inputs["k"], inputs["v"]).clone()
+    torch.cuda.current_stream().wait_stream(stream)
+    helpers.assert_matches("reduce-overhead output", out, expected)

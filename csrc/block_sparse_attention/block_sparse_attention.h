@@ -91,4 +91,55 @@ void backward_cols(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t en
 const char* isa_name();
 
 }  // namespace cpu
+
+// ---- CUDA (block_sparse_attention_kernel.cu; bound to torch in block_sparse_attention_cuda.cpp) ----
+
+enum class ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Tensors keep their dtype (`dtype`, fp32 accumulation inside). q, k, v, out and grad_out may be strided on
+// (batch, head, row): `*_stride` = {batch, head, row} in elements; the head dim is contiguous. Everything
+// else is contiguous. Index values are trusted to be in range by the kernels only after the binding has
+// validated them; kernels still skip out-of-range blocks rather than read out of bounds.
+struct BlockSparseCudaParams {
+  BlockSparseShape s;
+  ScalarKind dtype = ScalarKind::kFloat32;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  int64_t q_stride[3] = {0, 0, 0};
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+  int64_t out_stride[3] = {0, 0, 0};
+  float* lse = nullptr;  // (B, H, Nq) fp32; +inf for a row with no visible key
+  const int32_t* row_count = nullptr;
+  const int32_t* row_index = nullptr;
+  const int32_t* col_count = nullptr;
+  const int32_t* col_index = nullptr;
+  const bool* key_padding_mask = nullptr;  // (B, Nk), true = keep; nullptr = all kept
+  const void* bias = nullptr;              // (Bb, Hb, Nq, Nk) contiguous, in bias_dtype; nullptr = none
+  ScalarKind bias_dtype = ScalarKind::kFloat32;
+  float scale = 1.f;
+  // Backward only.
+  const void* grad_out = nullptr;
+  int64_t grad_out_stride[3] = {0, 0, 0};
+  float* delta = nullptr;    // (B, H, Nq) fp32 workspace: rowsum(grad_out * out)
+  void* grad_q = nullptr;    // (B, H, Nq, D) contiguous, dtype; nullptr: not wanted
+  void* grad_k = nullptr;    // (B, H, Nk, D) contiguous, dtype; grad_k and grad_v are wanted together
+  void* grad_v = nullptr;
+  float* grad_bias = nullptr;  // (Bb, Hb, Nq, Nk) fp32, zeroed by the caller; nullptr: not wanted
+};
+
+}  // namespace af2_ext
+
+struct CUstream_st;  // cudaStream_t is CUstream_st*; declared here so this header needs no CUDA headers
+
+namespace af2_ext {
+namespace cuda {
+
+// Host-side launchers; they return the launch error (a cudaError_t as int, 0 = success) without syncing.
+int forward(const BlockSparseCudaParams& p, CUstream_st* stream);
+int backward(const BlockSparseCudaParams& p, CUstream_st* stream);
+
+}  // namespace cuda
 }  // namespace af2_ext
