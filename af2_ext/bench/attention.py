@@ -465,8 +465,8 @@ def plot(records: Sequence[dict], path: str) -> bool:
     axes[0].set_ylabel("speedup (x)")
     axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with common.atomic_path(path, os.path.splitext(path)[1]) as tmp:
+        fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".") or "png")
     plt.close(fig)
     return True
 
