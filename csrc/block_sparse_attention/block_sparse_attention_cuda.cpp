@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const bool want_bias = output_mask[3] && bias.has_value();
   const auto q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const auto grad_out = unit_last_stride(grad_out_in.to(q.scalar_type()));
-  const auto out = unit_last_stride(out_in);
+  const auto out = unit_last_stride(out_in.to(q.scalar_type()));  // the delta kernel reads out in q's dtype
   const auto rc = row_count.contiguous(), ri = row_index.contiguous();
   const auto cc = col_count.contiguous(), ci = col_index.contiguous();
   const auto kpm = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();

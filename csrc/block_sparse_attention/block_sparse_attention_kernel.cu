@@ -1,0 +1,633 @@
+// Block-sparse flash attention on CUDA: forward and backward kernels and their launchers. No torch headers; the
+// torch binding is block_sparse_attention_cuda.cpp and cuda_tests/test_block_sparse_attention.cu calls the
+// launchers directly. Same algorithm and semantics as the CPU kernels (block_sparse_attention_cpu_kernel.h):
+//
+//   forward      one CTA per (query block, head, batch) walks row_index with an online softmax; out and
+//                lse = logsumexp (natural log, fp32; +inf and out = 0 for a query with no visible key).
+//   backward     delta = rowsum(grad_out * out); then a column pass, one CTA per (key block, head, batch) walking
+//                col_index, writes dK and dV once; then a row pass, one CTA per (query block, bias group) walking
+//                row_index, writes dQ and sums the bias gradient over the batch rows and heads sharing a bias
+//                block in a fixed order. No atomics anywhere: every output element has one owning thread, so the
+//                results (grad_bias included) are deterministic.
+//
+// Logits are kept in log2 units (scale * log2(e) folded in) so that every exponential is one exp2f. A logit of a
+// masked key (layout, key padding, past the end of the sequence) is -inf; a row whose maximum is still -inf
+// subtracts 0 instead, so exp2f never sees (-inf) - (-inf).
+//
+// Dispatch: dtype x head dim x block size are template parameters (48 combinations per kernel); the bias, its
+// dtype and the key padding mask are uniform run-time branches, which keeps the instantiation count (and the
+// build) at a third of what compile-time flags would cost.
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "block_sparse_attention/block_sparse_attention.h"
+#include "block_sparse_attention/block_sparse_attention_kernel.cuh"
+#include "common/cuda_utils.cuh"
+
+namespace af2_ext {
+namespace bsa {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Bits of the kernels' `vec` argument: the tensor allows 16-byte loads of its rows.
+enum VecBits : int { kVecQ = 1, kVecK = 2, kVecV = 4, kVecGradOut = 8 };
+
+template <typename T>
+__device__ __forceinline__ const T* bh_ptr(const void* base, const int64_t (&stride)[3], int64_t b, int64_t h) {
+  return static_cast<const T*>(base) + b * stride[0] + h * stride[1];
+}
+
+// Bias rows of (batch b, head h): element (query i, key j) at [i * Nk + j]; nullptr without a bias.
+__device__ __forceinline__ int64_t bias_offset(const BlockSparseShape& s, int64_t b, int64_t h) {
+  const int64_t bb = b / (s.batch / s.bias_batch);
+  const int64_t hb = s.bias_heads == 1 ? 0 : h;
+  return (bb * s.bias_heads + hb) * s.seq_q * s.seq_k;
+}
+
+// Score tile of 16 queries (rows q_lo, q_lo + 8 of this thread) x kNT * 8 keys starting at key0, `cols` of which
+// exist: scale, bias and masks, in log2 units.
+template <int kNT>
+__device__ __forceinline__ void query_row_logits(float (&sc)[kNT][4], const BlockSparseCudaParams& p,
+                                                 const bool* mask, int64_t bias_off, int64_t q_lo, int64_t key0,
+                                                 int cols) {
+  const int t = threadIdx.x & 3;
+  const float scale2 = p.scale * kLog2e;
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = 8 * j + 2 * t + c;
+      const int64_t key = key0 + col;
+      const bool visible = col < cols && (mask == nullptr || mask[key]);
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int64_t q = q_lo + 8 * rr;
+        float x = sc[j][2 * rr + c] * scale2;
+        if (visible && p.bias != nullptr && q < p.s.seq_q)
+          x = fmaf(load_bias(p.bias, p.bias_dtype, bias_off + q * p.s.seq_k + key), kLog2e, x);
+        sc[j][2 * rr + c] = visible ? x : -kInf;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T, int kD, int kBlock>
+size_t forward_smem_bytes() {
+  using Tr = Traits<T, kD, kBlock>;
+  return size_t(kBlock + 2 * Tr::kChunk) * Tr::kLd * sizeof(T) + size_t(Tr::kScratchFloats) * sizeof(float);
+}
+
+template <typename T, int kD, int kBlock>
+__global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
+    forward_kernel(const __grid_constant__ BlockSparseCudaParams p, const int vec) {
+  using Tr = Traits<T, kD, kBlock>;
+  using Gemm = WarpGemm<T>;
+  constexpr int kChunk = Tr::kChunk, kLd = Tr::kLd, kNT = kChunk / 8, kDT = kD / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // kBlock x kD: the query block
+  T* sK = sQ + kBlock * kLd;           // kChunk x kD
+  T* sV = sK + kChunk * kLd;           // kChunk x kD
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float* scratch = reinterpret_cast<float*>(sV + kChunk * kLd) + warp * 16 * Tr::kScratchLd;
+
+  const BlockSparseShape& s = p.s;
+  const int64_t qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t r0 = qb * kBlock;
+  const int rows = int(min(int64_t(kBlock), s.seq_q - r0));
+  const int64_t hl = s.layout_heads == 1 ? 0 : h;
+  const int count = min(max(p.row_count[hl * s.num_q_blocks + qb], 0), int(s.num_k_blocks));
+  const int32_t* idx = p.row_index + (hl * s.num_q_blocks + qb) * s.num_k_blocks;
+  const T* kg = bh_ptr<T>(p.k, p.k_stride, b, h);
+  const T* vg = bh_ptr<T>(p.v, p.v_stride, b, h);
+  const bool* mask = p.key_padding_mask != nullptr ? p.key_padding_mask + b * s.seq_k : nullptr;
+  const int64_t bias_off = p.bias != nullptr ? bias_offset(s, b, h) : 0;
+
+  load_rows<T, kD, Tr::kThreads>(sQ, kLd, bh_ptr<T>(p.q, p.q_stride, b, h) + r0 * p.q_stride[2], p.q_stride[2], rows,
+                                 kBlock, vec & kVecQ);
+  const T* sQw = sQ + warp * 16 * kLd;
+  const int64_t q_lo = r0 + warp * 16 + g;  // this thread's rows: q_lo and q_lo + 8
+
+  float m[2] = {-kInf, -kInf};  // running max (log2 units) of rows q_lo, q_lo + 8
+  float l[2] = {0.f, 0.f};      // this thread's part of the running sum
+  float o[kDT][4];
+  zero(o);
+  for (int e = 0; e < count; ++e) {
+    const int64_t kb = idx[e];
+    if (kb < 0 || kb >= s.num_k_blocks) continue;  // (uniform) a corrupt index is skipped, never read through
+    for (int ch = 0; ch < Tr::kChunks; ++ch) {
+      const int64_t key0 = kb * kBlock + ch * kChunk;
+      if (key0 >= s.seq_k) break;
+      const int cols = int(min(int64_t(kChunk), s.seq_k - key0));
+      __syncthreads();  // every warp is done with the previous chunk (and sQ is written, on the first one)
+      load_rows<T, kD, Tr::kThreads>(sK, kLd, kg + key0 * p.k_stride[2], p.k_stride[2], cols, kChunk, vec & kVecK);
+      load_rows<T, kD, Tr::kThreads>(sV, kLd, vg + key0 * p.v_stride[2], p.v_stride[2], cols, kChunk, vec & kVecV);
+      __syncthreads();
+
+      float sc[kNT][4];
+      zero(sc);
+      Gemm::template nt<kChunk, kD>(sc, sQw, kLd, sK, kLd);
+      query_row_logits<kNT>(sc, p, mask, bias_off, q_lo, key0, cols);
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float mx = -kInf;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(sc[j][2 * rr], sc[j][2 * rr + 1]));
+        mx = warp_reduce_max<4>(mx);  // the quad holds the whole row
+        const float m_new = fmaxf(m[rr], mx);
+        const float m_use = m_new == -kInf ? 0.f : m_new;  // nothing visible yet: probabilities stay exactly 0
+        const float alpha = exp2f(m[rr] - m_use);          // m[rr] = -inf gives 0, never NaN (m_use is finite)
+        m[rr] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          sc[j][2 * rr] = exp2f(sc[j][2 * rr] - m_use);
+          sc[j][2 * rr + 1] = exp2f(sc[j][2 * rr + 1] - m_use);
+          sum += sc[j][2 * rr] + sc[j][2 * rr + 1];
+        }
+        l[rr] = l[rr] * alpha + sum;
+#pragma unroll
+        for (int d = 0; d < kDT; ++d) {
+          o[d][2 * rr] *= alpha;
+          o[d][2 * rr + 1] *= alpha;
+        }
+      }
+      Gemm::template rn<kD, kChunk>(o, sc, sV, kLd, scratch);  // o += P V
+    }
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const float sum = warp_reduce_sum<4>(l[rr]);
+    const int64_t q = q_lo + 8 * rr;
+    if (q >= s.seq_q) continue;
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    T* orow = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + q * p.out_stride[2];
+#pragma unroll
+    for (int d = 0; d < kDT; ++d) {
+      orow[8 * d + 2 * t] = from_float<T>(sum > 0.f ? o[d][2 * rr] * inv : 0.f);
+      orow[8 * d + 2 * t + 1] = from_float<T>(sum > 0.f ? o[d][2 * rr + 1] * inv : 0.f);
+    }
+    if (t == 0) p.lse[(b * s.heads + h) * s.seq_q + q] = sum > 0.f ? (m[rr] + log2f(sum)) * kLn2 : kInf;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward: delta = rowsum(grad_out * out), 8 lanes per query row
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int kDeltaThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kDeltaThreads) delta_kernel(const __grid_constant__ BlockSparseCudaParams p) {
+  const BlockSparseShape& s = p.s;
+  const int64_t num_rows = s.batch * s.heads * s.seq_q;
+  const int64_t row = int64_t(blockIdx.x) * (kDeltaThreads / 8) + threadIdx.x / 8;
+  const int sub = threadIdx.x & 7;
+  float sum = 0.f;
+  if (row < num_rows) {
+    const int64_t i = row % s.seq_q, bh = row / s.seq_q, h = bh % s.heads, b = bh / s.heads;
+    const T* go = bh_ptr<T>(p.grad_out, p.grad_out_stride, b, h) + i * p.grad_out_stride[2];
+    const T* o = bh_ptr<T>(p.out, p.out_stride, b, h) + i * p.out_stride[2];
+    for (int64_t d = sub; d < s.head_dim; d += 8) sum = fmaf(to_float(go[d]), to_float(o[d]), sum);
+  }
+  sum = warp_reduce_sum<8>(sum);  // every lane reaches it: no early return above
+  if (row < num_rows && sub == 0) p.delta[row] = sum;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward, column pass: dK, dV of one key block
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T, int kD, int kBlock>
+size_t backward_cols_smem_bytes() {
+  using Tr = Traits<T, kD, kBlock>;
+  return size_t(2 * kBlock + 2 * Tr::kChunk) * Tr::kLd * sizeof(T) + size_t(2 * Tr::kChunk) * sizeof(float) +
+         size_t(Tr::kScratchFloats) * sizeof(float);
+}
+
+template <typename T, int kD, int kBlock>
+__global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
+    backward_cols_kernel(const __grid_constant__ BlockSparseCudaParams p, const int vec) {
+  using Tr = Traits<T, kD, kBlock>;
+  using Gemm = WarpGemm<T>;
+  constexpr int kChunk = Tr::kChunk, kLd = Tr::kLd, kNT = kChunk / 8, kDT = kD / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);  // kBlock x kD: the key block
+  T* sV = sK + kBlock * kLd;           // kBlock x kD
+  T* sQ = sV + kBlock * kLd;           // kChunk x kD: a chunk of a query block
+  T* sdO = sQ + kChunk * kLd;          // kChunk x kD
+  float* sLse = reinterpret_cast<float*>(sdO + kChunk * kLd);  // kChunk, log2 units; +inf past the end
+  float* sDelta = sLse + kChunk;                               // kChunk; 0 past the end
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float* scratch = sDelta + kChunk + warp * 16 * Tr::kScratchLd;
+
+  const BlockSparseShape& s = p.s;
+  const int64_t kb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t c0 = kb * kBlock;
+  const int cols = int(min(int64_t(kBlock), s.seq_k - c0));
+  const int64_t hl = s.layout_heads == 1 ? 0 : h;
+  const int count = min(max(p.col_count[hl * s.num_k_blocks + kb], 0), int(s.num_q_blocks));
+  const int32_t* idx = p.col_index + (hl * s.num_k_blocks + kb) * s.num_q_blocks;
+  const int64_t bh = b * s.heads + h;
+  const T* qg = bh_ptr<T>(p.q, p.q_stride, b, h);
+  const T* dog = bh_ptr<T>(p.grad_out, p.grad_out_stride, b, h);
+  const int64_t bias_off = p.bias != nullptr ? bias_offset(s, b, h) : 0;
+  const float scale2 = p.scale * kLog2e;
+
+  load_rows<T, kD, Tr::kThreads>(sK, kLd, bh_ptr<T>(p.k, p.k_stride, b, h) + c0 * p.k_stride[2], p.k_stride[2], cols,
+                                 kBlock, vec & kVecK);
+  load_rows<T, kD, Tr::kThreads>(sV, kLd, bh_ptr<T>(p.v, p.v_stride, b, h) + c0 * p.v_stride[2], p.v_stride[2], cols,
+                                 kBlock, vec & kVecV);
+  const T* sKw = sK + warp * 16 * kLd;
+  const T* sVw = sV + warp * 16 * kLd;
+  // This thread's keys (rows of the transposed score tile): block-local rows warp*16 + g and + 8.
+  int64_t key[2];
+  bool key_visible[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int local = warp * 16 + g + 8 * rr;
+    key[rr] = c0 + local;
+    key_visible[rr] = local < cols && (p.key_padding_mask == nullptr || p.key_padding_mask[b * s.seq_k + key[rr]]);
+  }
+
+  float dk[kDT][4], dv[kDT][4];
+  zero(dk);
+  zero(dv);
+  for (int e = 0; e < count; ++e) {
+    const int64_t qb = idx[e];
+    if (qb < 0 || qb >= s.num_q_blocks) continue;
+    for (int ch = 0; ch < Tr::kChunks; ++ch) {
+      const int64_t q0 = qb * kBlock + ch * kChunk;
+      if (q0 >= s.seq_q) break;
+      const int nrows = int(min(int64_t(kChunk), s.seq_q - q0));
+      __syncthreads();
+      load_rows<T, kD, Tr::kThreads>(sQ, kLd, qg + q0 * p.q_stride[2], p.q_stride[2], nrows, kChunk, vec & kVecQ);
+      load_rows<T, kD, Tr::kThreads>(sdO, kLd, dog + q0 * p.grad_out_stride[2], p.grad_out_stride[2], nrows, kChunk,
+                                     vec & kVecGradOut);
+      if (threadIdx.x < kChunk) {  // kThreads = 2 * kBlock >= kChunk
+        const int i = threadIdx.x;
+        sLse[i] = i < nrows ? p.lse[bh * s.seq_q + q0 + i] * kLog2e : kInf;
+        sDelta[i] = i < nrows ? p.delta[bh * s.seq_q + q0 + i] : 0.f;
+      }
+      __syncthreads();
+
+      float pt[kNT][4];  // Pᵀ: keys x queries
+      zero(pt);
+      Gemm::template nt<kChunk, kD>(pt, sKw, kLd, sQ, kLd);
+      float dst[kNT][4];  // dPᵀ, then dSᵀ
+      zero(dst);
+      Gemm::template nt<kChunk, kD>(dst, sVw, kLd, sdO, kLd);
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = 8 * j + 2 * t + c;
+          const int64_t q = q0 + col;
+          const float lse = sLse[col], delta = sDelta[col];
+#pragma unroll
+          for (int rr = 0; rr < 2; ++rr) {
+            const int r = 2 * rr + c;
+            const bool visible = key_visible[rr] && col < nrows;
+            float x = pt[j][r] * scale2;
+            if (visible && p.bias != nullptr)
+              x = fmaf(load_bias(p.bias, p.bias_dtype, bias_off + q * s.seq_k + key[rr]), kLog2e, x);
+            // lse = +inf (a query with no visible key) gives 0; x = -inf (a -inf bias) gives 0.
+            const float prob = visible ? exp2f(x - lse) : 0.f;
+            pt[j][r] = prob;
+            dst[j][r] = prob * (dst[j][r] - delta);
+          }
+        }
+      }
+      Gemm::template rn<kD, kChunk>(dv, pt, sdO, kLd, scratch);  // dV += Pᵀ dO
+      Gemm::template rn<kD, kChunk>(dk, dst, sQ, kLd, scratch);  // dK += dSᵀ Q
+    }
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    if (key[rr] >= s.seq_k) continue;
+    T* gk = static_cast<T*>(p.grad_k) + (bh * s.seq_k + key[rr]) * s.head_dim;
+    T* gv = static_cast<T*>(p.grad_v) + (bh * s.seq_k + key[rr]) * s.head_dim;
+#pragma unroll
+    for (int d = 0; d < kDT; ++d) {
+      gk[8 * d + 2 * t] = from_float<T>(dk[d][2 * rr] * p.scale);
+      gk[8 * d + 2 * t + 1] = from_float<T>(dk[d][2 * rr + 1] * p.scale);
+      gv[8 * d + 2 * t] = from_float<T>(dv[d][2 * rr]);
+      gv[8 * d + 2 * t + 1] = from_float<T>(dv[d][2 * rr + 1]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward, row pass: dQ and the bias gradient of one query block
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T, int kD, int kBlock>
+size_t backward_rows_smem_bytes() {
+  using Tr = Traits<T, kD, kBlock>;
+  return size_t(2 * kBlock + 2 * Tr::kChunk) * Tr::kLd * sizeof(T) + size_t(Tr::kScratchFloats) * sizeof(float);
+}
+
+// Grid (query block, head group, batch group). With grad_bias a group is a bias block (bb, hb): the CTA walks
+// b in [bb * B / Bb, (bb + 1) * B / Bb) and h over all heads (Hb = 1) or h = hb, in that order, and adds each
+// (b, h)'s dS into grad_bias. Each grad_bias element of the CTA's rows is owned by one thread (the one holding
+// that score position), so the sum is a plain read-modify-write in a fixed order. Without grad_bias a group is
+// one (b, h).
+template <typename T, int kD, int kBlock>
+__global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
+    backward_rows_kernel(const __grid_constant__ BlockSparseCudaParams p, const int vec) {
+  using Tr = Traits<T, kD, kBlock>;
+  using Gemm = WarpGemm<T>;
+  constexpr int kChunk = Tr::kChunk, kLd = Tr::kLd, kNT = kChunk / 8, kDT = kD / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // kBlock x kD: the query block
+  T* sdO = sQ + kBlock * kLd;          // kBlock x kD: its grad_out
+  T* sK = sdO + kBlock * kLd;          // kChunk x kD
+  T* sV = sK + kChunk * kLd;           // kChunk x kD
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float* scratch = reinterpret_cast<float*>(sV + kChunk * kLd) + warp * 16 * Tr::kScratchLd;
+
+  const BlockSparseShape& s = p.s;
+  const bool with_grad_bias = p.grad_bias != nullptr;
+  const int64_t head_groups = with_grad_bias ? s.bias_heads : s.heads;
+  const int64_t batch_groups = with_grad_bias ? s.bias_batch : s.batch;
+  const int64_t heads_per_group = s.heads / head_groups, batch_per_group = s.batch / batch_groups;
+  const int64_t qb = blockIdx.x, hg = blockIdx.y, bg = blockIdx.z;
+  const int64_t r0 = qb * kBlock;
+  const int rows = int(min(int64_t(kBlock), s.seq_q - r0));
+  const int64_t q_lo = r0 + warp * 16 + g;  // this thread's rows: q_lo and q_lo + 8
+  float* grad_bias = with_grad_bias ? p.grad_bias + (bg * s.bias_heads + hg) * s.seq_q * s.seq_k : nullptr;
+  const T* sQw = sQ + warp * 16 * kLd;
+  const T* sdOw = sdO + warp * 16 * kLd;
+
+  for (int64_t bi = 0; bi < batch_per_group; ++bi) {
+    for (int64_t hi = 0; hi < heads_per_group; ++hi) {
+      const int64_t b = bg * batch_per_group + bi, h = hg * heads_per_group + hi, bh = b * s.heads + h;
+      const int64_t hl = s.layout_heads == 1 ? 0 : h;
+      const int count = min(max(p.row_count[hl * s.num_q_blocks + qb], 0), int(s.num_k_blocks));
+      const int32_t* idx = p.row_index + (hl * s.num_q_blocks + qb) * s.num_k_blocks;
+      const T* kg = bh_ptr<T>(p.k, p.k_stride, b, h);
+      const T* vg = bh_ptr<T>(p.v, p.v_stride, b, h);
+      const bool* mask = p.key_padding_mask != nullptr ? p.key_padding_mask + b * s.seq_k : nullptr;
+      const int64_t bias_off = p.bias != nullptr ? bias_offset(s, b, h) : 0;
+
+      __syncthreads();  // the previous (b, h) is done with sQ, sdO, sK, sV
+      load_rows<T, kD, Tr::kThreads>(sQ, kLd, bh_ptr<T>(p.q, p.q_stride, b, h) + r0 * p.q_stride[2], p.q_stride[2],
+                                     rows, kBlock, vec & kVecQ);
+      load_rows<T, kD, Tr::kThreads>(sdO, kLd,
+                                     bh_ptr<T>(p.grad_out, p.grad_out_stride, b, h) + r0 * p.grad_out_stride[2],
+                                     p.grad_out_stride[2], rows, kBlock, vec & kVecGradOut);
+      float lse[2], delta[2];
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int64_t q = q_lo + 8 * rr;
+        lse[rr] = q < s.seq_q ? p.lse[bh * s.seq_q + q] * kLog2e : kInf;
+        delta[rr] = q < s.seq_q ? p.delta[bh * s.seq_q + q] : 0.f;
+      }
+
+      float dq[kDT][4];
+      zero(dq);
+      for (int e = 0; e < count; ++e) {
+        const int64_t kb = idx[e];
+        if (kb < 0 || kb >= s.num_k_blocks) continue;
+        for (int ch = 0; ch < Tr::kChunks; ++ch) {
+          const int64_t key0 = kb * kBlock + ch * kChunk;
+          if (key0 >= s.seq_k) break;
+          const int cols = int(min(int64_t(kChunk), s.seq_k - key0));
+          __syncthreads();
+          load_rows<T, kD, Tr::kThreads>(sK, kLd, kg + key0 * p.k_stride[2], p.k_stride[2], cols, kChunk,
+                                         vec & kVecK);
+          load_rows<T, kD, Tr::kThreads>(sV, kLd, vg + key0 * p.v_stride[2], p.v_stride[2], cols, kChunk,
+                                         vec & kVecV);
+          __syncthreads();
+
+          float ds[kNT][4];  // logits, then P, then dS
+          zero(ds);
+          Gemm::template nt<kChunk, kD>(ds, sQw, kLd, sK, kLd);
+          query_row_logits<kNT>(ds, p, mask, bias_off, q_lo, key0, cols);
+          float dp[kNT][4];
+          zero(dp);
+          Gemm::template nt<kChunk, kD>(dp, sdOw, kLd, sV, kLd);
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+              const int rr = r >> 1;
+              // x = -inf (masked) gives 0; lse = +inf (no visible key in the row) gives 0.
+              ds[j][r] = exp2f(ds[j][r] - lse[rr]) * (dp[j][r] - delta[rr]);
+            }
+          }
+          if (grad_bias != nullptr) {
+#pragma unroll
+            for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+              for (int r = 0; r < 4; ++r) {
+                const int col = 8 * j + 2 * t + (r & 1);
+                const int64_t q = q_lo + 8 * (r >> 1);
+                if (col < cols && q < s.seq_q) grad_bias[q * s.seq_k + key0 + col] += ds[j][r];
+              }
+            }
+          }
+          if (p.grad_q != nullptr) Gemm::template rn<kD, kChunk>(dq, ds, sK, kLd, scratch);  // dQ += dS K
+        }
+      }
+
+      if (p.grad_q != nullptr) {
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int64_t q = q_lo + 8 * rr;
+          if (q >= s.seq_q) continue;
+          T* gq = static_cast<T*>(p.grad_q) + (bh * s.seq_q + q) * s.head_dim;
+#pragma unroll
+          for (int d = 0; d < kDT; ++d) {
+            gq[8 * d + 2 * t] = from_float<T>(dq[d][2 * rr] * p.scale);
+            gq[8 * d + 2 * t + 1] = from_float<T>(dq[d][2 * rr + 1] * p.scale);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------------------------------------------
+
+// Opts the kernel into `bytes` of dynamic shared memory; cudaErrorInvalidValue when the device has less.
+cudaError_t set_smem(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int dev = 0, max_bytes = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  if (bytes > size_t(max_bytes)) return cudaErrorInvalidValue;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
+
+// Rows of a (B, H, N, D) view can be read 16 bytes at a time: aligned base and strides (a stride of a size-1
+// dimension never moves the pointer and is ignored).
+bool rows_aligned16(const void* ptr, const int64_t (&stride)[3], int64_t b, int64_t h, int64_t n, size_t elem) {
+  if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  const int64_t sizes[3] = {b, h, n};
+  for (int i = 0; i < 3; ++i)
+    if (sizes[i] > 1 && (stride[i] * int64_t(elem)) % 16 != 0) return false;
+  return true;
+}
+
+int vec_bits(const BlockSparseCudaParams& p, size_t elem, bool with_grad_out) {
+  const BlockSparseShape& s = p.s;
+  int bits = 0;
+  if (rows_aligned16(p.q, p.q_stride, s.batch, s.heads, s.seq_q, elem)) bits |= kVecQ;
+  if (rows_aligned16(p.k, p.k_stride, s.batch, s.heads, s.seq_k, elem)) bits |= kVecK;
+  if (rows_aligned16(p.v, p.v_stride, s.batch, s.heads, s.seq_k, elem)) bits |= kVecV;
+  if (with_grad_out && rows_aligned16(p.grad_out, p.grad_out_stride, s.batch, s.heads, s.seq_q, elem))
+    bits |= kVecGradOut;
+  return bits;
+}
+
+// Shapes the kernels index with; the binding checks the same with messages naming the argument.
+bool valid_shape(const BlockSparseCudaParams& p) {
+  const BlockSparseShape& s = p.s;
+  const int64_t bs = s.block_size;
+  if (s.batch <= 0 || s.heads <= 0 || s.seq_q <= 0 || s.seq_k <= 0 || bs <= 0) return false;
+  if (s.batch > 65535 || s.heads > 65535) return false;  // grid y, z
+  if (s.num_q_blocks != (s.seq_q + bs - 1) / bs || s.num_k_blocks != (s.seq_k + bs - 1) / bs) return false;
+  if (s.num_q_blocks > std::numeric_limits<int>::max() || s.num_k_blocks > std::numeric_limits<int>::max())
+    return false;
+  if (s.layout_heads != 1 && s.layout_heads != s.heads) return false;
+  if (p.bias != nullptr || p.grad_bias != nullptr) {
+    if (s.bias_batch <= 0 || s.batch % s.bias_batch != 0) return false;
+    if (s.bias_heads != 1 && s.bias_heads != s.heads) return false;
+  }
+  return p.q != nullptr && p.k != nullptr && p.v != nullptr && p.out != nullptr && p.lse != nullptr;
+}
+
+template <typename T, int kD, int kBlock>
+cudaError_t run_forward(const BlockSparseCudaParams& p, cudaStream_t stream) {
+  if (p.row_count == nullptr || p.row_index == nullptr) return cudaErrorInvalidValue;
+  const auto kernel = forward_kernel<T, kD, kBlock>;
+  const size_t smem = forward_smem_bytes<T, kD, kBlock>();
+  cudaError_t err = set_smem(reinterpret_cast<const void*>(kernel), smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(p.s.num_q_blocks), unsigned(p.s.heads), unsigned(p.s.batch));
+  kernel<<<grid, Traits<T, kD, kBlock>::kThreads, smem, stream>>>(p, vec_bits(p, sizeof(T), false));
+  return cudaGetLastError();
+}
+
+template <typename T, int kD, int kBlock>
+cudaError_t run_backward(const BlockSparseCudaParams& p, cudaStream_t stream) {
+  const BlockSparseShape& s = p.s;
+  const bool want_kv = p.grad_k != nullptr, want_rows = p.grad_q != nullptr || p.grad_bias != nullptr;
+  if (p.grad_out == nullptr || p.delta == nullptr || (p.grad_k == nullptr) != (p.grad_v == nullptr))
+    return cudaErrorInvalidValue;
+  if (want_kv && (p.col_count == nullptr || p.col_index == nullptr)) return cudaErrorInvalidValue;
+  if (want_rows && (p.row_count == nullptr || p.row_index == nullptr)) return cudaErrorInvalidValue;
+  if (!want_kv && !want_rows) return cudaSuccess;
+  // Both passes' shared memory is checked before anything is launched, so an unsupported size launches nothing.
+  const auto cols_kernel = backward_cols_kernel<T, kD, kBlock>;
+  const auto rows_kernel = backward_rows_kernel<T, kD, kBlock>;
+  const size_t cols_smem = backward_cols_smem_bytes<T, kD, kBlock>();
+  const size_t rows_smem = backward_rows_smem_bytes<T, kD, kBlock>();
+  cudaError_t err = cudaSuccess;
+  if (want_kv && (err = set_smem(reinterpret_cast<const void*>(cols_kernel), cols_smem)) != cudaSuccess) return err;
+  if (want_rows && (err = set_smem(reinterpret_cast<const void*>(rows_kernel), rows_smem)) != cudaSuccess) return err;
+  const int vec = vec_bits(p, sizeof(T), true);
+  constexpr int kThreads = Traits<T, kD, kBlock>::kThreads;
+
+  const int64_t num_rows = s.batch * s.heads * s.seq_q;
+  const int64_t delta_blocks = (num_rows + kDeltaThreads / 8 - 1) / (kDeltaThreads / 8);
+  if (delta_blocks > std::numeric_limits<int>::max()) return cudaErrorInvalidValue;
+  delta_kernel<T><<<unsigned(delta_blocks), kDeltaThreads, 0, stream>>>(p);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (want_kv) {
+    const dim3 grid(unsigned(s.num_k_blocks), unsigned(s.heads), unsigned(s.batch));
+    cols_kernel<<<grid, kThreads, cols_smem, stream>>>(p, vec);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  if (want_rows) {
+    const bool with_grad_bias = p.grad_bias != nullptr;
+    const dim3 grid(unsigned(s.num_q_blocks), unsigned(with_grad_bias ? s.bias_heads : s.heads),
+                    unsigned(with_grad_bias ? s.bias_batch : s.batch));
+    rows_kernel<<<grid, kThreads, rows_smem, stream>>>(p, vec);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// flash-attention style static switches: each case binds a compile-time name and calls the lambda; an unsupported
+// value returns cudaErrorInvalidValue (the binding has already named it in a TORCH_CHECK).
+#define BSA_DTYPE_SWITCH(KIND, T, ...)                     \
+  [&]() -> cudaError_t {                                   \
+    switch (KIND) {                                        \
+      case ScalarKind::kFloat32: {                         \
+        using T = float;                                   \
+        return __VA_ARGS__();                              \
+      }                                                    \
+      case ScalarKind::kFloat16: {                         \
+        using T = __half;                                  \
+        return __VA_ARGS__();                              \
+      }                                                    \
+      case ScalarKind::kBFloat16: {                        \
+        using T = __nv_bfloat16;                           \
+        return __VA_ARGS__();                              \
+      }                                                    \
+    }                                                      \
+    return cudaErrorInvalidValue;                          \
+  }()
+
+// One switch for the two power-of-two sizes, 16 / 32 / 64 / 128 (head dim and block size).
+#define BSA_SIZE_SWITCH(VALUE, NAME, ...)   \
+  [&]() -> cudaError_t {                    \
+    switch (VALUE) {                        \
+      case 16: {                            \
+        constexpr static int NAME = 16;     \
+        return __VA_ARGS__();               \
+      }                                     \
+      case 32: {                            \
+        constexpr static int NAME = 32;     \
+        return __VA_ARGS__();               \
+      }                                     \
+      case 64: {                            \
+        constexpr static int NAME = 64;     \
+        return __VA_ARGS__();               \
+      }                                     \
+      case 128: {                           \
+        constexpr static int NAME = 128;    \
+        return __VA_ARGS__();               \
+      }                                     \
+    }                                       \
+    return cudaErrorInvalidValue;           \
+  }()
+
+}  // namespace
+}  // namespace bsa
+
+namespace cuda {
+
+int forward(const BlockSparseCudaParams& p, CUstream_st* stream) {
+  if (!bsa::valid_shape(p)) return cudaErrorInvalidValue;
+  return BSA_DTYPE_SWITCH(p.dtype, T, [&] {
+    return BSA_SIZE_SWITCH(p.s.head_dim, kD, [&] {
+      return BSA_SIZE_SWITCH(p.s.block_size, kBlock, [&] { return bsa::run_forward<T, kD, kBlock>(p, stream); });
+    });
+  });
+}
+
+int backward(const BlockSparseCudaParams& p, CUstream_st* stream) {
+  if (!bsa::valid_shape(p)) return cudaErrorInvalidValue;
+  return BSA_DTYPE_SWITCH(p.dtype, T, [&] {
+    return BSA_SIZE_SWITCH(p.s.head_dim, kD, [&] {
+      return BSA_SIZE_SWITCH(p.s.block_size, kBlock, [&] { return bsa::run_backward<T, kD, kBlock>(p, stream); });
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace af2_ext
