@@ -67,7 +67,7 @@ def use_impl(impl: str) -> Iterator[None]:
         set_default_impl(previous)
 
 
-_OPS = ("block_sparse_attention_forward",)
+_OPS = ("block_sparse_attention_forward", "kv_compress_forward")
 # (op, device type) -> registered kernel? Read once: a dict lookup is something torch.compile can trace.
 _KERNELS = {
     (op, device): extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"af2_ext::{op}", key)
@@ -317,3 +317,234 @@ if extension_available():
 
     torch.library.register_autograd("af2_ext::block_sparse_attention_forward", _block_sparse_attention_backward,
                                     setup_context=_block_sparse_attention_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compressed (memory-compressed) attention
+# ----------------------------------------------------------------------------------------------------------
+
+# Without a layout the attention over the compressed keys is dense and the block size is ours to choose: 64 is
+# the CPU kernel's fastest on dense layouts (BENCHMARKS.md) and a tensor-core friendly tile on CUDA.
+DENSE_BLOCK_SIZE = 64
+
+
+def _check_kv_compress_inputs(k, v, weight, bias, ratio, check=_require) -> None:
+    """The checks the C++ binding of kv_compress makes, same messages."""
+    check(k.dim() == 4, lambda: f"k must be (B, H, Nk, D), got {_shape(k)}")
+    check(v.shape == k.shape, lambda: f"v must have k's shape {_shape(k)}, got {_shape(v)}")
+    check(k.dtype in DTYPES, lambda: f"k must be float32, float16 or bfloat16 (float64 on CPU), got {k.dtype}")
+    check(v.dtype == k.dtype, lambda: f"v must have k's dtype {k.dtype}, got {v.dtype}")
+    B, H, Nk, D = k.shape
+    check(B > 0 and H > 0 and Nk > 0, lambda: f"k must be non-empty, got {_shape(k)}")
+    check(D in HEAD_DIMS, lambda: f"head dim D (k.size(-1)) must be 16, 32, 64 or 128, got {D}")
+    check(ratio >= 1, lambda: f"ratio must be >= 1, got {ratio}")
+    check(v.device == k.device, lambda: f"v must be on k's device {k.device}, got {v.device}")
+    check(weight.is_floating_point(), lambda: f"weight must be a floating tensor, got {weight.dtype}")
+    check(weight.dim() == 3 and weight.shape[0] == H * D and weight.shape[1] == D and weight.shape[2] == ratio,
+          lambda: f"weight must be (H*D={H * D}, D={D}, ratio={ratio}), got {_shape(weight)}")
+    check(weight.device == k.device, lambda: f"weight must be on k's device {k.device}, got {weight.device}")
+    if bias is not None:
+        check(bias.is_floating_point(), lambda: f"bias must be a floating tensor, got {bias.dtype}")
+        check(bias.dim() == 1 and bias.shape[0] == H * D, lambda: f"bias must be (H*D={H * D},), got {_shape(bias)}")
+        check(bias.device == k.device, lambda: f"bias must be on k's device {k.device}, got {bias.device}")
+
+
+def _check_ratio(ratio) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, int):
+        raise TypeError(f"ratio must be an int, got {type(ratio).__name__}")
+    _require(ratio >= 1, lambda: f"ratio must be >= 1, got {ratio}")
+
+
+def kv_compress(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ratio: int,
+                *, impl: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values compressed along the sequence by the strided grouped convolution of memory-compressed
+    attention, ``Conv1d(H*D, H*D, kernel_size=ratio, stride=ratio, groups=H)``, in one fused kernel.
+
+    The sequence is treated as zero-padded at the end to a multiple of ``ratio`` (nothing is copied).
+
+    Args:
+        k, v: (B, H, Nk, D); fp32, fp16 or bf16 (fp64 on CPU); D in {16, 32, 64, 128}.
+        weight: (H*D, D, ratio), the convolution's weight (channel h*D + d is head h, dim d); any float dtype.
+        bias: (H*D,) or None.
+        ratio: kernel size and stride, >= 1.
+        impl: "auto" | "kernel" | "reference".
+
+    Returns:
+        kc, vc: (B, H, ceil(Nk / ratio), D) in k's dtype (fp32 accumulation). Differentiable in k, v, weight
+        and bias, with deterministic gradients.
+    """
+    for name, t in (("k", k), ("v", v), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_ratio(ratio)
+    _check_kv_compress_inputs(k, v, weight, bias, ratio)
+    if not _use_kernel("kv_compress_forward", k.device, impl):
+        kc, vc = reference.kv_compress_ref(k, v, weight, bias, ratio)
+        return kc.to(k.dtype), vc.to(k.dtype)
+    kc, vc = torch.ops.af2_ext.kv_compress_forward.default(k, v, weight, bias, ratio)
+    return kc, vc
+
+
+def compress_key_padding_mask(key_padding_mask: torch.Tensor, ratio: int) -> torch.Tensor:
+    """(B, Nk) keep mask -> (B, ceil(Nk / ratio)): a compressed position is kept when any of its ``ratio``
+    inputs is kept; one whose inputs are all padding (or past Nk) is masked."""
+    batch, seq = key_padding_mask.shape
+    pad = (-seq) % ratio
+    if pad:
+        key_padding_mask = torch.cat([key_padding_mask, key_padding_mask.new_zeros(batch, pad)], dim=1)
+    return key_padding_mask.view(batch, -1, ratio).any(dim=-1)  # [b, Nc]
+
+
+# (num query blocks, num key blocks, device) -> the all-True layout: one tensor per shape, so that its block
+# index is built once (see _cached_layout_index).
+_DENSE_LAYOUTS: dict = {}
+
+
+def _dense_layout(num_q_blocks: int, num_k_blocks: int, device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ones(1, num_q_blocks, num_k_blocks, dtype=torch.bool, device=device)
+    key = (num_q_blocks, num_k_blocks, str(device))
+    layout = _DENSE_LAYOUTS.get(key)
+    if layout is None:
+        if len(_DENSE_LAYOUTS) > 64:
+            _DENSE_LAYOUTS.clear()
+        layout = _DENSE_LAYOUTS[key] = torch.ones(1, num_q_blocks, num_k_blocks, dtype=torch.bool, device=device)
+    return layout
+
+
+def _check_compressed(q, k, v, ratio, weight, bias, key_padding_mask, layout, block_size) -> int:
+    """Checks of compressed_attention's arguments; returns the compressed length Nc."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_ratio(ratio)
+    _check_attention_inputs(q, k, v, block_size, key_padding_mask, None)
+    if ratio == 1:
+        _require(weight is None and bias is None,
+                 lambda: "weight and bias must be None when ratio == 1 (ratio 1 is plain attention, no convolution)")
+    else:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor when ratio > 1, got {type(weight).__name__}")
+        _check_kv_compress_inputs(k, v, weight, bias, ratio)
+    H, Nq, Nc = q.shape[1], q.shape[2], -(-k.shape[2] // ratio)
+    if layout is not None:
+        if not isinstance(layout, torch.Tensor):
+            raise TypeError(f"layout must be a torch.Tensor or None, got {type(layout).__name__}")
+        nqb, nkb = -(-Nq // block_size), -(-Nc // block_size)
+        _require(layout.dtype == torch.bool, lambda: f"layout must be a bool tensor, got {layout.dtype}")
+        _require(layout.dim() == 3 and layout.shape[0] in (1, H) and layout.shape[1] == nqb
+                 and layout.shape[2] == nkb,
+                 lambda: f"layout must be (1 or H={H}, ceil(Nq/block_size)={nqb}, ceil(Nc/block_size)={nkb}) over "
+                         f"the Nc=ceil(Nk/ratio)={Nc} compressed keys, got {_shape(layout)}")
+        _require(layout.device == q.device, lambda: f"layout must be on q's device {q.device}, got {layout.device}")
+    return Nc
+
+
+def compressed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ratio: int,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor] = None,
+    *,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    layout: Optional[torch.Tensor] = None,
+    block_size: int = 16,
+    scale: Optional[float] = None,
+    impl: Optional[str] = None,
+) -> torch.Tensor:
+    """Memory-compressed attention (Liu et al. 2018), never materialising the Nq x Nk/ratio logits.
+
+    Keys and values are compressed by ``Conv1d(H*D, H*D, kernel_size=ratio, stride=ratio, groups=H)``
+    (:func:`kv_compress`, one fused kernel), then attended by the block-sparse flash kernels.
+
+    Args:
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D), projected and uncompressed. fp32, fp16 or bf16 (fp64 on CPU);
+            D in {16, 32, 64, 128}.
+        ratio: compression ratio >= 1; 1 is plain attention (no convolution; weight and bias must be None).
+            The context is treated as zero-padded at the end to a multiple of ratio, without a copy.
+        weight: (H*D, D, ratio) convolution weight, shared by keys and values; bias: (H*D,) or None.
+        key_padding_mask: bool (B, Nk), True = keep. A compressed position is kept when any of its ``ratio``
+            inputs is kept; one with no kept input is masked.
+        layout: bool (H or 1, ceil(Nq / block_size), ceil(ceil(Nk / ratio) / block_size)) over query blocks x
+            compressed key blocks (block-sparse cross-attention), or None for dense attention.
+        block_size: the block size of ``layout`` (16, 32, 64 or 128). Without a layout the op tiles with
+            :data:`DENSE_BLOCK_SIZE` whatever this says (the result does not depend on the tiling).
+        scale: logit scale, default D ** -0.5.
+        impl: "auto" | "kernel" | "reference"; None uses the process default (:func:`set_default_impl`).
+
+    Returns:
+        (B, H, Nq, D) in q's dtype; a query row with no visible compressed key is zero, with zero gradients.
+        Differentiable in q, k, v, weight and bias, with deterministic gradients.
+    """
+    num_compressed = _check_compressed(q, k, v, ratio, weight, bias, key_padding_mask, layout, block_size)
+    if not _use_kernel("kv_compress_forward", q.device, impl):
+        return reference.compressed_attention_ref(q, k, v, ratio, weight, bias, key_padding_mask=key_padding_mask,
+                                                  layout=layout, block_size=block_size, scale=scale)
+    if ratio == 1:
+        kc, vc, mask = k, v, key_padding_mask
+    else:
+        kc, vc = torch.ops.af2_ext.kv_compress_forward.default(k, v, weight, bias, ratio)
+        mask = None if key_padding_mask is None else compress_key_padding_mask(key_padding_mask, ratio)
+    if layout is None:
+        block_size = DENSE_BLOCK_SIZE
+        layout = _dense_layout(-(-q.shape[2] // block_size), -(-num_compressed // block_size), q.device)
+    return block_sparse_attention(q, kc, vc, layout, block_size=block_size, key_padding_mask=mask, scale=scale,
+                                  impl="kernel")
+
+
+if extension_available():
+
+    @torch.library.register_fake("af2_ext::kv_compress_forward")
+    def _kv_compress_forward_fake(k, v, weight, bias, ratio):
+        _check_kv_compress_inputs(k, v, weight, bias, ratio, check=torch._check)
+        B, H, Nk, D = k.shape
+        shape = (B, H, -(-Nk // ratio), D)
+        return k.new_empty(shape), k.new_empty(shape)
+
+    @torch.library.register_fake("af2_ext::kv_compress_backward")
+    def _kv_compress_backward_fake(grad_kc, grad_vc, k, v, weight, bias, ratio, output_mask):
+        _check_kv_compress_inputs(k, v, weight, bias, ratio, check=torch._check)
+        B, H, Nk, D = k.shape
+        shape = (B, H, -(-Nk // ratio), D)
+        torch._check(grad_kc.shape == shape and grad_vc.shape == shape,
+                     lambda: f"grad_kc and grad_vc must be (B, H, Nc, D) = {shape}, got {_shape(grad_kc)} and "
+                             f"{_shape(grad_vc)}")
+
+        def grad(wanted, like):
+            return torch.empty_like(like) if wanted and like is not None else k.new_empty((0,))
+
+        return (grad(output_mask[0], k), grad(output_mask[1], v), grad(output_mask[2], weight),
+                grad(output_mask[3], bias))
+
+    def _kv_compress_setup_context(ctx, inputs, output):
+        k, v, weight, bias, ratio = inputs
+        ctx.ratio = ratio
+        ctx.has_bias = bias is not None
+        needs_input = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        needs_weight = ctx.needs_input_grad[2]
+        # grad k, v need the weight; grad weight needs k and v; grad bias needs neither (shapes only).
+        ctx.save_for_backward(k if needs_weight else None, v if needs_weight else None,
+                              weight if needs_input else None, bias)
+        ctx.shapes = (k.shape, k.dtype, weight.shape, weight.dtype)
+
+    def _kv_compress_backward(ctx, grad_kc, grad_vc):
+        k, v, weight, bias = ctx.saved_tensors
+        k_shape, k_dtype, w_shape, w_dtype = ctx.shapes
+        # The backward op reads what it needs; stand-ins for the rest carry only shapes (never read).
+        if k is None:
+            k = v = grad_kc.new_zeros(()).expand(k_shape)
+        if weight is None:
+            weight = grad_kc.new_zeros((), dtype=w_dtype).expand(w_shape)
+        grad_kc = grad_kc if grad_kc is not None else torch.zeros_like(grad_vc)
+        grad_vc = grad_vc if grad_vc is not None else torch.zeros_like(grad_kc)
+        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2],
+                  ctx.has_bias and ctx.needs_input_grad[3]]
+        grad_k, grad_v, grad_weight, grad_bias = torch.ops.af2_ext.kv_compress_backward.default(
+            grad_kc, grad_vc, k, v, weight, bias, ctx.ratio, wanted)
+        return (grad_k if wanted[0] else None, grad_v if wanted[1] else None, grad_weight if wanted[2] else None,
+                grad_bias if wanted[3] else None, None)
+
+    torch.library.register_autograd("af2_ext::kv_compress_forward", _kv_compress_backward,
+                                    setup_context=_kv_compress_setup_context)

@@ -56,3 +56,74 @@ def block_sparse_attention_ref(
     logits = logits.masked_fill(~visible, torch.finfo(compute).min)
     probs = torch.softmax(logits, dim=-1).masked_fill(~visible, 0.0)
     return torch.matmul(probs, v.to(compute)).to(q.dtype)
+
+
+def kv_compress_ref(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values compressed by ``conv1d(weight, bias, stride=ratio, groups=H)`` after an explicit zero pad
+    of the sequence to a multiple of ``ratio``, in fp32 (fp64 for fp64 inputs).
+
+    Args:
+        k, v: (B, H, Nk, D). weight: (H*D, D, ratio). bias: (H*D,) or None.
+
+    Returns:
+        kc, vc: (B, H, ceil(Nk / ratio), D) in the compute dtype.
+    """
+    compute = torch.float64 if k.dtype == torch.float64 else torch.float32
+    batch, heads, seq, dim = k.shape
+    pad = (-seq) % ratio
+    weight = weight.to(compute)
+    bias = None if bias is None else bias.to(compute)
+
+    def compress(x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.pad(x.to(compute), (0, 0, 0, pad))  # [b, h, Nk + pad, d]
+        x = x.permute(0, 1, 3, 2).reshape(batch, heads * dim, seq + pad)  # [b, (h d), n]
+        y = torch.nn.functional.conv1d(x, weight, bias, stride=ratio, groups=heads)  # [b, (h d), Nc]
+        return y.reshape(batch, heads, dim, -1).permute(0, 1, 3, 2)  # [b, h, Nc, d]
+
+    return compress(k), compress(v)
+
+
+def compressed_key_padding_mask_ref(key_padding_mask: torch.Tensor, ratio: int) -> torch.Tensor:
+    """(B, Nk) keep mask -> (B, ceil(Nk / ratio)) by max-pooling windows of ``ratio``: a compressed position is
+    kept when any of its inputs is kept (the zero padding past Nk is never kept)."""
+    pad = (-key_padding_mask.shape[-1]) % ratio
+    keep = torch.nn.functional.pad(key_padding_mask.float(), (0, pad))  # [b, Nk + pad]
+    return torch.nn.functional.max_pool1d(keep.unsqueeze(1), ratio, ratio).squeeze(1) > 0
+
+
+def compressed_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ratio: int,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor] = None,
+    *,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    layout: Optional[torch.Tensor] = None,
+    block_size: int = 16,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Memory-compressed attention the explicit way: pad, ``conv1d``, pool the mask, dense attention in fp32;
+    same contract as :func:`af2_ext.ops.compressed_attention`. Materialises the Nq x ceil(Nk / ratio) logits.
+
+    Args:
+        q: (B, H, Nq, D). k, v: (B, H, Nk, D), uncompressed.
+        ratio: compression ratio; 1 = plain attention (weight and bias must be None).
+        weight: (H*D, D, ratio). bias: (H*D,) or None.
+        key_padding_mask: bool (B, Nk), True = keep.
+        layout: bool (H or 1, ceil(Nq / block_size), ceil(Nc / block_size)) over compressed key blocks, or
+            None for dense attention.
+
+    Returns:
+        (B, H, Nq, D) in q's dtype.
+    """
+    if ratio == 1:
+        kc, vc, mask = k, v, key_padding_mask
+    else:
+        kc, vc = kv_compress_ref(k, v, weight, bias, ratio)
+        mask = None if key_padding_mask is None else compressed_key_padding_mask_ref(key_padding_mask, ratio)
+    if layout is None:
+        layout = layouts.dense(layouts.num_blocks(q.shape[2], block_size), layouts.num_blocks(kc.shape[2], block_size))
+    return block_sparse_attention_ref(q, kc, vc, layout, block_size=block_size, key_padding_mask=mask, scale=scale)

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "block_sparse_attention/block_sparse_attention.h"
+#include "compressed_attention/compressed_attention.h"
 
 extern "C" {
 // Importing af2_ext._C runs the static TORCH_LIBRARY registrations; the module itself holds nothing.
@@ -27,6 +28,14 @@ TORCH_LIBRARY(af2_ext, m) {
       "Tensor lse, Tensor row_count, Tensor row_index, Tensor col_count, Tensor col_index, int block_size, "
       "Tensor? key_padding_mask, Tensor? bias, float scale, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Key/value compression of memory-compressed attention (see compressed_attention.h): returns (kc, vc),
+  // (B, H, ceil(Nk / ratio), D) in k's dtype. weight (H*D, D, ratio) and bias (H*D) may be any floating dtype.
+  m.def("kv_compress_forward(Tensor k, Tensor v, Tensor weight, Tensor? bias, int ratio) -> (Tensor, Tensor)");
+  // Returns (grad_k, grad_v, grad_weight, grad_bias) in the dtypes of k, v, weight and bias; a gradient whose
+  // output_mask entry is false (or grad_bias without a bias) comes back as an empty tensor.
+  m.def(
+      "kv_compress_backward(Tensor grad_kc, Tensor grad_vc, Tensor k, Tensor v, Tensor weight, Tensor? bias, "
+      "int ratio, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   // The instruction set the CPU kernels run with on this machine: "avx512", "avx2" or "generic".
   m.def("cpu_isa() -> str", []() { return std::string(af2_ext::cpu::isa_name()); });
 }

@@ -228,3 +228,31 @@ def oracle_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the fp32-math reference runs in to judge an op in ``dtype``: fp64 for fp32 and fp64 (so the
     fp32 tolerance measures the op, not the oracle's own rounding), fp32 for fp16/bf16 (the rule's ref_fp32)."""
     return torch.float32 if dtype in LOW_PRECISION else torch.float64
+
+
+def compressed_attention_lowp(q, k, v, ratio, weight, bias=None, *, key_padding_mask=None, layout=None,
+                              block_size=16, scale=None) -> torch.Tensor:
+    """Memory-compressed attention computed in q's dtype: convolution, mask pooling and attention all rounded
+    to it (the reference does the same math in fp32)."""
+    dtype = q.dtype
+    batch, heads, seq, dim = k.shape
+    if ratio == 1:
+        kc, vc, mask = k, v, key_padding_mask
+    else:
+        pad = (-seq) % ratio
+
+        def compress(x):
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad)).permute(0, 1, 3, 2).reshape(batch, heads * dim, -1)
+            y = torch.nn.functional.conv1d(x, weight.to(dtype), None if bias is None else bias.to(dtype),
+                                           stride=ratio, groups=heads)
+            return y.reshape(batch, heads, dim, -1).permute(0, 1, 3, 2)
+
+        kc, vc = compress(k), compress(v)
+        mask = None
+        if key_padding_mask is not None:
+            padded = torch.nn.functional.pad(key_padding_mask, (0, pad), value=False)
+            mask = padded.view(batch, -1, ratio).any(-1)
+    if layout is None:
+        layout = layouts.dense(layouts.num_blocks(q.shape[2], block_size), layouts.num_blocks(kc.shape[2], block_size))
+    return block_sparse_attention_lowp(q, kc, vc, layout.to(q.device), block_size=block_size, key_padding_mask=mask,
+                                       scale=scale)
