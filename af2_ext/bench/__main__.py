@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "attention": ("af2_ext.bench.attention", "block-sparse attention vs dense SDPA, FlexAttention, reference"),
+    "cross": ("af2_ext.bench.cross", "compressed cross-attention vs the materialising reference"),
 }
 
 

@@ -102,7 +102,8 @@ def child_peak_rss_mib(fn: Callable[[], object], warmup: Callable[[], object]) -
     """Peak resident memory that one ``fn()`` adds, measured inside a fresh child process.
 
     Where Linux lets us reset the high-water mark, ``warmup()`` runs first (compilation, lazy init) and the
-    peak is VmHWM - VmRSS around ``fn()``. Elsewhere ``warmup`` is skipped and the increase of
+    peak is VmHWM - VmRSS around ``fn()``; ``process_peak_mib`` is the whole process's high-water mark
+    during ``fn()`` (interpreter, torch and the inputs included). Elsewhere ``warmup`` is skipped and the increase of
     ``ru_maxrss`` is used, which a compile step would swamp. The parent starts the child with a fixed glibc
     mmap threshold (see :func:`run_child`) so freed tensors go back to the OS instead of being reused unseen.
     """
@@ -112,11 +113,13 @@ def child_peak_rss_mib(fn: Callable[[], object], warmup: Callable[[], object]) -
         fn()
         peak = _proc_status_kib("VmHWM")
         if before is not None and peak is not None:
-            return {"peak_mib": max(peak - before, 0) / 1024, "method": "VmHWM - VmRSS after warmup"}
+            return {"peak_mib": max(peak - before, 0) / 1024, "process_peak_mib": peak / 1024,
+                    "method": "VmHWM - VmRSS after warmup"}
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_mib": max(after - before, 0) / 1024, "method": "ru_maxrss increase (includes warmup)"}
+    return {"peak_mib": max(after - before, 0) / 1024, "process_peak_mib": after / 1024,
+            "method": "ru_maxrss increase (includes warmup)"}
 
 
 def run_child(code: str, payload: dict, *, threads: int, timeout_s: float = 600.0) -> dict:
