@@ -67,7 +67,7 @@ def use_impl(impl: str) -> Iterator[None]:
         set_default_impl(previous)
 
 
-_OPS = ("block_sparse_attention_forward", "kv_compress_forward")
+_OPS = ("block_sparse_attention_forward", "kv_compress_forward", "coupling_forward_")
 # (op, device type) -> registered kernel? Read once: a dict lookup is something torch.compile can trace.
 _KERNELS = {
     (op, device): extension_available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"af2_ext::{op}", key)
@@ -548,3 +548,67 @@ if extension_available():
 
     torch.library.register_autograd("af2_ext::kv_compress_forward", _kv_compress_backward,
                                     setup_context=_kv_compress_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused coupling steps of reversible recompute (af2_ext.reversible)
+# ----------------------------------------------------------------------------------------------------------
+
+COUPLING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_coupling_pair(dst, src, dst_name, src_name, check=_require) -> None:
+    """The checks of the C++ bindings of the coupling ops, same messages."""
+    check(dst.dtype in COUPLING_DTYPES,
+          lambda: f"{dst_name} must be float32, float16 or bfloat16 (float64 on CPU), got {dst.dtype}")
+    check(dst.is_contiguous(), lambda: f"{dst_name} must be contiguous (it is updated in place)")
+    check(src.shape == dst.shape, lambda: f"{src_name} must have {dst_name}'s shape {_shape(dst)}, got {_shape(src)}")
+    check(src.dtype in (dst.dtype, torch.float32, torch.float16, torch.bfloat16),
+          lambda: f"{src_name} must have {dst_name}'s dtype {dst.dtype} or be float32, float16 or bfloat16, "
+                  f"got {src.dtype}")
+    check(src.device == dst.device,
+          lambda: f"{src_name} must be on {dst_name}'s device {dst.device}, got {src.device}")
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def coupling_forward_(x: torch.Tensor, f: torch.Tensor, *, impl: Optional[str] = None) -> torch.Tensor:
+    """``x += f`` in place (a reversible coupling's forward, ``y = x + f``) with fp32 arithmetic for fp16/bf16
+    storage; ``f`` of x's shape, in x's dtype or fp32/fp16/bf16 (never rounded before the add). x must be
+    contiguous. Not differentiable (it runs inside the reversible autograd function). Returns x."""
+    _check_coupling_pair(x, f, "x", "f")
+    if _use_kernel("coupling_forward_", x.device, impl):
+        torch.ops.af2_ext.coupling_forward_.default(x, f)
+    else:
+        x.copy_(x.to(_opmath(x.dtype)) + f.to(_opmath(x.dtype)))
+    return x
+
+
+def coupling_backward_(y: torch.Tensor, f: torch.Tensor, grad: torch.Tensor, vjp: torch.Tensor, *,
+                       impl: Optional[str] = None) -> None:
+    """In one pass: ``y -= f`` (rebuild a coupling's target input from its output) and ``grad += vjp``
+    (accumulate the gradient of the coupling's input half), both in place with fp32 arithmetic for fp16/bf16
+    storage. ``f`` / ``vjp`` in the buffer's dtype or fp32/fp16/bf16; y and grad contiguous and distinct."""
+    _check_coupling_pair(y, f, "y", "f")
+    _check_coupling_pair(grad, vjp, "grad", "vjp")
+    _require(grad.device == y.device, lambda: f"grad must be on y's device {y.device}, got {grad.device}")
+    _require(grad is not y, lambda: "grad and y must be different tensors")
+    if _use_kernel("coupling_forward_", y.device, impl):
+        torch.ops.af2_ext.coupling_backward_.default(y, f, grad, vjp)
+    else:
+        y.copy_(y.to(_opmath(y.dtype)) - f.to(_opmath(y.dtype)))
+        grad.copy_(grad.to(_opmath(grad.dtype)) + vjp.to(_opmath(grad.dtype)))
+
+
+if extension_available():
+
+    @torch.library.register_fake("af2_ext::coupling_forward_")
+    def _coupling_forward_fake(x, f):
+        _check_coupling_pair(x, f, "x", "f", check=torch._check)
+
+    @torch.library.register_fake("af2_ext::coupling_backward_")
+    def _coupling_backward_fake(y, f, grad, vjp):
+        _check_coupling_pair(y, f, "y", "f", check=torch._check)
+        _check_coupling_pair(grad, vjp, "grad", "vjp", check=torch._check)

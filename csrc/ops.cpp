@@ -36,6 +36,10 @@ TORCH_LIBRARY(af2_ext, m) {
   m.def(
       "kv_compress_backward(Tensor grad_kc, Tensor grad_vc, Tensor k, Tensor v, Tensor weight, Tensor? bias, "
       "int ratio, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Fused coupling steps of reversible recompute (see reversible/reversible.h), in place: x += f; and
+  // y -= f with grad += vjp in one pass. f and vjp may be in the buffer's dtype or float32.
+  m.def("coupling_forward_(Tensor(a!) x, Tensor f) -> ()");
+  m.def("coupling_backward_(Tensor(a!) y, Tensor f, Tensor(b!) grad, Tensor vjp) -> ()");
   // The instruction set the CPU kernels run with on this machine: "avx512", "avx2" or "generic".
   m.def("cpu_isa() -> str", []() { return std::string(af2_ext::cpu::isa_name()); });
 }

@@ -1,0 +1,283 @@
+"""Reversible recompute (RevNet, Gomez et al. 2017): a trunk whose activation memory does not grow with depth.
+
+The state is a tuple of *halves* (tensors); the trunk has four, the two halves of the pair stream ``x`` and of
+the MSA stream ``m``. A :class:`Coupling` adds a function of some halves to another one,
+``halves[target] += fn(*halves[inputs], **context)``, and never reads its own target, so it can be undone:
+``halves[target] -= fn(*halves[inputs])``. A block is a list of couplings; the seed's layer is
+
+    x1 += f(x2)   x2 += g(x1)   m1 += j(m2)   m2 += k(m1)          (and cross blocks whose f reads m2, ...)
+
+:class:`ReversibleSequence` runs the couplings under one autograd function that stores only the final halves
+(and each coupling's RNG state); its backward walks the couplings in reverse: recompute ``fn`` with grad
+enabled and the forward's RNG state restored, rebuild the target in place, back-propagate, free. Memory is
+one set of halves plus one coupling's activations, whatever the depth. :class:`SequentialSequence` runs the
+same couplings through ordinary autograd (every activation stored); the trunk switches with one flag.
+
+The coupling arithmetic runs in the fused kernels ``af2_ext.ops.coupling_forward_`` (``y = x + f``, in place)
+and ``coupling_backward_`` (``x = y - f`` and ``grad_other += vjp`` in one pass), fp32 arithmetic for fp16/bf16
+storage.
+
+Deliberate differences from the seed (alphafold2-pytorch 0.0.19): any number of streams, with or without the
+MSA (absent halves are ``None`` and the couplings that touch them are skipped); the per-call ``context``
+(masks, the MSA row structure) is passed identically to the forward and to the recompute, where the seed's
+recompute dropped the MSA shape; parameters get their gradients through autograd (``torch.autograd.grad`` and
+hooks see them), not by a side-effect ``backward`` call.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from af2_ext import ops
+
+Halves = tuple[Optional[torch.Tensor], ...]
+
+
+class Coupling(nn.Module):
+    """``halves[target] += fn(*(halves[i] for i in inputs), **context)``.
+
+    Args:
+        fn: a module (its parameters are trained through the coupling). Must not read ``halves[target]``, must
+            return a tensor of the target's shape, and must be deterministic given the RNG state (dropout is).
+        target: index of the half it updates.
+        inputs: indices of the halves it reads; ``target`` must not be among them.
+    """
+
+    def __init__(self, fn: nn.Module, target: int, inputs: Sequence[int]):
+        super().__init__()
+        inputs = tuple(int(i) for i in inputs)
+        if target in inputs:
+            raise ValueError(f"a coupling cannot read its own target: target={target}, inputs={inputs}")
+        if not inputs:
+            raise ValueError("a coupling needs at least one input half")
+        self.fn, self.target, self.inputs = fn, int(target), inputs
+
+    def extra_repr(self) -> str:
+        return f"target={self.target}, inputs={self.inputs}"
+
+    def active(self, halves: Halves) -> bool:
+        """False when a half it touches is absent (None): e.g. the MSA couplings of a call without an MSA."""
+        return halves[self.target] is not None and all(halves[i] is not None for i in self.inputs)
+
+    def compute(self, halves: Halves, context: dict) -> torch.Tensor:
+        out = self.fn(*(halves[i] for i in self.inputs), **context)
+        target = halves[self.target]
+        if out.shape != target.shape:
+            raise RuntimeError(f"coupling {self.fn.__class__.__name__} returned shape {tuple(out.shape)} for target "
+                               f"half {self.target} of shape {tuple(target.shape)}")
+        return out
+
+
+def _couplings(blocks: Iterable) -> list[Coupling]:
+    flat = []
+    for block in blocks:
+        if isinstance(block, Coupling):
+            flat.append(block)
+        else:
+            flat.extend(_couplings(block))
+    return flat
+
+
+def _check_halves(halves: Sequence, num_halves: int) -> None:
+    if len(halves) != num_halves:
+        raise ValueError(f"expected {num_halves} halves (None for an absent one), got {len(halves)}")
+    present = [h for h in halves if h is not None]
+    if not present:
+        raise ValueError("every half is None")
+    for i, h in enumerate(halves):
+        if h is not None and not isinstance(h, torch.Tensor):
+            raise TypeError(f"half {i} must be a tensor or None, got {type(h).__name__}")
+        if h is not None and h.device != present[0].device:
+            raise ValueError(f"half {i} is on {h.device}, half 0 on {present[0].device}")
+
+
+def _check_context(context: dict) -> None:
+    for name, value in context.items():
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            raise ValueError(f"context argument {name!r} requires grad: the per-call context is not "
+                             "differentiated through the reversible recompute; pass it as a half instead")
+
+
+class _Sequence(nn.Module):
+    def __init__(self, blocks: Iterable, num_halves: int):
+        super().__init__()
+        self.couplings = nn.ModuleList(_couplings(blocks))
+        self.num_halves = int(num_halves)
+        for c in self.couplings:
+            bad = [i for i in (c.target, *c.inputs) if not 0 <= i < self.num_halves]
+            if bad:
+                raise ValueError(f"coupling {c} refers to half {bad[0]}, but there are {self.num_halves} halves")
+
+
+class SequentialSequence(_Sequence):
+    """The couplings run through ordinary autograd (every activation stored). Same interface as
+    :class:`ReversibleSequence`.
+
+    Args:
+        blocks: couplings, or lists of couplings (one list per block).
+        num_halves: the number of halves of the state.
+    """
+
+    def forward(self, *halves: Optional[torch.Tensor], **context: Any) -> Halves:
+        _check_halves(halves, self.num_halves)
+        state = list(halves)
+        for c in self.couplings:
+            if c.active(state):
+                state[c.target] = state[c.target] + c.compute(tuple(state), context)
+        return tuple(state)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RNG state: captured before each coupling's forward, replayed in its recompute
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cuda_devices(halves: Halves) -> list[int]:
+    return sorted({h.device.index if h.device.index is not None else torch.cuda.current_device()
+                   for h in halves if h is not None and h.device.type == "cuda"})
+
+
+def _capture_rng(devices: list[int]) -> tuple:
+    cuda = [torch.cuda.get_rng_state(d) for d in devices]
+    return torch.get_rng_state(), cuda
+
+
+def _capture_autocast() -> list[tuple[str, bool, torch.dtype]]:
+    return [(device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")]
+
+
+@contextlib.contextmanager
+def _replay_autocast(state: list[tuple[str, bool, torch.dtype]]):
+    """The forward's autocast settings around the recompute (backward runs outside the caller's autocast)."""
+    with contextlib.ExitStack() as stack:
+        for device, enabled, dtype in state:
+            if enabled or torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+        yield
+
+
+@contextlib.contextmanager
+def _replay_rng(state: Optional[tuple], devices: list[int]):
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        for device, cuda_state in zip(devices, state[1]):
+            torch.cuda.set_rng_state(cuda_state, device)
+        yield
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sequence: "ReversibleSequence", context: dict, present: tuple, *args):
+        num = len(present)
+        inputs, params = args[:num], args[num:]
+        state: list = [None] * sequence.num_halves
+        for slot, h in zip(present, inputs):
+            state[slot] = h.detach().contiguous().clone()  # the working buffers the couplings update in place
+        devices = _cuda_devices(tuple(state))
+        rng = []
+        with torch.no_grad():
+            for c in sequence.couplings:
+                if not c.active(state):
+                    rng.append(None)
+                    continue
+                rng.append(_capture_rng(devices) if sequence.preserve_rng_state else None)
+                ops.coupling_forward_(state[c.target], c.compute(tuple(state), context))
+        outputs = tuple(state[slot] for slot in present)
+        ctx.sequence, ctx.context, ctx.present, ctx.rng, ctx.devices = sequence, context, present, rng, devices
+        ctx.autocast = _capture_autocast()
+        ctx.param_index = {id(p): i for i, p in enumerate(params)}
+        ctx.num_params = len(params)
+        ctx.save_for_backward(*outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        sequence, context, present = ctx.sequence, ctx.context, ctx.present
+        saved = ctx.saved_tensors
+        state: list = [None] * sequence.num_halves
+        grads: list = [None] * sequence.num_halves
+        for slot, out, g in zip(present, saved, grad_outputs):
+            state[slot] = out.detach().clone()  # rebuilt in place below; the caller's outputs stay intact
+            grads[slot] = torch.zeros_like(out) if g is None else g.detach().contiguous().clone()
+        param_grads: list = [None] * ctx.num_params
+        for c, rng in zip(reversed(sequence.couplings), reversed(ctx.rng)):
+            if not c.active(state):
+                continue
+            leaves = [state[i].detach().requires_grad_() for i in c.inputs]
+            view = list(state)
+            for i, leaf in zip(c.inputs, leaves):
+                view[i] = leaf
+            params = [p for p in c.fn.parameters() if id(p) in ctx.param_index]
+            with torch.enable_grad(), _replay_rng(rng, ctx.devices), _replay_autocast(ctx.autocast):
+                out = c.compute(tuple(view), context)
+            vjp = torch.autograd.grad(out, leaves + params, grads[c.target], allow_unused=True)
+            out = out.detach()
+            # Fused: rebuild the target's input (y - f) and accumulate the first input's gradient.
+            first = vjp[0] if vjp[0] is not None else torch.zeros_like(grads[c.inputs[0]])
+            ops.coupling_backward_(state[c.target], out, grads[c.inputs[0]], first)
+            for i, g in zip(c.inputs[1:], vjp[1:len(leaves)]):
+                if g is not None:
+                    ops.coupling_forward_(grads[i], g)
+            for p, g in zip(params, vjp[len(leaves):]):
+                if g is not None:
+                    k = ctx.param_index[id(p)]
+                    param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
+            del leaves, view, out, vjp
+        return (None, None, None, *(grads[slot] for slot in present), *param_grads)
+
+
+class ReversibleSequence(_Sequence):
+    """Reversible couplings: activation memory independent of depth (one extra forward in the backward).
+
+    Args:
+        blocks: couplings, or lists of couplings (one list per block), applied in order.
+        num_halves: the number of halves of the state.
+        preserve_rng_state: capture each coupling's CPU (and CUDA) RNG state in the forward and replay it in
+            the recompute, so dropout masks are bit-identical (default True).
+
+    Call with the halves (``None`` for an absent one) and keyword context passed to every coupling's function
+    (masks, shapes; not differentiated). Returns the new halves. Outside autograd (no input or parameter
+    requires grad, or grad disabled) it runs the couplings directly, in place on copies of the halves.
+    """
+
+    def __init__(self, blocks: Iterable, num_halves: int, *, preserve_rng_state: bool = True):
+        super().__init__(blocks, num_halves)
+        self.preserve_rng_state = preserve_rng_state
+
+    def forward(self, *halves: Optional[torch.Tensor], **context: Any) -> Halves:
+        _check_halves(halves, self.num_halves)
+        _check_context(context)
+        present = tuple(i for i, h in enumerate(halves) if h is not None)
+        params = tuple(p for p in self.parameters() if p.requires_grad)
+        needs_grad = torch.is_grad_enabled() and (any(halves[i].requires_grad for i in present) or params)
+        if not needs_grad:
+            state = [None if h is None else h.detach().contiguous().clone() for h in halves]
+            with torch.no_grad():
+                for c in self.couplings:
+                    if c.active(state):
+                        ops.coupling_forward_(state[c.target], c.compute(tuple(state), context))
+            return tuple(state)
+        outputs = _ReversibleFunction.apply(self, context, present, *(halves[i] for i in present), *params)
+        state: list = [None] * self.num_halves
+        for slot, out in zip(present, outputs):
+            state[slot] = out
+        return tuple(state)
+
+    @torch.no_grad()
+    def inverse(self, *halves: Optional[torch.Tensor], **context: Any) -> Halves:
+        """Rebuild the inputs from the outputs by undoing the couplings in reverse order, as the backward does
+        (for measuring reconstruction drift). The couplings' functions must be deterministic here: eval mode,
+        or no dropout."""
+        _check_halves(halves, self.num_halves)
+        state = [None if h is None else h.detach().contiguous().clone() for h in halves]
+        for c in reversed(self.couplings):
+            if c.active(state):
+                # y + (-f) is y - f exactly (negation is exact), computed like the backward's inverse.
+                ops.coupling_forward_(state[c.target], c.compute(tuple(state), context).neg())
+        return tuple(state)
