@@ -8,8 +8,8 @@ the MSA stream ``m``. A :class:`Coupling` adds a function of some halves to anot
     x1 += f(x2)   x2 += g(x1)   m1 += j(m2)   m2 += k(m1)          (and cross blocks whose f reads m2, ...)
 
 :class:`ReversibleSequence` runs the couplings under one autograd function that stores only the final halves
-(and each coupling's RNG state); its backward walks the couplings in reverse: recompute ``fn`` with grad
-enabled and the forward's RNG state restored, rebuild the target in place, back-propagate, free. Memory is
+(and each coupling's 8-byte generator seed); its backward walks the couplings in reverse: recompute ``fn`` with grad
+enabled and the forward's generator seed and autocast state replayed, rebuild the target in place, back-propagate, free. Memory is
 one set of halves plus one coupling's activations, whatever the depth. :class:`SequentialSequence` runs the
 same couplings through ordinary autograd (every activation stored); the trunk switches with one flag.
 
@@ -102,10 +102,11 @@ def _check_context(context: dict) -> None:
 
 
 class _Sequence(nn.Module):
-    def __init__(self, blocks: Iterable, num_halves: int):
+    def __init__(self, blocks: Iterable, num_halves: int, *, seed_couplings: bool = True):
         super().__init__()
         self.couplings = nn.ModuleList(_couplings(blocks))
         self.num_halves = int(num_halves)
+        self.seed_couplings = seed_couplings
         for c in self.couplings:
             bad = [i for i in (c.target, *c.inputs) if not 0 <= i < self.num_halves]
             if bad:
@@ -119,19 +120,26 @@ class SequentialSequence(_Sequence):
     Args:
         blocks: couplings, or lists of couplings (one list per block).
         num_halves: the number of halves of the state.
+        seed_couplings: as :class:`ReversibleSequence`; the same global seed gives the same dropout masks here
+            and there.
     """
 
     def forward(self, *halves: Optional[torch.Tensor], **context: Any) -> Halves:
         _check_halves(halves, self.num_halves)
         state = list(halves)
+        devices = _cuda_devices(halves)
         for c in self.couplings:
             if c.active(state):
-                state[c.target] = state[c.target] + c.compute(tuple(state), context)
+                with _seeded(_draw_seed() if self.seed_couplings else None, devices):
+                    out = c.compute(tuple(state), context)
+                state[c.target] = state[c.target] + out
         return tuple(state)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# RNG state: captured before each coupling's forward, replayed in its recompute
+# Randomness: each coupling runs on its own generator seed, drawn from the global CPU generator before it runs
+# and replayed in its recompute (8 bytes a coupling instead of a 5 KB generator state). SequentialSequence
+# draws the same seeds, so both give bit-identical dropout masks for the same global seed.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -140,9 +148,22 @@ def _cuda_devices(halves: Halves) -> list[int]:
                    for h in halves if h is not None and h.device.type == "cuda"})
 
 
-def _capture_rng(devices: list[int]) -> tuple:
-    cuda = [torch.cuda.get_rng_state(d) for d in devices]
-    return torch.get_rng_state(), cuda
+def _draw_seed() -> int:
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+@contextlib.contextmanager
+def _seeded(seed: Optional[int], devices: list[int]):
+    """Run with the CPU generator and the CUDA generators of ``devices`` seeded with ``seed``; every generator
+    is restored afterwards. ``seed=None``: no change."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for device in devices:
+            torch.cuda.default_generators[device].manual_seed(seed)
+        yield
 
 
 def _capture_autocast() -> list[tuple[str, bool, torch.dtype]]:
@@ -159,18 +180,6 @@ def _replay_autocast(state: list[tuple[str, bool, torch.dtype]]):
         yield
 
 
-@contextlib.contextmanager
-def _replay_rng(state: Optional[tuple], devices: list[int]):
-    if state is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(state[0])
-        for device, cuda_state in zip(devices, state[1]):
-            torch.cuda.set_rng_state(cuda_state, device)
-        yield
-
-
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sequence: "ReversibleSequence", context: dict, present: tuple, *args):
@@ -180,16 +189,9 @@ class _ReversibleFunction(torch.autograd.Function):
         for slot, h in zip(present, inputs):
             state[slot] = h.detach().contiguous().clone()  # the working buffers the couplings update in place
         devices = _cuda_devices(tuple(state))
-        rng = []
-        with torch.no_grad():
-            for c in sequence.couplings:
-                if not c.active(state):
-                    rng.append(None)
-                    continue
-                rng.append(_capture_rng(devices) if sequence.preserve_rng_state else None)
-                ops.coupling_forward_(state[c.target], c.compute(tuple(state), context))
+        seeds = sequence._run(state, context, devices)
         outputs = tuple(state[slot] for slot in present)
-        ctx.sequence, ctx.context, ctx.present, ctx.rng, ctx.devices = sequence, context, present, rng, devices
+        ctx.sequence, ctx.context, ctx.present, ctx.devices, ctx.seeds = sequence, context, present, devices, seeds
         ctx.autocast = _capture_autocast()
         ctx.param_index = {id(p): i for i, p in enumerate(params)}
         ctx.num_params = len(params)
@@ -206,7 +208,7 @@ class _ReversibleFunction(torch.autograd.Function):
             state[slot] = out.detach().clone()  # rebuilt in place below; the caller's outputs stay intact
             grads[slot] = torch.zeros_like(out) if g is None else g.detach().contiguous().clone()
         param_grads: list = [None] * ctx.num_params
-        for c, rng in zip(reversed(sequence.couplings), reversed(ctx.rng)):
+        for c, seed in zip(reversed(sequence.couplings), reversed(ctx.seeds)):
             if not c.active(state):
                 continue
             leaves = [state[i].detach().requires_grad_() for i in c.inputs]
@@ -214,7 +216,7 @@ class _ReversibleFunction(torch.autograd.Function):
             for i, leaf in zip(c.inputs, leaves):
                 view[i] = leaf
             params = [p for p in c.fn.parameters() if id(p) in ctx.param_index]
-            with torch.enable_grad(), _replay_rng(rng, ctx.devices), _replay_autocast(ctx.autocast):
+            with torch.enable_grad(), _seeded(seed, ctx.devices), _replay_autocast(ctx.autocast):
                 out = c.compute(tuple(view), context)
             vjp = torch.autograd.grad(out, leaves + params, grads[c.target], allow_unused=True)
             out = out.detach()
@@ -238,17 +240,28 @@ class ReversibleSequence(_Sequence):
     Args:
         blocks: couplings, or lists of couplings (one list per block), applied in order.
         num_halves: the number of halves of the state.
-        preserve_rng_state: capture each coupling's CPU (and CUDA) RNG state in the forward and replay it in
-            the recompute, so dropout masks are bit-identical (default True).
+        seed_couplings: run each coupling on its own generator seed, drawn from the global CPU generator, and
+            replay it in the recompute, so dropout masks are bit-identical (default True; False runs the
+            functions on the global generators and the recompute of a random function is not exact).
 
     Call with the halves (``None`` for an absent one) and keyword context passed to every coupling's function
     (masks, shapes; not differentiated). Returns the new halves. Outside autograd (no input or parameter
     requires grad, or grad disabled) it runs the couplings directly, in place on copies of the halves.
     """
 
-    def __init__(self, blocks: Iterable, num_halves: int, *, preserve_rng_state: bool = True):
-        super().__init__(blocks, num_halves)
-        self.preserve_rng_state = preserve_rng_state
+    def _run(self, state: list, context: dict, devices: list[int]) -> list[Optional[int]]:
+        """The forward, in place on ``state`` without autograd; returns each coupling's seed (None: skipped or
+        unseeded)."""
+        seeds = []
+        with torch.no_grad():
+            for c in self.couplings:
+                seed = _draw_seed() if c.active(state) and self.seed_couplings else None
+                seeds.append(seed)
+                if c.active(state):
+                    with _seeded(seed, devices):
+                        out = c.compute(tuple(state), context)
+                    ops.coupling_forward_(state[c.target], out)
+        return seeds
 
     def forward(self, *halves: Optional[torch.Tensor], **context: Any) -> Halves:
         _check_halves(halves, self.num_halves)
@@ -258,10 +271,7 @@ class ReversibleSequence(_Sequence):
         needs_grad = torch.is_grad_enabled() and (any(halves[i].requires_grad for i in present) or params)
         if not needs_grad:
             state = [None if h is None else h.detach().contiguous().clone() for h in halves]
-            with torch.no_grad():
-                for c in self.couplings:
-                    if c.active(state):
-                        ops.coupling_forward_(state[c.target], c.compute(tuple(state), context))
+            self._run(state, context, _cuda_devices(halves))
             return tuple(state)
         outputs = _ReversibleFunction.apply(self, context, present, *(halves[i] for i in present), *params)
         state: list = [None] * self.num_halves

@@ -1,101 +1,30 @@
 """Tests for af2_ext.reversible (ReversibleSequence vs the same couplings through ordinary autograd) and the
 fused coupling ops (af2_ext.ops.coupling_forward_ / coupling_backward_) against their PyTorch expressions.
 
-The trunk-like stack: pair halves (x1, x2) and MSA halves (m1, m2); per block pair self-attention (block-sparse
-op, key padding mask from the context), feed-forwards, MSA row attention (the MSA row structure comes from the
-context), and cross-attention both ways (compressed-attention op), dropout everywhere.
+The stack is the trunk's (af2_ext.blocks.trunk_couplings): pair halves (x1, x2) and MSA halves (m1, m2); per
+layer pair self-attention (block-sparse op, key padding mask from the context), GEGLU feed-forwards, MSA row
+attention (the MSA row structure comes from the context), and cross-attention both ways (compressed-attention
+op), dropout everywhere.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from einops import rearrange
 from torch import nn
 
 import helpers
-from af2_ext import layouts, ops
+from af2_ext import ops
+from af2_ext.blocks import FeedForward, trunk_couplings
 from af2_ext.reversible import Coupling, ReversibleSequence, SequentialSequence
 
 cuda_test = helpers.cuda_test("coupling_forward_")
 DIM, HEADS, DIM_HEAD = 32, 2, 16
 
 
-class Attention(nn.Module):
-    """Pre-norm self-attention over (b, n, d) through the block-sparse op (dense layout)."""
-
-    def __init__(self, dropout: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(DIM)
-        self.to_qkv = nn.Linear(DIM, 3 * HEADS * DIM_HEAD, bias=False)
-        self.to_out = nn.Linear(HEADS * DIM_HEAD, DIM)
-        self.dropout = nn.Dropout(dropout)
-
-    def attend(self, x: torch.Tensor, mask) -> torch.Tensor:
-        q, k, v = rearrange(self.to_qkv(self.norm(x)), "b n (t h d) -> t b h n d", t=3, h=HEADS)
-        nb = layouts.num_blocks(x.shape[1], 16)
-        layout = torch.ones(1, nb, nb, dtype=torch.bool, device=x.device)
-        out = ops.block_sparse_attention(q, k, v, layout, block_size=16, key_padding_mask=mask)
-        return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
-
-    def forward(self, x, *, mask=None, **context):
-        return self.attend(x, mask)
-
-
-class MSARowAttention(Attention):
-    """Each MSA row attends within itself: needs the row structure (msa_shape) from the context."""
-
-    def forward(self, m, *, msa_shape, msa_mask=None, **context):
-        rows, cols = msa_shape
-        b = m.shape[0]
-        m = rearrange(m, "b (r c) d -> (b r) c d", r=rows)  # [b*M, N, d]
-        mask = None if msa_mask is None else rearrange(msa_mask, "b (r c) -> (b r) c", r=rows)
-        return rearrange(self.attend(m, mask), "(b r) c d -> b (r c) d", b=b)
-
-
-class CrossAttention(nn.Module):
-    """Queries from one stream, keys/values from the other, through the compressed-attention op."""
-
-    def __init__(self, dropout: float, ratio: int = 2, context_mask: str = "msa_mask"):
-        super().__init__()
-        self.norm, self.norm_context = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
-        self.to_q = nn.Linear(DIM, HEADS * DIM_HEAD, bias=False)
-        self.to_kv = nn.Linear(DIM, 2 * HEADS * DIM_HEAD, bias=False)
-        self.compress = nn.Conv1d(HEADS * DIM_HEAD, HEADS * DIM_HEAD, ratio, stride=ratio, groups=HEADS)
-        self.to_out = nn.Linear(HEADS * DIM_HEAD, DIM)
-        self.dropout = nn.Dropout(dropout)
-        self.ratio, self.context_mask = ratio, context_mask
-
-    def forward(self, x, context, **kwargs):
-        q = rearrange(self.to_q(self.norm(x)), "b n (h d) -> b h n d", h=HEADS)
-        k, v = rearrange(self.to_kv(self.norm_context(context)), "b n (t h d) -> t b h n d", t=2, h=HEADS)
-        out = ops.compressed_attention(q, k, v, self.ratio, self.compress.weight, self.compress.bias,
-                                       key_padding_mask=kwargs.get(self.context_mask))
-        return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dropout: float):
-        super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(DIM), nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(2 * DIM, DIM))
-
-    def forward(self, x, **context):
-        return self.net(x)
-
-
 def trunk_blocks(depth: int, dropout: float = 0.1) -> list[list[Coupling]]:
-    """Halves: 0, 1 = pair x1, x2; 2, 3 = MSA m1, m2."""
-    blocks = []
-    for _ in range(depth):
-        blocks.append([
-            Coupling(Attention(dropout), 0, [1]),
-            Coupling(FeedForward(dropout), 1, [0]),
-            Coupling(MSARowAttention(dropout), 2, [3]),
-            Coupling(FeedForward(dropout), 3, [2]),
-            Coupling(CrossAttention(dropout, context_mask="msa_mask"), 0, [1, 3]),
-            Coupling(CrossAttention(dropout, context_mask="mask"), 2, [3, 1]),
-        ])
-    return blocks
+    """Halves: 0, 1 = pair x1, x2; 2, 3 = MSA m1, m2 (af2_ext.blocks.trunk_couplings)."""
+    return [trunk_couplings(DIM, heads=HEADS, dim_head=DIM_HEAD, dropout=dropout, ratio=2, block_size=16)
+            for _ in range(depth)]
 
 
 def _halves(device, *, msa: bool, seed: int = 0, dtype=torch.float32, B=2, N=20, rows=3, cols=24):
@@ -203,7 +132,8 @@ def test_dropout_replayed_cuda():
 def test_autocast_recompute_cpu():
     """The recompute runs under the forward's autocast (bf16 matmuls, fp32 halves)."""
     torch.manual_seed(0)
-    blocks = [[Coupling(FeedForward(0.1), 0, [1]), Coupling(FeedForward(0.1), 1, [0])] for _ in range(3)]
+    blocks = [[Coupling(FeedForward(DIM, dropout=0.1), 0, [1]), Coupling(FeedForward(DIM, dropout=0.1), 1, [0])]
+              for _ in range(3)]
     reversible, sequential = ReversibleSequence(blocks, 2), SequentialSequence(blocks, 2)
     halves = [helpers.randn(2, 8, DIM, seed=i, requires_grad=True) for i in range(2)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -308,7 +238,7 @@ def test_peak_memory_training_step_cuda():
 
 
 def test_api_errors():
-    ff = FeedForward(0.0)
+    ff = FeedForward(DIM)
     with pytest.raises(ValueError, match="cannot read its own target"):
         Coupling(ff, 0, [0, 1])
     with pytest.raises(ValueError, match="refers to half 2, but there are 2 halves"):

@@ -1,0 +1,149 @@
+"""Trunk building blocks on the af2_ext ops: pre-norm self-attention (block-sparse kernel), MSA row
+attention, compressed cross-attention, GEGLU feed-forward, and the reversible trunk's couplings.
+
+Every module maps ``(b, n, dim) -> (b, n, dim)`` and takes the per-call context (masks, the MSA row
+structure) as keyword arguments, so it can be a :class:`af2_ext.reversible.Coupling` function.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from af2_ext import layouts, ops
+from af2_ext.reversible import Coupling
+
+
+class FeedForward(nn.Module):
+    """Pre-norm GEGLU feed-forward (the seed's: inner width ``mult * dim``)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.proj_in = nn.Linear(dim, 2 * mult * dim)
+        self.dropout = nn.Dropout(dropout)
+        self.proj_out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: torch.Tensor, **context) -> torch.Tensor:
+        """x: (b, n, dim)."""
+        hidden, gate = self.proj_in(self.norm(x)).chunk(2, dim=-1)  # [b, n, mult*dim] each
+        return self.proj_out(self.dropout(hidden * F.gelu(gate)))
+
+
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention through :func:`af2_ext.ops.block_sparse_attention`.
+
+    Args:
+        dim: model width. heads, dim_head: attention shape (dim_head in 16, 32, 64, 128).
+        dropout: dropout on the output projection.
+        block_size: the kernel's tile (and the layout's block) size.
+        layout_fn: ``num_blocks -> bool (H or 1, nb, nb)`` for block-sparse attention; None = dense.
+        mask_key: name of the context's (b, n) keep mask.
+    """
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, *, block_size: int = 64,
+                 layout_fn=None, mask_key: str = "mask"):
+        super().__init__()
+        self.heads, self.block_size, self.layout_fn, self.mask_key = heads, block_size, layout_fn, mask_key
+        self.norm = nn.LayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim)
+        self.dropout = nn.Dropout(dropout)
+        self._layouts: dict = {}
+
+    def layout(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """The (cached) layout for ``seq_len`` tokens."""
+        nb = layouts.num_blocks(seq_len, self.block_size)
+        key = (nb, str(device))
+        if key not in self._layouts:
+            layout = torch.ones(1, nb, nb, dtype=torch.bool) if self.layout_fn is None else self.layout_fn(nb)
+            self._layouts[key] = layout.to(device)
+        return self._layouts[key]
+
+    def attend(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        q, k, v = rearrange(self.to_qkv(self.norm(x)), "b n (t h d) -> t b h n d", t=3, h=self.heads)
+        out = ops.block_sparse_attention(q, k, v, self.layout(x.shape[1], x.device), block_size=self.block_size,
+                                         key_padding_mask=mask)  # [b, h, n, d]
+        return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
+
+    def forward(self, x: torch.Tensor, **context) -> torch.Tensor:
+        """x: (b, n, dim); context[mask_key]: bool (b, n), True = keep."""
+        return self.attend(x, context.get(self.mask_key))
+
+
+class MSARowAttention(SelfAttention):
+    """Self-attention within each MSA row; the flattened MSA (b, M*N, dim) is split by the context's
+    ``msa_shape = (M, N)``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("mask_key", "msa_mask")
+        super().__init__(*args, **kwargs)
+
+    def forward(self, m: torch.Tensor, *, msa_shape, **context) -> torch.Tensor:
+        rows = msa_shape[0]
+        b = m.shape[0]
+        mask = context.get(self.mask_key)
+        m = rearrange(m, "b (r c) d -> (b r) c d", r=rows)  # [b*M, N, d]
+        mask = None if mask is None else rearrange(mask, "b (r c) -> (b r) c", r=rows)
+        return rearrange(self.attend(m, mask), "(b r) c d -> b (r c) d", b=b)
+
+
+class CrossAttention(nn.Module):
+    """Pre-norm cross-attention from one stream to another through :func:`af2_ext.ops.compressed_attention`:
+    keys and values compressed by ``Conv1d(kernel=ratio, stride=ratio, groups=heads)`` (none at ratio 1).
+
+    The context gets its own LayerNorm (deliberate difference from the seed, whose cross-attention pre-norm
+    never normalised the context with its own norm).
+    """
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, *, ratio: int = 1,
+                 context_mask_key: str = "msa_mask"):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.ratio, self.context_mask_key = heads, ratio, context_mask_key
+        self.norm, self.norm_context = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.compress = nn.Conv1d(inner, inner, ratio, stride=ratio, groups=heads) if ratio > 1 else None
+        self.to_out = nn.Linear(inner, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, **kwargs) -> torch.Tensor:
+        """x: (b, n, dim) queries; context: (b, m, dim) keys/values; kwargs[context_mask_key]: bool (b, m)."""
+        q = rearrange(self.to_q(self.norm(x)), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.to_kv(self.norm_context(context)), "b m (t h d) -> t b h m d", t=2, h=self.heads)
+        weight = bias = None
+        if self.compress is not None:
+            weight, bias = self.compress.weight, self.compress.bias
+        out = ops.compressed_attention(q, k, v, self.ratio, weight, bias,
+                                       key_padding_mask=kwargs.get(self.context_mask_key))  # [b, h, n, d]
+        return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
+
+
+# The trunk's halves: the pair stream x = (x1, x2), the MSA stream m = (m1, m2).
+X1, X2, M1, M2 = range(4)
+
+
+def trunk_couplings(dim: int, *, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, ratio: int = 1,
+                    block_size: int = 64) -> list[Coupling]:
+    """One trunk layer as couplings over the halves (x1, x2, m1, m2):
+
+        x1 += attn(x2)   x2 += ff(x1)   m1 += msa_row_attn(m2)   m2 += ff(m1)
+        x1 += cross(x2 -> m2)   x2 += ff(x1)   m1 += cross(m2 -> x2)   m2 += ff(m1)
+
+    Without an MSA (m1, m2 None) only the pair couplings run.
+    """
+    kw = dict(heads=heads, dim_head=dim_head, dropout=dropout)
+    return [
+        Coupling(SelfAttention(dim, block_size=block_size, **kw), X1, [X2]),
+        Coupling(FeedForward(dim, dropout=dropout), X2, [X1]),
+        Coupling(MSARowAttention(dim, block_size=block_size, **kw), M1, [M2]),
+        Coupling(FeedForward(dim, dropout=dropout), M2, [M1]),
+        Coupling(CrossAttention(dim, ratio=ratio, context_mask_key="msa_mask", **kw), X1, [X2, M2]),
+        Coupling(FeedForward(dim, dropout=dropout), X2, [X1]),
+        Coupling(CrossAttention(dim, ratio=ratio, context_mask_key="mask", **kw), M1, [M2, X2]),
+        Coupling(FeedForward(dim, dropout=dropout), M2, [M1]),
+    ]
