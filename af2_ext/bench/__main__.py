@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 SUBCOMMANDS = {
     "attention": ("af2_ext.bench.attention", "block-sparse attention vs dense SDPA, FlexAttention, reference"),
     "cross": ("af2_ext.bench.cross", "compressed cross-attention vs the materialising reference"),
+    "reversible": ("af2_ext.bench.reversible", "reversible trunk vs ordinary autograd vs checkpointing, by depth"),
 }
 
 
