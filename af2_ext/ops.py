@@ -80,12 +80,28 @@ def _has_kernel(op: str, device: torch.device) -> bool:
     return _KERNELS.get((op, device.type), False)
 
 
-def _use_kernel(op: str, device: torch.device, impl: Optional[str]) -> bool:
-    """The one place that chooses kernel vs reference."""
+def _check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _use_kernel(op: str, device: torch.device, impl: Optional[str], dropout_p: float = 0.0) -> bool:
+    """The one place that chooses kernel vs reference. Attention-probability dropout is not in the kernels:
+    ``dropout_p > 0`` runs the reference (one warning per op)."""
     impl = _default_impl if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
+        return False
+    if dropout_p > 0:
+        if impl == "kernel":
+            raise RuntimeError(f"impl='kernel' but the {op} kernels have no attention dropout (dropout_p="
+                               f"{dropout_p}); use dropout_p=0 or impl='auto' (falls back to the reference)")
+        if (op, "dropout") not in _warned:
+            _warned.add((op, "dropout"))
+            warnings.warn(f"{op}: the kernels have no attention-probability dropout; dropout_p > 0 runs the "
+                          "pure-PyTorch reference (O(Nq*Nk) memory) for these calls", RuntimeWarning, stacklevel=3)
         return False
     if _has_kernel(op, device):
         return True
@@ -238,6 +254,7 @@ def block_sparse_attention(
     key_padding_mask: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
     impl: Optional[str] = None,
 ) -> torch.Tensor:
     """Attention restricted to the (query block, key block) pairs a layout marks, never materialising Nq x Nk.
@@ -252,16 +269,20 @@ def block_sparse_attention(
         bias: additive float bias (Bb, H or 1, Nq, Nk) with B % Bb == 0; batch row b uses bias row
             b // (B // Bb). Differentiable (its gradient is deterministic and zero outside the layout).
         scale: logit scale, default D ** -0.5.
+        dropout_p: dropout on the attention probabilities (pass 0 outside training). Not in the kernels:
+            > 0 runs the reference, with a one-time warning (an error with impl="kernel").
         impl: "auto" | "kernel" | "reference"; None uses the process default (:func:`set_default_impl`).
 
     Returns:
         (B, H, Nq, D) in q's dtype. A query row with no visible key is zero, with zero gradients.
     """
     _check_block_sparse(q, k, v, layout, block_size, key_padding_mask, bias)
+    dropout_p = _check_dropout(dropout_p)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if not _use_kernel("block_sparse_attention_forward", q.device, impl):
+    if not _use_kernel("block_sparse_attention_forward", q.device, impl, dropout_p):
         return reference.block_sparse_attention_ref(q, k, v, layout, block_size=block_size,
-                                                    key_padding_mask=key_padding_mask, bias=bias, scale=scale)
+                                                    key_padding_mask=key_padding_mask, bias=bias, scale=scale,
+                                                    dropout_p=dropout_p)
     row_count, row_index, col_count, col_index = _cached_layout_index(layout)
     out, _ = torch.ops.af2_ext.block_sparse_attention_forward.default(
         q, k, v, row_count, row_index, col_count, col_index, block_size, key_padding_mask, bias, scale)
@@ -452,6 +473,7 @@ def compressed_attention(
     layout: Optional[torch.Tensor] = None,
     block_size: int = 16,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
     impl: Optional[str] = None,
 ) -> torch.Tensor:
     """Memory-compressed attention (Liu et al. 2018), never materialising the Nq x Nk/ratio logits.
@@ -472,6 +494,7 @@ def compressed_attention(
         block_size: the block size of ``layout`` (16, 32, 64 or 128). Without a layout the op tiles with
             :data:`DENSE_BLOCK_SIZE` whatever this says (the result does not depend on the tiling).
         scale: logit scale, default D ** -0.5.
+        dropout_p: dropout on the attention probabilities, as :func:`block_sparse_attention` (reference only).
         impl: "auto" | "kernel" | "reference"; None uses the process default (:func:`set_default_impl`).
 
     Returns:
@@ -479,9 +502,11 @@ def compressed_attention(
         Differentiable in q, k, v, weight and bias, with deterministic gradients.
     """
     num_compressed = _check_compressed(q, k, v, ratio, weight, bias, key_padding_mask, layout, block_size)
-    if not _use_kernel("kv_compress_forward", q.device, impl):
+    dropout_p = _check_dropout(dropout_p)
+    if not _use_kernel("kv_compress_forward", q.device, impl, dropout_p):
         return reference.compressed_attention_ref(q, k, v, ratio, weight, bias, key_padding_mask=key_padding_mask,
-                                                  layout=layout, block_size=block_size, scale=scale)
+                                                  layout=layout, block_size=block_size, scale=scale,
+                                                  dropout_p=dropout_p)
     if ratio == 1:
         kc, vc, mask = k, v, key_padding_mask
     else:

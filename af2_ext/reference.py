@@ -27,9 +27,10 @@ def block_sparse_attention_ref(
     key_padding_mask: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Block-sparse attention by expanding ``layout`` to a dense mask; same contract as
-    :func:`af2_ext.ops.block_sparse_attention`.
+    :func:`af2_ext.ops.block_sparse_attention`. ``dropout_p`` > 0 drops attention probabilities (training).
 
     Args:
         q: (B, H, Nq, D). k, v: (B, H, Nk, D).
@@ -55,6 +56,8 @@ def block_sparse_attention_ref(
     visible = visible & ~torch.isneginf(logits)
     logits = logits.masked_fill(~visible, torch.finfo(compute).min)
     probs = torch.softmax(logits, dim=-1).masked_fill(~visible, 0.0)
+    if dropout_p > 0:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
     return torch.matmul(probs, v.to(compute)).to(q.dtype)
 
 
@@ -104,6 +107,7 @@ def compressed_attention_ref(
     layout: Optional[torch.Tensor] = None,
     block_size: int = 16,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Memory-compressed attention the explicit way: pad, ``conv1d``, pool the mask, dense attention in fp32;
     same contract as :func:`af2_ext.ops.compressed_attention`. Materialises the Nq x ceil(Nk / ratio) logits.
@@ -126,4 +130,5 @@ def compressed_attention_ref(
         mask = None if key_padding_mask is None else compressed_key_padding_mask_ref(key_padding_mask, ratio)
     if layout is None:
         layout = layouts.dense(layouts.num_blocks(q.shape[2], block_size), layouts.num_blocks(kc.shape[2], block_size))
-    return block_sparse_attention_ref(q, kc, vc, layout, block_size=block_size, key_padding_mask=mask, scale=scale)
+    return block_sparse_attention_ref(q, kc, vc, layout, block_size=block_size, key_padding_mask=mask, scale=scale,
+                                      dropout_p=dropout_p)

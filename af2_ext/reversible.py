@@ -40,17 +40,17 @@ class Coupling(nn.Module):
     """``halves[target] += fn(*(halves[i] for i in inputs), **context)``.
 
     Args:
-        fn: a module (its parameters are trained through the coupling). Must not read ``halves[target]``, must
-            return a tensor of the target's shape, and must be deterministic given the RNG state (dropout is).
+        fn: a module (its parameters are trained through the coupling). Must return a tensor of the target's
+            shape, and be deterministic given the RNG state (dropout is).
         target: index of the half it updates.
-        inputs: indices of the halves it reads; ``target`` must not be among them.
+        inputs: indices of the halves it reads. A coupling that reads its own target is an ordinary residual
+            (``x = x + fn(x)``): fine in a :class:`SequentialSequence`, rejected by :class:`ReversibleSequence`
+            because it cannot be undone.
     """
 
     def __init__(self, fn: nn.Module, target: int, inputs: Sequence[int]):
         super().__init__()
         inputs = tuple(int(i) for i in inputs)
-        if target in inputs:
-            raise ValueError(f"a coupling cannot read its own target: target={target}, inputs={inputs}")
         if not inputs:
             raise ValueError("a coupling needs at least one input half")
         self.fn, self.target, self.inputs = fn, int(target), inputs
@@ -248,6 +248,14 @@ class ReversibleSequence(_Sequence):
     (masks, shapes; not differentiated). Returns the new halves. Outside autograd (no input or parameter
     requires grad, or grad disabled) it runs the couplings directly, in place on copies of the halves.
     """
+
+    def __init__(self, blocks: Iterable, num_halves: int, *, seed_couplings: bool = True):
+        super().__init__(blocks, num_halves, seed_couplings=seed_couplings)
+        for c in self.couplings:
+            if c.target in c.inputs:
+                raise ValueError(f"coupling {c.fn.__class__.__name__} reads its own target half {c.target} "
+                                 f"(inputs {c.inputs}): a residual x = x + f(x) cannot be undone; use "
+                                 "SequentialSequence or make it read another half")
 
     def _run(self, state: list, context: dict, devices: list[int]) -> list[Optional[int]]:
         """The forward, in place on ``state`` without autograd; returns each coupling's seed (None: skipped or

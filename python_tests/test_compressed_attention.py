@@ -571,3 +571,27 @@ def test_fp64_rejected_cuda():
     k = helpers.randn(1, 1, 8, 16, seed=1, dtype=torch.float64, device="cuda")
     with pytest.raises(RuntimeError, match=r"k must be float32, float16 or bfloat16 on CUDA"):
         torch.ops.af2_ext.kv_compress_forward(k, k, helpers.randn(16, 16, 2, seed=2, device="cuda"), None, 2)
+
+
+def test_attention_dropout_runs_the_reference_with_a_warning():
+    """The kernels have no attention-probability dropout: dropout_p > 0 runs the reference (warned once per op),
+    impl="kernel" refuses, and the dropout really drops (about p of the probability mass, rescaled)."""
+    inputs = _inputs("cpu", Nk=40, ratio=2, seed=20, requires_grad=False)
+    diff, rest = _split(inputs)
+    ops._warned.discard(("kv_compress_forward", "dropout"))
+    with pytest.warns(RuntimeWarning, match="no attention-probability dropout"):
+        torch.manual_seed(0)
+        dropped = _call(ops.compressed_attention)(**diff, **rest, dropout_p=0.5)
+    torch.manual_seed(0)
+    expected = _call(reference.compressed_attention_ref)(**diff, **rest, dropout_p=0.5)
+    assert torch.equal(dropped, expected), "dropout_p > 0 must run the reference with the same RNG stream"
+    plain = _call(ops.compressed_attention)(**diff, **rest)
+    assert (dropped - plain).abs().max() > 0.1, "dropout had no effect"
+    with pytest.raises(RuntimeError, match="no attention dropout"):
+        _call(ops.compressed_attention)(**diff, **rest, dropout_p=0.1, impl="kernel")
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match=r"dropout_p must be a float in \[0, 1\)"):
+            _call(ops.compressed_attention)(**diff, **rest, dropout_p=bad)
+    layout = torch.ones(1, 3, 3, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="no attention dropout"):
+        ops.block_sparse_attention(diff["q"], diff["q"], diff["q"], layout, dropout_p=0.1, impl="kernel")

@@ -239,8 +239,8 @@ def test_peak_memory_training_step_cuda():
 
 def test_api_errors():
     ff = FeedForward(DIM)
-    with pytest.raises(ValueError, match="cannot read its own target"):
-        Coupling(ff, 0, [0, 1])
+    with pytest.raises(ValueError, match="reads its own target half 0"):
+        ReversibleSequence([Coupling(ff, 0, [0, 1])], num_halves=2)
     with pytest.raises(ValueError, match="refers to half 2, but there are 2 halves"):
         ReversibleSequence([Coupling(ff, 0, [2])], num_halves=2)
     model = ReversibleSequence([Coupling(ff, 0, [1])], num_halves=2)
