@@ -34,25 +34,33 @@ class FeedForward(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Pre-norm multi-head self-attention through :func:`af2_ext.ops.block_sparse_attention`.
+    """Multi-head self-attention through :func:`af2_ext.ops.block_sparse_attention`, pre-norm by default.
 
     Args:
         dim: model width. heads, dim_head: attention shape (dim_head in 16, 32, 64, 128).
-        dropout: dropout on the output projection.
+        attn_dropout: dropout on the attention probabilities in training (the kernels have none: > 0 runs the
+            reference there, see :func:`af2_ext.ops.block_sparse_attention`).
         block_size: the kernel's tile (and the layout's block) size.
         layout_fn: ``num_blocks -> bool (H or 1, nb, nb)`` for block-sparse attention; None = dense.
         mask_key: name of the context's (b, n) keep mask.
+        prenorm: LayerNorm the input first.
+        impl: "auto" | "kernel" | "reference" for the attention op; None = the process default.
     """
 
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, *, block_size: int = 64,
-                 layout_fn=None, mask_key: str = "mask"):
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, attn_dropout: float = 0.0, *,
+                 block_size: int = 64, layout_fn=None, mask_key: str = "mask", prenorm: bool = True,
+                 impl: Optional[str] = None):
         super().__init__()
         self.heads, self.block_size, self.layout_fn, self.mask_key = heads, block_size, layout_fn, mask_key
-        self.norm = nn.LayerNorm(dim)
+        self.attn_dropout, self.impl = attn_dropout, impl
+        self.norm = nn.LayerNorm(dim) if prenorm else nn.Identity()
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim)
-        self.dropout = nn.Dropout(dropout)
         self._layouts: dict = {}
+
+    @property
+    def sparse(self) -> bool:
+        return self.layout_fn is not None
 
     def layout(self, seq_len: int, device: torch.device) -> torch.Tensor:
         """The (cached) layout for ``seq_len`` tokens."""
@@ -64,14 +72,16 @@ class SelfAttention(nn.Module):
         return self._layouts[key]
 
     def attend(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        q, k, v = rearrange(self.to_qkv(self.norm(x)), "b n (t h d) -> t b h n d", t=3, h=self.heads)
+        """x: (b, n, dim) (already normalised); mask: bool (b, n) or None."""
+        q, k, v = rearrange(self.to_qkv(x), "b n (t h d) -> t b h n d", t=3, h=self.heads)
         out = ops.block_sparse_attention(q, k, v, self.layout(x.shape[1], x.device), block_size=self.block_size,
-                                         key_padding_mask=mask)  # [b, h, n, d]
-        return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
+                                         key_padding_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
+                                         impl=self.impl)  # [b, h, n, d]
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
     def forward(self, x: torch.Tensor, **context) -> torch.Tensor:
         """x: (b, n, dim); context[mask_key]: bool (b, n), True = keep."""
-        return self.attend(x, context.get(self.mask_key))
+        return self.attend(self.norm(x), context.get(self.mask_key))
 
 
 class MSARowAttention(SelfAttention):
@@ -86,9 +96,36 @@ class MSARowAttention(SelfAttention):
         rows = msa_shape[0]
         b = m.shape[0]
         mask = context.get(self.mask_key)
-        m = rearrange(m, "b (r c) d -> (b r) c d", r=rows)  # [b*M, N, d]
+        m = rearrange(self.norm(m), "b (r c) d -> (b r) c d", r=rows)  # [b*M, N, d]
         mask = None if mask is None else rearrange(mask, "b (r c) -> (b r) c", r=rows)
         return rearrange(self.attend(m, mask), "(b r) c d -> b (r c) d", b=b)
+
+
+class AxialAttention(nn.Module):
+    """Axial attention on the flattened pair representation (b, n*n, dim): attention along each row plus
+    attention along each column, summed, after one shared LayerNorm (the seed's). The context gives
+    ``seq_len`` = n and the pair keep mask ``mask`` (b, n*n)."""
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, attn_dropout: float = 0.0, *,
+                 block_size: int = 64, layout_fn=None, impl: Optional[str] = None):
+        super().__init__()
+        kw = dict(heads=heads, dim_head=dim_head, attn_dropout=attn_dropout, block_size=block_size,
+                  layout_fn=layout_fn, prenorm=False, impl=impl)
+        self.norm = nn.LayerNorm(dim)
+        self.attn_rows, self.attn_cols = SelfAttention(dim, **kw), SelfAttention(dim, **kw)
+
+    def forward(self, x: torch.Tensor, *, seq_len: int, mask: Optional[torch.Tensor] = None, **context):
+        b, n = x.shape[0], seq_len
+        x = self.norm(x)
+        rows = rearrange(x, "b (i j) d -> (b i) j d", i=n)  # [b*n, n, d]: along j for each i
+        cols = rearrange(x, "b (i j) d -> (b j) i d", i=n)  # [b*n, n, d]: along i for each j
+        row_mask = col_mask = None
+        if mask is not None:
+            row_mask = rearrange(mask, "b (i j) -> (b i) j", i=n)
+            col_mask = rearrange(mask, "b (i j) -> (b j) i", i=n)
+        out_rows = rearrange(self.attn_rows.attend(rows, row_mask), "(b i) j d -> b (i j) d", b=b)
+        out_cols = rearrange(self.attn_cols.attend(cols, col_mask), "(b j) i d -> b (i j) d", b=b)
+        return out_rows + out_cols
 
 
 class CrossAttention(nn.Module):
@@ -96,20 +133,20 @@ class CrossAttention(nn.Module):
     keys and values compressed by ``Conv1d(kernel=ratio, stride=ratio, groups=heads)`` (none at ratio 1).
 
     The context gets its own LayerNorm (deliberate difference from the seed, whose cross-attention pre-norm
-    never normalised the context with its own norm).
+    applied the query's norm to the context and never used its own).
     """
 
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, *, ratio: int = 1,
-                 context_mask_key: str = "msa_mask"):
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, attn_dropout: float = 0.0, *,
+                 ratio: int = 1, context_mask_key: str = "msa_mask", impl: Optional[str] = None):
         super().__init__()
         inner = heads * dim_head
         self.heads, self.ratio, self.context_mask_key = heads, ratio, context_mask_key
+        self.attn_dropout, self.impl = attn_dropout, impl
         self.norm, self.norm_context = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.compress = nn.Conv1d(inner, inner, ratio, stride=ratio, groups=heads) if ratio > 1 else None
         self.to_out = nn.Linear(inner, dim)
-        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, **kwargs) -> torch.Tensor:
         """x: (b, n, dim) queries; context: (b, m, dim) keys/values; kwargs[context_mask_key]: bool (b, m)."""
@@ -119,24 +156,28 @@ class CrossAttention(nn.Module):
         if self.compress is not None:
             weight, bias = self.compress.weight, self.compress.bias
         out = ops.compressed_attention(q, k, v, self.ratio, weight, bias,
-                                       key_padding_mask=kwargs.get(self.context_mask_key))  # [b, h, n, d]
-        return self.dropout(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
+                                       key_padding_mask=kwargs.get(self.context_mask_key),
+                                       dropout_p=self.attn_dropout if self.training else 0.0,
+                                       impl=self.impl)  # [b, h, n, d]
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
 # The trunk's halves: the pair stream x = (x1, x2), the MSA stream m = (m1, m2).
 X1, X2, M1, M2 = range(4)
 
 
-def trunk_couplings(dim: int, *, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, ratio: int = 1,
-                    block_size: int = 64) -> list[Coupling]:
-    """One trunk layer as couplings over the halves (x1, x2, m1, m2):
+def trunk_couplings(dim: int, *, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, attn_dropout: float = 0.0,
+                    ratio: int = 1, block_size: int = 64, impl: Optional[str] = None) -> list[Coupling]:
+    """A generic reversible trunk layer (flattened pair attention, no axial split) as couplings over the
+    halves (x1, x2, m1, m2), for tests and benchmarks of the reversible machinery:
 
         x1 += attn(x2)   x2 += ff(x1)   m1 += msa_row_attn(m2)   m2 += ff(m1)
         x1 += cross(x2 -> m2)   x2 += ff(x1)   m1 += cross(m2 -> x2)   m2 += ff(m1)
 
-    Without an MSA (m1, m2 None) only the pair couplings run.
+    ``dropout`` is the feed-forwards' (the kernels run), ``attn_dropout`` the attention probabilities'. Without
+    an MSA (m1, m2 None) only the pair couplings run. :class:`af2_ext.model.Alphafold2` builds its own layers.
     """
-    kw = dict(heads=heads, dim_head=dim_head, dropout=dropout)
+    kw = dict(heads=heads, dim_head=dim_head, attn_dropout=attn_dropout, impl=impl)
     return [
         Coupling(SelfAttention(dim, block_size=block_size, **kw), X1, [X2]),
         Coupling(FeedForward(dim, dropout=dropout), X2, [X1]),
