@@ -111,6 +111,7 @@ class Alphafold2(nn.Module):
         sparse = _per_layer(sparse_self_attn, depth, "sparse_self_attn")
         self.dim, self.max_seq_len, self.num_tokens, self.num_embedds = dim, max_seq_len, num_tokens, num_embedds
         self.reversible, self.inter_msa_self_attn, self.pos_token = reversible, inter_msa_self_attn, pos_token
+        self.sparse_msa = any(sparse)
 
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
@@ -206,6 +207,12 @@ class Alphafold2(nn.Module):
                                  f"{tuple(msa_mask.shape)}")
         elif msa_mask is not None:
             raise ValueError("msa_mask given without msa or embedds")
+        if self.sparse_msa and self.inter_msa_self_attn and (msa is not None or embedds is not None):
+            length = msa.shape[1] * msa.shape[2] if msa is not None else n * n
+            if length > self.max_seq_len:
+                raise ValueError(f"sparse MSA self-attention across the whole MSA (inter_msa_self_attn=True) needs "
+                                 f"rows * columns <= max_seq_len={self.max_seq_len}, got {length}; raise max_seq_len "
+                                 "or use inter_msa_self_attn=False")
 
     def forward(self, seq: torch.Tensor, msa: Optional[torch.Tensor] = None, embedds: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None, msa_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

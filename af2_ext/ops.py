@@ -301,7 +301,8 @@ if extension_available():
         _check_attention_inputs(q, k, v, block_size, key_padding_mask, bias, check=torch._check)
         _check_layout_index(q, k, block_size, row_count, row_index, col_count, col_index, check=torch._check)
         B, H, Nq, _ = q.shape
-        return torch.empty_like(q), q.new_empty((B, H, Nq), dtype=_lse_dtype(q.dtype))
+        # The kernels write contiguous outputs, whatever q's strides.
+        return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=_lse_dtype(q.dtype))
 
     @torch.library.register_fake("af2_ext::block_sparse_attention_backward")
     def _block_sparse_attention_backward_fake(grad_out, q, k, v, out, lse, row_count, row_index, col_count,
@@ -312,8 +313,8 @@ if extension_available():
                      lambda: f"grad_out and out must have q's shape {_shape(q)}, got {_shape(grad_out)} and "
                              f"{_shape(out)}")
 
-        def grad(wanted, like):
-            return torch.empty_like(like) if wanted and like is not None else q.new_empty((0,))
+        def grad(wanted, like):  # contiguous, like the kernels' gradients
+            return like.new_empty(like.shape) if wanted and like is not None else q.new_empty((0,))
 
         return (grad(output_mask[0], q), grad(output_mask[1], k), grad(output_mask[2], v),
                 grad(output_mask[3], bias))
@@ -537,8 +538,8 @@ if extension_available():
                      lambda: f"grad_kc and grad_vc must be (B, H, Nc, D) = {shape}, got {_shape(grad_kc)} and "
                              f"{_shape(grad_vc)}")
 
-        def grad(wanted, like):
-            return torch.empty_like(like) if wanted and like is not None else k.new_empty((0,))
+        def grad(wanted, like):  # contiguous, like the kernels' gradients
+            return like.new_empty(like.shape) if wanted and like is not None else k.new_empty((0,))
 
         return (grad(output_mask[0], k), grad(output_mask[1], v), grad(output_mask[2], weight),
                 grad(output_mask[3], bias))
