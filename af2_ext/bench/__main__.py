@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "attention": ("af2_ext.bench.attention", "block-sparse attention vs dense SDPA, FlexAttention, reference"),
     "cross": ("af2_ext.bench.cross", "compressed cross-attention vs the materialising reference"),
     "reversible": ("af2_ext.bench.reversible", "reversible trunk vs ordinary autograd vs checkpointing, by depth"),
+    "model": ("af2_ext.bench.model", "Alphafold2 training step vs impl='reference' and alphafold2-pytorch 0.0.19"),
 }
 
 

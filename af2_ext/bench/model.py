@@ -1,0 +1,178 @@
+"""Whole-model benchmark: ``python -m af2_ext.bench model [...]``.
+
+One training step (forward and backward of a distogram cross-entropy) of :class:`af2_ext.Alphafold2` at the
+seed README's size (dim 256, depth 2, heads 8, dim_head 64, sequence 128, MSA 5 x 64), timed against
+
+- ``reference``: the same model and parameters with ``impl="reference"`` (pure PyTorch);
+- ``seed``: alphafold2-pytorch 0.0.19 itself, when it is installed (``pip install alphafold2-pytorch==0.0.19``),
+  with its default ``inter_msa_self_attn=True`` and with ``False``.
+
+Peak memory of a step: on CUDA ``max_memory_allocated`` above what was allocated before; on CPU the
+resident-set increase of the step in a fresh child process (after a warmup step), as the other benchmarks.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from af2_ext.bench import common
+
+IMPLS = ("ours", "reference", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 256
+    depth: int = 2
+    heads: int = 8
+    dim_head: int = 64
+    n: int = 128
+    msa_rows: int = 5
+    msa_cols: int = 64
+    inter_msa_self_attn: bool = True
+    reversible: bool = False
+    cross_attn_compress_ratio: int = 1
+
+
+def seed_available() -> Optional[str]:
+    """None when alphafold2-pytorch imports, else why not."""
+    try:
+        import alphafold2_pytorch  # noqa: F401
+    except Exception as error:  # noqa: BLE001  any import failure means "not available"
+        return f"alphafold2-pytorch not importable ({type(error).__name__}: {error})"
+    return None
+
+
+def build(impl: str, config: ModelConfig, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    kwargs = dict(dim=config.dim, depth=config.depth, heads=config.heads, dim_head=config.dim_head,
+                  inter_msa_self_attn=config.inter_msa_self_attn, reversible=config.reversible,
+                  cross_attn_compress_ratio=config.cross_attn_compress_ratio)
+    if impl == "seed":
+        from alphafold2_pytorch import Alphafold2 as SeedAlphafold2
+
+        return SeedAlphafold2(**kwargs).to(device)
+    from af2_ext import Alphafold2
+
+    return Alphafold2(**kwargs, impl="kernel" if impl == "ours" else "reference").to(device)
+
+
+def batch(config: ModelConfig, device: torch.device, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, 21, (1, config.n), generator=g)
+    msa = torch.randint(0, 21, (1, config.msa_rows, config.msa_cols), generator=g)
+    target = torch.randint(0, 37, (1, config.n, config.n), generator=g)
+    out = dict(seq=seq, msa=msa, mask=torch.ones_like(seq).bool(), msa_mask=torch.ones_like(msa).bool(), target=target)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def step_fn(model: torch.nn.Module, data: dict) -> Callable[[], None]:
+    inputs = {k: v for k, v in data.items() if k != "target"}
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        logits = model(**inputs)
+        F.cross_entropy(logits.reshape(-1, 37), data["target"].reshape(-1)).backward()
+
+    return step
+
+
+_CHILD = "from af2_ext.bench.model import _memory_child_main; _memory_child_main()"
+
+
+def _memory_child_main() -> None:
+    payload = json.loads(sys.stdin.read())
+    torch.set_num_threads(payload["threads"])
+    config = ModelConfig(**payload["config"])
+    device = torch.device("cpu")
+    step = step_fn(build(payload["impl"], config, device), batch(config, device))
+    print(json.dumps(common.child_peak_rss_mib(step, warmup=step)))
+
+
+def measure(impl: str, config: ModelConfig, device: torch.device, *, reps: int, warmup: int, memory: bool) -> dict:
+    result = {"impl": impl, "config": dataclasses.asdict(config), "step_ms": None, "peak_mib": None, "notes": []}
+    if impl == "seed":
+        why = seed_available()
+        if why is not None:
+            result["notes"].append(f"skipped: {why}")
+            return result
+    try:
+        step = step_fn(build(impl, config, device), batch(config, device))
+        result["step_ms"] = common.time_ms(step, device, warmup=warmup, reps=reps, budget_s=60.0)
+        if memory:
+            if device.type == "cuda":
+                result["peak_mib"] = common.cuda_peak_mib(step, device)
+            else:
+                payload = {"config": dataclasses.asdict(config), "impl": impl, "threads": torch.get_num_threads()}
+                result["peak_mib"] = common.run_child(_CHILD, payload, threads=torch.get_num_threads(),
+                                                      timeout_s=1800)["peak_mib"]
+    except Exception as error:  # noqa: BLE001  recorded, never the end of the run
+        result["notes"].append(f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+    return result
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b <= 0 else a / b
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--reps", type=int, default=5, help="timed steps, at most (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
+    parser.add_argument("--n", type=int, default=ModelConfig.n, help="sequence length (default 128)")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="results file (default bench_results/model-<device>.json)")
+
+
+def main(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    env = common.environment(device)
+    print(f"af2_ext model benchmark: {env['device_name']} ({device.type}, threads={env['threads']}), torch "
+          f"{env['torch']}", flush=True)
+    started = time.perf_counter()
+    results = []
+    jobs = [(impl, ModelConfig(n=args.n, inter_msa_self_attn=inter)) for inter in (True, False) for impl in IMPLS]
+    for impl, config in common.progress(jobs, lambda j: f"{j[0]} inter_msa={j[1].inter_msa_self_attn}"):
+        results.append(measure(impl, config, device, reps=args.reps, warmup=args.warmup, memory=args.memory))
+    rows, targets = [], []
+    for inter in (True, False):
+        get = {r["impl"]: r for r in results if r["config"]["inter_msa_self_attn"] == inter}
+        ours, ref, seed = get["ours"], get["reference"], get["seed"]
+        speed = _ratio(seed["step_ms"], ours["step_ms"])
+        mem = _ratio(ours["peak_mib"], seed["peak_mib"])
+        rows.append([str(inter), common.fmt(ours["step_ms"], ".0f"), common.fmt(ref["step_ms"], ".0f"),
+                     common.fmt(seed["step_ms"], ".0f"), common.fmt(_ratio(ref["step_ms"], ours["step_ms"]), ".2f"),
+                     common.fmt(speed, ".2f"), common.fmt(ours["peak_mib"], ".0f"), common.fmt(ref["peak_mib"], ".0f"),
+                     common.fmt(seed["peak_mib"], ".0f"), common.fmt(mem, ".3f")])
+        targets.append({"inter_msa_self_attn": inter, "speedup_vs_seed": speed, "memory_vs_seed": mem,
+                        "status": "n/a" if speed is None or mem is None else
+                        "PASS" if speed >= 3 and mem <= 1 / 3 else "MISS"})
+    print("step: median ms of forward+backward; x: time ratio over ours; MiB: peak increase of one step")
+    print(common.format_table(["inter_msa", "ours ms", "ref ms", "seed ms", "x ref", "x seed", "ours MiB",
+                               "ref MiB", "seed MiB", "mem/seed"], rows))
+    for r in results:
+        for note in r["notes"]:
+            print(f"note: {r['impl']} inter_msa={r['config']['inter_msa_self_attn']}: {note}")
+    print("targets (>= 3x faster and <= 1/3 the peak memory of alphafold2-pytorch 0.0.19):")
+    for t in targets:
+        print(f"  inter_msa_self_attn={t['inter_msa_self_attn']}: speed {common.fmt(t['speedup_vs_seed'])}x, memory "
+              f"{common.fmt(t['memory_vs_seed'], '.3f')}  {t['status']}")
+    wall = round(time.perf_counter() - started, 1)
+    doc = {"benchmark": "model", "environment": env, "settings": {"reps": args.reps, "warmup": args.warmup,
+           "memory": args.memory, "wall_s": wall}, "results": results, "targets": targets}
+    path = args.json or os.path.join("bench_results", f"model-{device.type}.json")
+    common.write_json_atomic(path, doc)
+    print(f"\nwrote {path} ({wall:.0f} s)")
+    return 0

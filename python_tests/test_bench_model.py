@@ -1,0 +1,34 @@
+"""Tests for ``python -m af2_ext.bench model`` on a tiny configuration; no timing claims."""
+
+import torch
+
+from af2_ext.bench import model as bench
+
+TINY = bench.ModelConfig(dim=32, depth=1, heads=2, dim_head=16, n=12, msa_rows=2, msa_cols=10)
+
+
+def test_ours_and_reference_take_the_same_step():
+    """Both builds start from the same parameters, and one step gives the same gradients."""
+    device = torch.device("cpu")
+    data = bench.batch(TINY, device)
+    grads = {}
+    for impl in ("ours", "reference"):
+        model = bench.build(impl, TINY, device, seed=1)
+        bench.step_fn(model, data)()
+        grads[impl] = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads["ours"].keys() == grads["reference"].keys() and grads["ours"]
+    for name, g in grads["ours"].items():
+        torch.testing.assert_close(g, grads["reference"][name], atol=5e-5, rtol=5e-4)
+
+
+def test_measure_records_time_and_memory():
+    result = bench.measure("ours", TINY, torch.device("cpu"), reps=1, warmup=0, memory=True)
+    assert result["notes"] == [] and result["step_ms"] > 0 and result["peak_mib"] >= 0, result
+
+
+def test_seed_package_is_measured_or_skipped_with_a_reason():
+    result = bench.measure("seed", TINY, torch.device("cpu"), reps=1, warmup=0, memory=False)
+    if bench.seed_available() is None:
+        assert result["notes"] == [] and result["step_ms"] > 0, result
+    else:
+        assert result["step_ms"] is None and result["notes"][0].startswith("skipped: alphafold2-pytorch"), result
