@@ -11,27 +11,10 @@
 
 #include "block_sparse_attention/block_sparse_attention.h"
 #include "block_sparse_attention/block_sparse_attention_checks.h"
+#include "common/cuda_binding_utils.h"
 
 namespace af2_ext {
 namespace {
-
-ScalarKind scalar_kind(at::ScalarType t, const char* name) {
-  switch (t) {
-    case at::kFloat: return ScalarKind::kFloat32;
-    case at::kHalf: return ScalarKind::kFloat16;
-    case at::kBFloat16: return ScalarKind::kBFloat16;
-    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16 on CUDA, got ", t);
-  }
-}
-
-// The kernels need a unit stride on the head dim; anything else is copied once.
-at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
-  dst[0] = t.stride(0);
-  dst[1] = t.stride(1);
-  dst[2] = t.stride(2);
-}
 
 // Validation of the block index on the device: a corrupt index is a caller error, reported like the CPU op's.
 // It needs host syncs, so it is skipped while a CUDA graph is being captured; the kernels then still skip
@@ -74,10 +57,6 @@ void fill_inputs(BlockSparseCudaParams& p, const at::Tensor& q, const at::Tensor
     p.bias_dtype = scalar_kind(bias.scalar_type(), "bias");
   }
   p.scale = float(scale);
-}
-
-void check_launch(int err, const char* what) {
-  TORCH_CHECK(err == 0, what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,

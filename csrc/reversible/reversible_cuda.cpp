@@ -4,22 +4,12 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
-#include <cuda_runtime_api.h>
-
+#include "common/cuda_binding_utils.h"
 #include "reversible/reversible.h"
 #include "reversible/reversible_checks.h"
 
 namespace af2_ext {
 namespace {
-
-ScalarKind scalar_kind(at::ScalarType t, const char* name) {
-  switch (t) {
-    case at::kFloat: return ScalarKind::kFloat32;
-    case at::kHalf: return ScalarKind::kFloat16;
-    case at::kBFloat16: return ScalarKind::kBFloat16;
-    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16 on CUDA, got ", t);
-  }
-}
 
 CouplingUpdate make_update(const at::Tensor& dst, const at::Tensor& src, float sign, const char* dst_name,
                            const char* src_name) {
@@ -34,8 +24,7 @@ CouplingUpdate make_update(const at::Tensor& dst, const at::Tensor& src, float s
 }
 
 void launch(const CouplingUpdate& first, const CouplingUpdate& second, const char* what) {
-  const int err = cuda::coupling_update(first, second, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+  check_launch(cuda::coupling_update(first, second, c10::cuda::getCurrentCUDAStream().stream()), what);
 }
 
 void coupling_forward_cuda(const at::Tensor& x, const at::Tensor& f) {
