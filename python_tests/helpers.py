@@ -224,6 +224,14 @@ def assert_matches(name: str, got: torch.Tensor, ref: torch.Tensor, *, kind: str
                                msg=lambda m: f"{name} ({dtype}, {kind} tolerance atol={atol}, rtol={rtol}): {m}")
 
 
+def assert_opcheck(op, samples) -> None:
+    """``torch.library.opcheck`` of ``op`` on every sample (a tuple of its arguments); all checks must pass."""
+    for i, args in enumerate(samples):
+        results = torch.library.opcheck(op, args)
+        failed = {name: result for name, result in results.items() if result != "SUCCESS"}
+        assert not failed, f"opcheck sample {i}: {failed}"
+
+
 def oracle_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the fp32-math reference runs in to judge an op in ``dtype``: fp64 for fp32 and fp64 (so the
     fp32 tolerance measures the op, not the oracle's own rounding), fp32 for fp16/bf16 (the rule's ref_fp32)."""

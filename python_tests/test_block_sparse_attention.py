@@ -530,11 +530,7 @@ def _opcheck_samples(device):
 
 
 def _check_opcheck(device):
-    op = torch.ops.af2_ext.block_sparse_attention_forward.default
-    for i, args in enumerate(_opcheck_samples(device)):
-        results = torch.library.opcheck(op, args)
-        failed = {name: result for name, result in results.items() if result != "SUCCESS"}
-        assert not failed, f"opcheck sample {i}: {failed}"
+    helpers.assert_opcheck(torch.ops.af2_ext.block_sparse_attention_forward.default, _opcheck_samples(device))
 
 
 def test_opcheck_cpu():

@@ -405,10 +405,7 @@ def _check_opcheck(device):
         weight = helpers.randn(H * D, D, ratio, seed=3, device=device, scale=0.2, requires_grad=grad)
         b = helpers.randn(H * D, seed=4, device=device, requires_grad=grad) if bias else None
         samples.append((k, v, weight, b, ratio))
-    for i, args in enumerate(samples):
-        results = torch.library.opcheck(op, args)
-        failed = {name: result for name, result in results.items() if result != "SUCCESS"}
-        assert not failed, f"opcheck sample {i}: {failed}"
+    helpers.assert_opcheck(op, samples)
 
 
 def test_opcheck_cpu():

@@ -196,11 +196,6 @@ def _fwd_bwd_step(forward: Forward, q, k, v, grad_out) -> Callable[[], object]:
     return step
 
 
-def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0] if lines else ''}".strip()
-    return text if len(text) <= 240 else text[:237] + "..."
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Peak memory on CPU: one forward+backward in a fresh child process
@@ -253,14 +248,14 @@ def _measure(impl: str, config: AttentionConfig, layout: torch.Tensor, computed_
         result["fwd_ms"] = common.time_ms(lambda: forward(q, k, v), device, warmup=warmup, reps=reps,
                                           budget_s=budget_s)
     except Exception as error:  # noqa: BLE001  any failure is a recorded skip, never the end of the run
-        result["notes"].append(f"fwd skipped: {_reason(error)}")
+        result["notes"].append(f"fwd skipped: {common.reason(error)}")
         return result, None
     try:
         step = _fwd_bwd_step(forward, q, k, v, grad_out)
         step()
         result["fwd_bwd_ms"] = common.time_ms(step, device, warmup=warmup, reps=reps, budget_s=budget_s)
     except Exception as error:  # noqa: BLE001
-        result["notes"].append(f"fwd+bwd skipped: {_reason(error)}")
+        result["notes"].append(f"fwd+bwd skipped: {common.reason(error)}")
         step = None
     for mode in MODES:
         ms = result[f"{mode}_ms"]
@@ -273,7 +268,7 @@ def _measure(impl: str, config: AttentionConfig, layout: torch.Tensor, computed_
             result["peak_mib"] = measured["peak_mib"]
             result["peak_method"] = measured["method"]
         except Exception as error:  # noqa: BLE001
-            result["notes"].append(f"memory skipped: {_reason(error)}")
+            result["notes"].append(f"memory skipped: {common.reason(error)}")
     return result, out.detach().float()
 
 
@@ -465,8 +460,7 @@ def plot(records: Sequence[dict], path: str) -> bool:
     axes[0].set_ylabel("speedup (x)")
     axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    with common.atomic_path(path, os.path.splitext(path)[1]) as tmp:
-        fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".") or "png")
+    common.save_figure_atomic(fig, path)
     plt.close(fig)
     return True
 

@@ -244,6 +244,20 @@ def atomic_path(path: str, suffix: str = ""):
         raise
 
 
+def save_figure_atomic(fig, path: str) -> None:
+    """Save a matplotlib figure to ``path`` (format from the extension, PNG by default) atomically."""
+    suffix = os.path.splitext(path)[1]
+    with atomic_path(path, suffix) as tmp:
+        fig.savefig(tmp, dpi=120, format=suffix.lstrip(".") or "png")
+
+
+def reason(error: BaseException) -> str:
+    """One line naming an error, for the notes of a skipped measurement."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".strip()
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
 def write_json_atomic(path: str, data: dict) -> None:
     """Write ``data`` as JSON to ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path, ".json") as tmp:

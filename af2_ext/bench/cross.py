@@ -148,11 +148,6 @@ def _steps(impl: str, config: CrossConfig, tensors: dict) -> tuple[Callable, Cal
     return fwd, fwd_bwd
 
 
-def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0] if lines else ''}".strip()
-    return text if len(text) <= 240 else text[:237] + "..."
-
 
 _CHILD = "from af2_ext.bench.cross import _memory_child_main; _memory_child_main()"
 
@@ -197,7 +192,7 @@ def _measure(impl: str, config: CrossConfig, tensors: dict, device: torch.device
         fwd_bwd()
         result["fwd_bwd_ms"] = common.time_ms(fwd_bwd, device, warmup=warmup, reps=reps, budget_s=budget_s)
     except Exception as error:  # noqa: BLE001  a failure is a recorded skip, never the end of the run
-        result["notes"].append(f"skipped: {_reason(error)}")
+        result["notes"].append(f"skipped: {common.reason(error)}")
         return result, None
     for mode in MODES:
         result[f"{mode}_gflops"] = flops(config, mode) / (result[f"{mode}_ms"] * 1e-3) / 1e9
@@ -208,7 +203,7 @@ def _measure(impl: str, config: CrossConfig, tensors: dict, device: torch.device
             result["process_peak_mib"] = measured.get("process_peak_mib")
             result["peak_method"] = measured["method"]
         except Exception as error:  # noqa: BLE001
-            result["notes"].append(f"memory skipped: {_reason(error)}")
+            result["notes"].append(f"memory skipped: {common.reason(error)}")
     return result, out.float()
 
 
@@ -368,8 +363,7 @@ def plot(records: Sequence[dict], path: str) -> bool:
         ax.set_xlabel("compression ratio")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    with common.atomic_path(path, os.path.splitext(path)[1]) as tmp:
-        fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".") or "png")
+    common.save_figure_atomic(fig, path)
     plt.close(fig)
     return True
 

@@ -223,8 +223,7 @@ def plot(records: Sequence[dict], depths: Sequence[int], path: str) -> bool:
         ax.set_xlabel("depth (layers)")
         ax.legend()
     fig.tight_layout()
-    with common.atomic_path(path, os.path.splitext(path)[1]) as tmp:
-        fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1].lstrip(".") or "png")
+    common.save_figure_atomic(fig, path)
     plt.close(fig)
     return True
 

@@ -24,6 +24,7 @@
 #include "block_sparse_attention/block_sparse_attention.h"
 #include "block_sparse_attention/block_sparse_attention_kernel.cuh"
 #include "common/cuda_utils.cuh"
+#include "common/static_switch.cuh"
 
 namespace af2_ext {
 namespace bsa {
@@ -561,50 +562,7 @@ cudaError_t run_backward(const BlockSparseCudaParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// flash-attention style static switches: each case binds a compile-time name and calls the lambda; an unsupported
-// value returns cudaErrorInvalidValue (the binding has already named it in a TORCH_CHECK).
-#define BSA_DTYPE_SWITCH(KIND, T, ...)                     \
-  [&]() -> cudaError_t {                                   \
-    switch (KIND) {                                        \
-      case ScalarKind::kFloat32: {                         \
-        using T = float;                                   \
-        return __VA_ARGS__();                              \
-      }                                                    \
-      case ScalarKind::kFloat16: {                         \
-        using T = __half;                                  \
-        return __VA_ARGS__();                              \
-      }                                                    \
-      case ScalarKind::kBFloat16: {                        \
-        using T = __nv_bfloat16;                           \
-        return __VA_ARGS__();                              \
-      }                                                    \
-    }                                                      \
-    return cudaErrorInvalidValue;                          \
-  }()
 
-// One switch for the two power-of-two sizes, 16 / 32 / 64 / 128 (head dim and block size).
-#define BSA_SIZE_SWITCH(VALUE, NAME, ...)   \
-  [&]() -> cudaError_t {                    \
-    switch (VALUE) {                        \
-      case 16: {                            \
-        constexpr static int NAME = 16;     \
-        return __VA_ARGS__();               \
-      }                                     \
-      case 32: {                            \
-        constexpr static int NAME = 32;     \
-        return __VA_ARGS__();               \
-      }                                     \
-      case 64: {                            \
-        constexpr static int NAME = 64;     \
-        return __VA_ARGS__();               \
-      }                                     \
-      case 128: {                           \
-        constexpr static int NAME = 128;    \
-        return __VA_ARGS__();               \
-      }                                     \
-    }                                       \
-    return cudaErrorInvalidValue;           \
-  }()
 
 }  // namespace
 }  // namespace bsa
@@ -613,18 +571,18 @@ namespace cuda {
 
 int forward(const BlockSparseCudaParams& p, CUstream_st* stream) {
   if (!bsa::valid_shape(p)) return cudaErrorInvalidValue;
-  return BSA_DTYPE_SWITCH(p.dtype, T, [&] {
-    return BSA_SIZE_SWITCH(p.s.head_dim, kD, [&] {
-      return BSA_SIZE_SWITCH(p.s.block_size, kBlock, [&] { return bsa::run_forward<T, kD, kBlock>(p, stream); });
+  return AF2_DTYPE_SWITCH(p.dtype, T, [&] {
+    return AF2_SIZE_SWITCH(p.s.head_dim, kD, [&] {
+      return AF2_SIZE_SWITCH(p.s.block_size, kBlock, [&] { return bsa::run_forward<T, kD, kBlock>(p, stream); });
     });
   });
 }
 
 int backward(const BlockSparseCudaParams& p, CUstream_st* stream) {
   if (!bsa::valid_shape(p)) return cudaErrorInvalidValue;
-  return BSA_DTYPE_SWITCH(p.dtype, T, [&] {
-    return BSA_SIZE_SWITCH(p.s.head_dim, kD, [&] {
-      return BSA_SIZE_SWITCH(p.s.block_size, kBlock, [&] { return bsa::run_backward<T, kD, kBlock>(p, stream); });
+  return AF2_DTYPE_SWITCH(p.dtype, T, [&] {
+    return AF2_SIZE_SWITCH(p.s.head_dim, kD, [&] {
+      return AF2_SIZE_SWITCH(p.s.block_size, kBlock, [&] { return bsa::run_backward<T, kD, kBlock>(p, stream); });
     });
   });
 }

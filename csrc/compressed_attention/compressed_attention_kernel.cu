@@ -21,6 +21,7 @@
 #include <limits>
 
 #include "common/cuda_utils.cuh"
+#include "common/static_switch.cuh"
 #include "compressed_attention/compressed_attention.h"
 
 namespace af2_ext {
@@ -450,49 +451,7 @@ cudaError_t run_backward(const KvCompressCudaParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-// flash-attention style static switches: each case binds a compile-time name and calls the lambda; an unsupported
-// value returns cudaErrorInvalidValue (the binding has already named it in a TORCH_CHECK).
-#define KVC_DTYPE_SWITCH(KIND, T, ...) \
-  [&]() -> cudaError_t {               \
-    switch (KIND) {                    \
-      case ScalarKind::kFloat32: {     \
-        using T = float;               \
-        return __VA_ARGS__();          \
-      }                                \
-      case ScalarKind::kFloat16: {     \
-        using T = __half;              \
-        return __VA_ARGS__();          \
-      }                                \
-      case ScalarKind::kBFloat16: {    \
-        using T = __nv_bfloat16;       \
-        return __VA_ARGS__();          \
-      }                                \
-    }                                  \
-    return cudaErrorInvalidValue;      \
-  }()
 
-#define KVC_HEAD_DIM_SWITCH(VALUE, NAME, ...) \
-  [&]() -> cudaError_t {                      \
-    switch (VALUE) {                          \
-      case 16: {                              \
-        constexpr static int NAME = 16;       \
-        return __VA_ARGS__();                 \
-      }                                       \
-      case 32: {                              \
-        constexpr static int NAME = 32;       \
-        return __VA_ARGS__();                 \
-      }                                       \
-      case 64: {                              \
-        constexpr static int NAME = 64;       \
-        return __VA_ARGS__();                 \
-      }                                       \
-      case 128: {                             \
-        constexpr static int NAME = 128;      \
-        return __VA_ARGS__();                 \
-      }                                       \
-    }                                         \
-    return cudaErrorInvalidValue;             \
-  }()
 
 }  // namespace
 }  // namespace kvc
@@ -501,15 +460,15 @@ namespace cuda {
 
 int kv_compress_forward(const KvCompressCudaParams& p, CUstream_st* stream) {
   if (!kvc::valid_shape(p) || p.weight == nullptr || p.k == nullptr || p.v == nullptr) return cudaErrorInvalidValue;
-  return KVC_DTYPE_SWITCH(p.dtype, T, [&] {
-    return KVC_HEAD_DIM_SWITCH(p.s.head_dim, kD, [&] { return kvc::run_forward<T, kD>(p, stream); });
+  return AF2_DTYPE_SWITCH(p.dtype, T, [&] {
+    return AF2_SIZE_SWITCH(p.s.head_dim, kD, [&] { return kvc::run_forward<T, kD>(p, stream); });
   });
 }
 
 int kv_compress_backward(const KvCompressCudaParams& p, CUstream_st* stream) {
   if (!kvc::valid_shape(p)) return cudaErrorInvalidValue;
-  return KVC_DTYPE_SWITCH(p.dtype, T, [&] {
-    return KVC_HEAD_DIM_SWITCH(p.s.head_dim, kD, [&] { return kvc::run_backward<T, kD>(p, stream); });
+  return AF2_DTYPE_SWITCH(p.dtype, T, [&] {
+    return AF2_SIZE_SWITCH(p.s.head_dim, kD, [&] { return kvc::run_backward<T, kD>(p, stream); });
   });
 }
 
