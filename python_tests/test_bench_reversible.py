@@ -48,10 +48,11 @@ def test_cli_writes_json(tmp_path):
     threads = torch.get_num_threads()
     try:
         assert bench_cli.main(["reversible", "--depths", "1", "2", "--n", "4", "--msa", "2", "--dim", "16",
-                               "--reps", "1", "--threads", "1", "--device", "cpu", "--json", str(path)]) == 0
+                               "--reps", "1", "--threads", "1", "--device", "cpu", "--drift-depth", "3", "--json",
+                               str(path)]) == 0
     finally:
         torch.set_num_threads(threads)
     doc = json.loads(path.read_text())
     assert doc["benchmark"] == "reversible" and doc["settings"]["depths"] == [1, 2]
-    assert set(doc["drift"]) == {"depth", "float32", "bfloat16"} and doc["drift"]["depth"] == 2
+    assert set(doc["drift"]) == {"depth", "float32", "bfloat16"} and doc["drift"]["depth"] == 3
     assert len(doc["records"]) == 6 and [p.name for p in tmp_path.iterdir()] == ["rev.json"]

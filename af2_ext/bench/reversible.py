@@ -233,6 +233,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=TrunkConfig.n, help="residues (pair n*n tokens; default 32)")
     parser.add_argument("--msa", type=int, default=TrunkConfig.M, help="MSA rows (default 5)")
     parser.add_argument("--dim", type=int, default=TrunkConfig.dim, help="model width (default 64)")
+    parser.add_argument("--drift-depth", type=int, default=48,
+                        help="layers the reconstruction drift is measured through (default 48)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--reps", type=int, default=5, help="timed steps, at most (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
@@ -255,7 +257,9 @@ def main(args: argparse.Namespace) -> int:
           f"torch {env['torch']}, {config}", flush=True)
     started = time.perf_counter()
     records = run_reversible(config, depths, device=device, reps=args.reps)
-    deepest = max(depths)
+    deepest = args.drift_depth
+    if deepest < 1:
+        raise SystemExit(f"--drift-depth must be positive, got {deepest}")
     drifts = {name: drift(config, deepest, torch.device(device), dtype)
               for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     wall = round(time.perf_counter() - started, 1)
