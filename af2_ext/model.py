@@ -15,8 +15,9 @@ Deliberate differences from the seed, each a bug fix with a test (python_tests/t
 
 - the pair mask is mask_i AND mask_j (the seed: OR, so a padded residue's row still attended);
 - compression applies whatever Nk is (the seed skipped it when Nk was divisible by the ratio);
-- ``inter_msa_self_attn=True`` attends across the whole MSA (the seed's reshape made each token see only
-  itself); ``False`` attends within each MSA row;
+- ``inter_msa_self_attn=True`` attends across the whole MSA, ``False`` within each MSA row (the issue reports
+  that the seed's True made each token attend only to itself; the installed 0.0.19's non-reversible path did
+  attend across the MSA when we checked, so the test pins the behaviour rather than a difference);
 - a ``sparse_self_attn`` tuple chooses sparsity per layer for the axial and the MSA attention alike (the seed
   made every axial layer sparse when given any tuple);
 - the reversible recompute receives the MSA row structure and the masks like the forward (the seed dropped

@@ -156,8 +156,8 @@ def test_compression_applies_when_divisible():
 
 @pytest.mark.parametrize("inter", [True, False])
 def test_inter_msa_self_attention_spans_rows(inter):
-    """inter_msa_self_attn=True: an MSA token attends to other rows (the seed's made it attend to itself
-    only); False: only within its row."""
+    """inter_msa_self_attn=True: an MSA token attends to other rows and to its own row (never only to itself);
+    False: only within its row."""
     torch.manual_seed(0)
     model = Alphafold2(**SMALL, inter_msa_self_attn=inter).eval()
     msa_attn = model.layers[0][1].fn
