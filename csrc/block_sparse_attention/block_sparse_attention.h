@@ -22,12 +22,17 @@ struct BlockSparseShape {
 
 // CPU kernels work in T = float (fp32/fp16/bf16 inputs, upcast by the binding) or double.
 // mask_add is (B, Nk): 0 for a visible key, -inf for a padded one; nullptr without a key padding mask.
+// q, k, v (and grad_out) are read at any {batch, head, row} strides in elements with a contiguous head dim (the
+// (B, N, H, D) storage attention modules produce needs no copy); outputs and workspaces are contiguous.
 template <typename T>
 struct BlockSparseCpuForward {
   BlockSparseShape s;
   const T* q = nullptr;
   const T* k = nullptr;
   const T* v = nullptr;
+  int64_t q_stride[3] = {0, 0, 0};
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
   const T* bias = nullptr;
   const T* mask_add = nullptr;
   const int32_t* row_count = nullptr;
@@ -44,6 +49,10 @@ struct BlockSparseCpuBackward {
   const T* k = nullptr;
   const T* v = nullptr;
   const T* grad_out = nullptr;
+  int64_t q_stride[3] = {0, 0, 0};
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+  int64_t grad_out_stride[3] = {0, 0, 0};
   const T* lse = nullptr;    // (B, H, Nq)
   const T* delta = nullptr;  // (B, H, Nq): rowsum(grad_out * out)
   const T* bias = nullptr;

@@ -32,6 +32,19 @@ void check_index_values(const at::Tensor& count, const at::Tensor& index, const 
 
 at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// In the compute dtype, read in place at its strides when the head dim is contiguous (the usual (B, N, H, D)
+// storage of attention modules), copied otherwise.
+at::Tensor staged(const at::Tensor& t, at::ScalarType acc) {
+  auto out = t.to(acc);
+  return out.stride(-1) == 1 ? out : out.contiguous();
+}
+
+void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
+  dst[0] = t.stride(0);
+  dst[1] = t.stride(1);
+  dst[2] = t.stride(2);
+}
+
 // (B, Nk): 0 where a key is visible, -inf where it is padded; undefined without a mask.
 at::Tensor additive_key_mask(const std::optional<at::Tensor>& key_padding_mask, at::ScalarType acc) {
   if (!key_padding_mask.has_value()) return at::Tensor();
@@ -57,14 +70,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
                                                        block_size, key_padding_mask, bias);
   check_index_values(row_count, row_index, "row_index", s.num_k_blocks);
   const auto acc = accumulate_type(q.scalar_type());
-  const auto qa = q.to(acc).contiguous();
-  const auto ka = k.to(acc).contiguous();
-  const auto va = v.to(acc).contiguous();
+  const auto qa = staged(q, acc), ka = staged(k, acc), va = staged(v, acc);
   const auto mask_add = additive_key_mask(key_padding_mask, acc);
   const auto bias_a = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const auto rc = row_count.contiguous();
   const auto ri = row_index.contiguous();
-  auto out = at::empty({s.batch, s.heads, s.seq_q, s.head_dim}, qa.options());
+  auto out = at::empty({s.batch, s.heads, s.seq_q, s.head_dim}, qa.options());  // contiguous
   auto lse = at::empty({s.batch, s.heads, s.seq_q}, qa.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "block_sparse_attention_forward_cpu", [&] {
     BlockSparseCpuForward<scalar_t> p;
@@ -72,6 +83,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
     p.q = qa.data_ptr<scalar_t>();
     p.k = ka.data_ptr<scalar_t>();
     p.v = va.data_ptr<scalar_t>();
+    set_strides(p.q_stride, qa);
+    set_strides(p.k_stride, ka);
+    set_strides(p.v_stride, va);
     p.bias = bias_a.defined() ? bias_a.data_ptr<scalar_t>() : nullptr;
     p.mask_add = mask_add.defined() ? mask_add.data_ptr<scalar_t>() : nullptr;
     p.row_count = rc.data_ptr<int32_t>();
@@ -102,34 +116,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const bool want_q = output_mask[0], want_kv = output_mask[1] || output_mask[2];
   const bool want_bias = output_mask[3] && bias.has_value();
   const auto acc = accumulate_type(q.scalar_type());
-  const auto qa = q.to(acc).contiguous();
-  const auto ka = k.to(acc).contiguous();
-  const auto va = v.to(acc).contiguous();
-  const auto go = grad_out.to(acc).contiguous();
-  const auto oa = out.to(acc).contiguous();
+  const auto qa = staged(q, acc), ka = staged(k, acc), va = staged(v, acc), go = staged(grad_out, acc);
+  const auto oa = staged(out, acc);
   const auto lse_a = lse.to(acc).contiguous();
   auto delta = at::empty({s.batch, s.heads, s.seq_q}, qa.options());
   const auto mask_add = additive_key_mask(key_padding_mask, acc);
   const auto bias_a = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const auto rc = row_count.contiguous(), ri = row_index.contiguous();
   const auto cc = col_count.contiguous(), ci = col_index.contiguous();
-  auto gq = want_q ? at::empty_like(qa) : at::Tensor();
-  auto gk = want_kv ? at::empty_like(ka) : at::Tensor();
-  auto gv = want_kv ? at::empty_like(va) : at::Tensor();
+  const auto contiguous = qa.options().memory_format(at::MemoryFormat::Contiguous);
+  auto gq = want_q ? at::empty(q.sizes(), contiguous) : at::Tensor();
+  auto gk = want_kv ? at::empty(k.sizes(), contiguous) : at::Tensor();
+  auto gv = want_kv ? at::empty(v.sizes(), contiguous) : at::Tensor();
   auto gb = want_bias ? at::zeros_like(bias_a) : at::Tensor();
   auto q_t_blocks = at::empty({s.batch, s.heads, s.num_q_blocks, s.head_dim, block_size}, qa.options());
   auto go_t_blocks = at::empty_like(q_t_blocks);
   AT_DISPATCH_FLOATING_TYPES(acc, "block_sparse_attention_backward_cpu", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    {  // delta = rowsum(grad_out * out), one query row at a time
+    {  // delta = rowsum(grad_out * out), one query row at a time, both read at their strides
       const scalar_t* g = go.data_ptr<scalar_t>();
       const scalar_t* o = oa.data_ptr<scalar_t>();
       scalar_t* dl = delta.data_ptr<scalar_t>();
-      const int64_t D = s.head_dim;
+      const int64_t D = s.head_dim, H = s.heads, Nq = s.seq_q;
       at::parallel_for(0, delta.numel(), 1024, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
+          const int64_t b = r / (H * Nq), h = (r / Nq) % H, i = r % Nq;
+          const scalar_t* gr = g + b * go.stride(0) + h * go.stride(1) + i * go.stride(2);
+          const scalar_t* orow = o + b * oa.stride(0) + h * oa.stride(1) + i * oa.stride(2);
           scalar_t sum = 0;
-          for (int64_t d = 0; d < D; ++d) sum += g[r * D + d] * o[r * D + d];
+          for (int64_t d = 0; d < D; ++d) sum += gr[d] * orow[d];
           dl[r] = sum;
         }
       });
@@ -140,6 +155,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     p.k = ptr(ka);
     p.v = ptr(va);
     p.grad_out = ptr(go);
+    set_strides(p.q_stride, qa);
+    set_strides(p.k_stride, ka);
+    set_strides(p.v_stride, va);
+    set_strides(p.grad_out_stride, go);
     p.lse = ptr(lse_a);
     p.delta = ptr(delta);
     p.bias = ptr(bias_a);
