@@ -228,6 +228,9 @@ class Alphafold2(nn.Module):
 
         Returns:
             (b, n, n, 37) distogram logits (symmetric in i, j).
+
+        ``torch.compile(model)`` works; the input checks read the token ids' range, which is one documented
+        graph break at the top of the forward (the ops themselves trace without breaks).
         """
         self._check_inputs(seq, msa, embedds, mask, msa_mask)
         b, n = seq.shape
