@@ -179,6 +179,8 @@ class Alphafold2(nn.Module):
             raise ValueError(f"seq length must be in [1, max_seq_len={self.max_seq_len}], got {n}")
 
         def check_tokens(name, t):
+            if torch.compiler.is_compiling():  # a data-dependent check; the embedding still rejects bad ids
+                return
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_tokens):
                 raise ValueError(f"{name} token ids must be in [0, num_tokens={self.num_tokens}), got "
                                  f"[{int(t.min())}, {int(t.max())}]")
@@ -229,8 +231,9 @@ class Alphafold2(nn.Module):
         Returns:
             (b, n, n, 37) distogram logits (symmetric in i, j).
 
-        ``torch.compile(model)`` works; the input checks read the token ids' range, which is one documented
-        graph break at the top of the forward (the ops themselves trace without breaks).
+        ``torch.compile(model)``: in eval mode both trunks trace as one graph without breaks (the token-range
+        check, a data-dependent read, is skipped while compiling; the embedding lookup still rejects a bad
+        id). A training-mode reversible trunk draws its couplings' seeds on the host: graph breaks there.
         """
         self._check_inputs(seq, msa, embedds, mask, msa_mask)
         b, n = seq.shape

@@ -113,6 +113,15 @@ class _Sequence(nn.Module):
                 raise ValueError(f"coupling {c} refers to half {bad[0]}, but there are {self.num_halves} halves")
 
 
+    def _seeded(self) -> bool:
+        """Whether couplings get their own seeds this call. Seeds only matter where something may be random (a
+        module in training mode); drawing one is a host read torch.compile cannot trace, so compiled or
+        all-eval sequences run their couplings on the global generators."""
+        if not self.seed_couplings or torch.compiler.is_compiling():
+            return False
+        return any(m.training for m in self.couplings.modules())
+
+
 class SequentialSequence(_Sequence):
     """The couplings run through ordinary autograd (every activation stored). Same interface as
     :class:`ReversibleSequence`.
@@ -128,9 +137,10 @@ class SequentialSequence(_Sequence):
         _check_halves(halves, self.num_halves)
         state = list(halves)
         devices = _cuda_devices(halves)
+        seeded = self._seeded()
         for c in self.couplings:
             if c.active(state):
-                with _seeded(_draw_seed() if self.seed_couplings else None, devices):
+                with _seeded(_draw_seed() if seeded else None, devices):
                     out = c.compute(tuple(state), context)
                 state[c.target] = state[c.target] + out
         return tuple(state)
@@ -261,9 +271,10 @@ class ReversibleSequence(_Sequence):
         """The forward, in place on ``state`` without autograd; returns each coupling's seed (None: skipped or
         unseeded)."""
         seeds = []
+        seeded = self._seeded()
         with torch.no_grad():
             for c in self.couplings:
-                seed = _draw_seed() if c.active(state) and self.seed_couplings else None
+                seed = _draw_seed() if c.active(state) and seeded else None
                 seeds.append(seed)
                 if c.active(state):
                     with _seeded(seed, devices):

@@ -267,6 +267,16 @@ def test_bad_arguments():
         Alphafold2(dim=32, dim_head=16, impl="fast")
 
 
+@pytest.mark.parametrize("reversible", [False, True], ids=["sequential", "reversible"])
+def test_forward_traces_as_one_graph(reversible):
+    torch._dynamo.reset()
+    model = Alphafold2(**SMALL, reversible=reversible, cross_attn_compress_ratio=2).eval()
+    batch = _batch("cpu")
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(**batch)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+
+
 def test_torch_compile_forward():
     """torch.compile of the forward runs and matches eager (the input checks read token ranges: a documented
     graph break)."""
