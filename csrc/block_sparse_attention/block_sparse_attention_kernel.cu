@@ -562,8 +562,6 @@ cudaError_t run_backward(const BlockSparseCudaParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-
-
 }  // namespace
 }  // namespace bsa
 

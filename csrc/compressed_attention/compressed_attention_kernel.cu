@@ -451,8 +451,6 @@ cudaError_t run_backward(const KvCompressCudaParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
-
-
 }  // namespace
 }  // namespace kvc
 
