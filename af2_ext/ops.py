@@ -178,11 +178,16 @@ def _check_block_sparse(q, k, v, layout, block_size, key_padding_mask, bias) -> 
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     _check_attention_inputs(q, k, v, block_size, key_padding_mask, bias)
-    H, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
-    nqb, nkb = -(-Nq // block_size), -(-Nk // block_size)
+    _check_layout(layout, q, k.shape[2], block_size, "ceil(Nk/block_size)")
+
+
+def _check_layout(layout, q, num_keys: int, block_size: int, key_blocks: str, note: str = "") -> None:
+    """layout: bool (1 or H, ceil(Nq / block_size), ceil(num_keys / block_size)) on q's device; ``key_blocks``
+    names the last dimension in the message, ``note`` adds to it."""
+    H, nqb, nkb = q.shape[1], -(-q.shape[2] // block_size), -(-num_keys // block_size)
     _require(layout.dtype == torch.bool, lambda: f"layout must be a bool tensor, got {layout.dtype}")
     _require(layout.dim() == 3 and layout.shape[0] in (1, H) and layout.shape[1] == nqb and layout.shape[2] == nkb,
-             lambda: f"layout must be (1 or H={H}, ceil(Nq/block_size)={nqb}, ceil(Nk/block_size)={nkb}), "
+             lambda: f"layout must be (1 or H={H}, ceil(Nq/block_size)={nqb}, {key_blocks}={nkb}){note}, "
                      f"got {_shape(layout)}")
     _require(layout.device == q.device, lambda: f"layout must be on q's device {q.device}, got {layout.device}")
 
@@ -448,17 +453,12 @@ def _check_compressed(q, k, v, ratio, weight, bias, key_padding_mask, layout, bl
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a torch.Tensor when ratio > 1, got {type(weight).__name__}")
         _check_kv_compress_inputs(k, v, weight, bias, ratio)
-    H, Nq, Nc = q.shape[1], q.shape[2], -(-k.shape[2] // ratio)
+    Nc = -(-k.shape[2] // ratio)
     if layout is not None:
         if not isinstance(layout, torch.Tensor):
             raise TypeError(f"layout must be a torch.Tensor or None, got {type(layout).__name__}")
-        nqb, nkb = -(-Nq // block_size), -(-Nc // block_size)
-        _require(layout.dtype == torch.bool, lambda: f"layout must be a bool tensor, got {layout.dtype}")
-        _require(layout.dim() == 3 and layout.shape[0] in (1, H) and layout.shape[1] == nqb
-                 and layout.shape[2] == nkb,
-                 lambda: f"layout must be (1 or H={H}, ceil(Nq/block_size)={nqb}, ceil(Nc/block_size)={nkb}) over "
-                         f"the Nc=ceil(Nk/ratio)={Nc} compressed keys, got {_shape(layout)}")
-        _require(layout.device == q.device, lambda: f"layout must be on q's device {q.device}, got {layout.device}")
+        _check_layout(layout, q, Nc, block_size, "ceil(Nc/block_size)",
+                      f" over the Nc=ceil(Nk/ratio)={Nc} compressed keys")
     return Nc
 
 

@@ -71,6 +71,11 @@ class Coupling(nn.Module):
         return out
 
 
+def _working_copy(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A contiguous copy the couplings may update in place (one copy, whatever t's layout)."""
+    return None if t is None else torch.clone(t.detach(), memory_format=torch.contiguous_format)
+
+
 def _couplings(blocks: Iterable) -> list[Coupling]:
     flat = []
     for block in blocks:
@@ -197,7 +202,7 @@ class _ReversibleFunction(torch.autograd.Function):
         inputs, params = args[:num], args[num:]
         state: list = [None] * sequence.num_halves
         for slot, h in zip(present, inputs):
-            state[slot] = h.detach().contiguous().clone()  # the working buffers the couplings update in place
+            state[slot] = _working_copy(h)  # the working buffers the couplings update in place
         devices = _cuda_devices(tuple(state))
         seeds = sequence._run(state, context, devices)
         outputs = tuple(state[slot] for slot in present)
@@ -215,8 +220,8 @@ class _ReversibleFunction(torch.autograd.Function):
         state: list = [None] * sequence.num_halves
         grads: list = [None] * sequence.num_halves
         for slot, out, g in zip(present, saved, grad_outputs):
-            state[slot] = out.detach().clone()  # rebuilt in place below; the caller's outputs stay intact
-            grads[slot] = torch.zeros_like(out) if g is None else g.detach().contiguous().clone()
+            state[slot] = _working_copy(out)  # rebuilt in place below; the caller's outputs stay intact
+            grads[slot] = torch.zeros_like(out) if g is None else _working_copy(g)
         param_grads: list = [None] * ctx.num_params
         for c, seed in zip(reversed(sequence.couplings), reversed(ctx.seeds)):
             if not c.active(state):
@@ -289,7 +294,7 @@ class ReversibleSequence(_Sequence):
         params = tuple(p for p in self.parameters() if p.requires_grad)
         needs_grad = torch.is_grad_enabled() and (any(halves[i].requires_grad for i in present) or params)
         if not needs_grad:
-            state = [None if h is None else h.detach().contiguous().clone() for h in halves]
+            state = [_working_copy(h) for h in halves]
             self._run(state, context, _cuda_devices(halves))
             return tuple(state)
         outputs = _ReversibleFunction.apply(self, context, present, *(halves[i] for i in present), *params)
@@ -304,7 +309,7 @@ class ReversibleSequence(_Sequence):
         (for measuring reconstruction drift). The couplings' functions must be deterministic here: eval mode,
         or no dropout."""
         _check_halves(halves, self.num_halves)
-        state = [None if h is None else h.detach().contiguous().clone() for h in halves]
+        state = [_working_copy(h) for h in halves]
         for c in reversed(self.couplings):
             if c.active(state):
                 # y + (-f) is y - f exactly (negation is exact), computed like the backward's inverse.

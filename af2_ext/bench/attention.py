@@ -409,16 +409,7 @@ def format_records(records: Sequence[dict]) -> str:
         if with_memory:
             row += [common.fmt(r["results"].get(impl, {}).get("peak_mib"), ".1f") for impl in IMPLS]
         rows.append(row)
-    lines = [common.format_table(header, rows)]
-    seen: dict = {}
-    for r in records:
-        for impl, res in r["results"].items():
-            for note in res["notes"]:
-                seen.setdefault((impl, note), 0)
-                seen[(impl, note)] += 1
-    for (impl, note), count in seen.items():
-        lines.append(f"note: {impl} {note} ({count} of {len(records)} rows)")
-    return "\n".join(lines)
+    return "\n".join([common.format_table(header, rows)] + common.note_lines(records))
 
 
 def format_targets(targets: Sequence[dict]) -> str:

@@ -220,6 +220,16 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def note_lines(records: Sequence[dict]) -> list[str]:
+    """Each distinct (implementation, note) of ``records[i]["results"]`` once, with how many rows had it."""
+    seen: dict = {}
+    for r in records:
+        for impl, res in r["results"].items():
+            for note in res["notes"]:
+                seen[(impl, note)] = seen.get((impl, note), 0) + 1
+    return [f"note: {impl} {note} ({count} of {len(records)} rows)" for (impl, note), count in seen.items()]
+
+
 def fmt(value: Optional[float], spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 

@@ -314,14 +314,7 @@ def format_records(records: Sequence[dict]) -> str:
                      common.fmt(r["peak_ratio"], ".3f"),
                      common.fmt(ours["process_peak_mib"], ".0f"), common.fmt(ref["process_peak_mib"], ".0f"),
                      common.fmt(ref["max_abs_diff_vs_ours"], ".1e")])
-    lines = [common.format_table(header, rows)]
-    seen: dict = {}
-    for r in records:
-        for impl, res in r["results"].items():
-            for note in res["notes"]:
-                seen[(impl, note)] = seen.get((impl, note), 0) + 1
-    lines += [f"note: {impl} {note} ({count} of {len(records)} rows)" for (impl, note), count in seen.items()]
-    return "\n".join(lines)
+    return "\n".join([common.format_table(header, rows)] + common.note_lines(records))
 
 
 def format_targets(targets: Sequence[dict]) -> str:

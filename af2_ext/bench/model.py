@@ -115,7 +115,7 @@ def measure(impl: str, config: ModelConfig, device: torch.device, *, reps: int, 
                 result["peak_mib"] = common.run_child(_CHILD, payload, threads=torch.get_num_threads(),
                                                       timeout_s=1800)["peak_mib"]
     except Exception as error:  # noqa: BLE001  recorded, never the end of the run
-        result["notes"].append(f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        result["notes"].append(f"failed: {common.reason(error)}")
     return result
 
 

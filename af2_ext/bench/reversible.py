@@ -141,9 +141,8 @@ def run_reversible(config: TrunkConfig = TrunkConfig(), depths: Sequence[int] = 
             if torch_device.type == "cuda":
                 record["cuda_peak_mib"] = common.cuda_peak_mib(lambda: train_step(model, halves, context), torch_device)
         except Exception as error:  # noqa: BLE001  recorded, never the end of the run
-            record["notes"].append(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            record["notes"].append(common.reason(error))
         records.append(record)
-        del model, halves
     return records
 
 

@@ -9,6 +9,7 @@
 
 #include "block_sparse_attention/block_sparse_attention.h"
 #include "block_sparse_attention/block_sparse_attention_checks.h"
+#include "common/binding_utils.h"
 
 namespace af2_ext {
 namespace {
@@ -28,21 +29,6 @@ void check_index_values(const at::Tensor& count, const at::Tensor& index, const 
                   ": block indices must be ascending and in [0, ", limit, "), got ", v);
     }
   }
-}
-
-at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// In the compute dtype, read in place at its strides when the head dim is contiguous (the usual (B, N, H, D)
-// storage of attention modules), copied otherwise.
-at::Tensor staged(const at::Tensor& t, at::ScalarType acc) {
-  auto out = t.to(acc);
-  return out.stride(-1) == 1 ? out : out.contiguous();
-}
-
-void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
-  dst[0] = t.stride(0);
-  dst[1] = t.stride(1);
-  dst[2] = t.stride(2);
 }
 
 // (B, Nk): 0 where a key is visible, -inf where it is padded; undefined without a mask.
@@ -69,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   const BlockSparseShape s = check_block_sparse_inputs(q, k, v, row_count, row_index, col_count, col_index,
                                                        block_size, key_padding_mask, bias);
   check_index_values(row_count, row_index, "row_index", s.num_k_blocks);
-  const auto acc = accumulate_type(q.scalar_type());
+  const auto acc = cpu_accumulate_type(q.scalar_type());
   const auto qa = staged(q, acc), ka = staged(k, acc), va = staged(v, acc);
   const auto mask_add = additive_key_mask(key_padding_mask, acc);
   const auto bias_a = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
@@ -115,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   check_index_values(col_count, col_index, "col_index", s.num_q_blocks);
   const bool want_q = output_mask[0], want_kv = output_mask[1] || output_mask[2];
   const bool want_bias = output_mask[3] && bias.has_value();
-  const auto acc = accumulate_type(q.scalar_type());
+  const auto acc = cpu_accumulate_type(q.scalar_type());
   const auto qa = staged(q, acc), ka = staged(k, acc), va = staged(v, acc), go = staged(grad_out, acc);
   const auto oa = staged(out, acc);
   const auto lse_a = lse.to(acc).contiguous();

@@ -6,39 +6,21 @@
 
 #include "compressed_attention/compressed_attention.h"
 #include "compressed_attention/compressed_attention_checks.h"
+#include "common/binding_utils.h"
 
 namespace af2_ext {
 namespace {
-
-at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// The kernels read k and v at any (batch, head, row) strides but need a contiguous head dim.
-at::Tensor staged(const at::Tensor& t, at::ScalarType acc) {
-  auto out = t.to(acc);
-  return out.stride(-1) == 1 ? out : out.contiguous();
-}
-
-void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
-  dst[0] = t.stride(0);
-  dst[1] = t.stride(1);
-  dst[2] = t.stride(2);
-}
 
 // weight (H*D, D, ratio) -> (H, D_out, D_in, ratio) view, permuted to the kernels' packed layouts.
 at::Tensor weight_view(const at::Tensor& weight, const KvCompressShape& s, at::ScalarType acc) {
   return weight.to(acc).reshape({s.heads, s.head_dim, s.head_dim, s.ratio});
 }
 
-template <typename Fn>
-void parallel_tasks(int64_t num_tasks, const Fn& fn) {
-  at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) { fn(begin, end); });
-}
-
 std::tuple<at::Tensor, at::Tensor> kv_compress_forward_cpu(const at::Tensor& k, const at::Tensor& v,
                                                            const at::Tensor& weight,
                                                            const std::optional<at::Tensor>& bias, int64_t ratio) {
   const KvCompressShape s = check_kv_compress_inputs(k, v, weight, bias, ratio);
-  const auto acc = accumulate_type(k.scalar_type());
+  const auto acc = cpu_accumulate_type(k.scalar_type());
   const auto ka = staged(k, acc), va = staged(v, acc);
   const auto w_in_out = weight_view(weight, s, acc).permute({0, 3, 2, 1}).contiguous();  // [h][t][d][e]
   const auto bias_a = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
@@ -55,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor> kv_compress_forward_cpu(const at::Tensor& k, 
     p.bias = bias_a.defined() ? bias_a.data_ptr<scalar_t>() : nullptr;
     p.kc = kc.data_ptr<scalar_t>();
     p.vc = vc.data_ptr<scalar_t>();
-    parallel_tasks(cpu::kv_compress_forward_num_tasks(s),
+    at::parallel_for(0, cpu::kv_compress_forward_num_tasks(s), 1,
                    [&](int64_t b, int64_t e) { cpu::kv_compress_forward<scalar_t>(p, b, e); });
   });
   return {kc.to(k.scalar_type()), vc.to(k.scalar_type())};
@@ -68,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kv_compress_backward_
   check_kv_compress_grads(grad_kc, grad_vc, k, s);
   const bool want_k = output_mask[0], want_v = output_mask[1], want_w = output_mask[2];
   const bool want_b = output_mask[3] && bias.has_value();
-  const auto acc = accumulate_type(k.scalar_type());
+  const auto acc = cpu_accumulate_type(k.scalar_type());
   // Only what the wanted gradients read is staged: autograd passes shape-only stand-ins (expanded zeros) for
   // k and v when the weight needs no gradient, and for the weight when k and v need none.
   const auto ka = want_w ? staged(k, acc) : at::Tensor(), va = want_w ? staged(v, acc) : at::Tensor();
@@ -98,10 +80,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kv_compress_backward_
     p.grad_weight_out_in = ptr(gw);
     p.grad_bias = ptr(gb);
     if (want_k || want_v)
-      parallel_tasks(cpu::kv_compress_backward_input_num_tasks(s),
+      at::parallel_for(0, cpu::kv_compress_backward_input_num_tasks(s), 1,
                      [&](int64_t b, int64_t e) { cpu::kv_compress_backward_input<scalar_t>(p, b, e); });
     if (want_w || want_b)
-      parallel_tasks(cpu::kv_compress_backward_weight_num_tasks(s),
+      at::parallel_for(0, cpu::kv_compress_backward_weight_num_tasks(s), 1,
                      [&](int64_t b, int64_t e) { cpu::kv_compress_backward_weight<scalar_t>(p, b, e); });
   });
   const auto empty = at::empty({0}, k.options());
