@@ -32,3 +32,23 @@ def test_seed_package_is_measured_or_skipped_with_a_reason():
         assert result["notes"] == [] and result["step_ms"] > 0, result
     else:
         assert result["step_ms"] is None and result["notes"][0].startswith("skipped: alphafold2-pytorch"), result
+
+
+def test_floor_step_runs_without_the_attention_ops_and_restores_them():
+    """The floor's attention stand-in is active only inside its step; the ops are not called there."""
+    from af2_ext import blocks, ops
+
+    device = torch.device("cpu")
+    model = bench.build("floor", TINY, device, seed=1)
+    calls = []
+    real = ops.block_sparse_attention
+    ops.block_sparse_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        bench.step_fn(model, bench.batch(TINY, device), free_attention=True)()
+        assert calls == [], "the floor step called the attention op"
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()), "no gradients"
+        assert blocks.ops is ops, "the real ops were not restored"
+        bench.step_fn(model, bench.batch(TINY, device))()
+        assert calls, "the ordinary step did not call the attention op"
+    finally:
+        ops.block_sparse_attention = real

@@ -5,7 +5,11 @@ seed README's size (dim 256, depth 2, heads 8, dim_head 64, sequence 128, MSA 5 
 
 - ``reference``: the same model and parameters with ``impl="reference"`` (pure PyTorch);
 - ``seed``: alphafold2-pytorch 0.0.19 itself, when it is installed (``pip install alphafold2-pytorch==0.0.19``),
-  with its default ``inter_msa_self_attn=True`` and with ``False``.
+  with its default ``inter_msa_self_attn=True`` and with ``False``;
+- ``floor``: ours with every attention op replaced by a free stand-in (returns its ``q``), i.e. only the
+  embeddings, LayerNorms, linear projections, feed-forwards and head that every implementation of this
+  architecture computes. Its time is a lower bound on any fp32 implementation's step on this device (even an
+  underestimate: the key/value projections get no gradient), so ``seed / floor`` bounds the reachable speed-up.
 
 Peak memory of a step: on CUDA ``max_memory_allocated`` above what was allocated before; on CPU the
 resident-set increase of the step in a fresh child process (after a warmup step), as the other benchmarks.
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 
 from af2_ext.bench import common
 
-IMPLS = ("ours", "reference", "seed")
+IMPLS = ("ours", "reference", "seed", "floor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +66,24 @@ def build(impl: str, config: ModelConfig, device: torch.device, seed: int = 0) -
         return SeedAlphafold2(**kwargs).to(device)
     from af2_ext import Alphafold2
 
-    return Alphafold2(**kwargs, impl="kernel" if impl == "ours" else "reference").to(device)
+    return Alphafold2(**kwargs, impl="reference" if impl == "reference" else "kernel").to(device)
+
+
+class _FreeAttention:
+    """Inside the block, ``ops.block_sparse_attention`` and ``ops.compressed_attention`` return ``q``."""
+
+    def __enter__(self):
+        from af2_ext import blocks
+
+        self.saved = blocks.ops
+        blocks.ops = type("FreeOps", (), {"block_sparse_attention": staticmethod(lambda q, *a, **k: q),
+                                          "compressed_attention": staticmethod(lambda q, *a, **k: q)})
+        return self
+
+    def __exit__(self, *exc):
+        from af2_ext import blocks
+
+        blocks.ops = self.saved
 
 
 def batch(config: ModelConfig, device: torch.device, seed: int = 0) -> dict:
@@ -74,7 +95,7 @@ def batch(config: ModelConfig, device: torch.device, seed: int = 0) -> dict:
     return {k: v.to(device) for k, v in out.items()}
 
 
-def step_fn(model: torch.nn.Module, data: dict) -> Callable[[], None]:
+def step_fn(model: torch.nn.Module, data: dict, free_attention: bool = False) -> Callable[[], None]:
     inputs = {k: v for k, v in data.items() if k != "target"}
 
     def step():
@@ -82,7 +103,14 @@ def step_fn(model: torch.nn.Module, data: dict) -> Callable[[], None]:
         logits = model(**inputs)
         F.cross_entropy(logits.reshape(-1, 37), data["target"].reshape(-1)).backward()
 
-    return step
+    if not free_attention:
+        return step
+
+    def floor_step():
+        with _FreeAttention():
+            step()
+
+    return floor_step
 
 
 _CHILD = "from af2_ext.bench.model import _memory_child_main; _memory_child_main()"
@@ -93,7 +121,7 @@ def _memory_child_main() -> None:
     torch.set_num_threads(payload["threads"])
     config = ModelConfig(**payload["config"])
     device = torch.device("cpu")
-    step = step_fn(build(payload["impl"], config, device), batch(config, device))
+    step = step_fn(build(payload["impl"], config, device), batch(config, device), payload["impl"] == "floor")
     print(json.dumps(common.child_peak_rss_mib(step, warmup=step)))
 
 
@@ -105,7 +133,7 @@ def measure(impl: str, config: ModelConfig, device: torch.device, *, reps: int, 
             result["notes"].append(f"skipped: {why}")
             return result
     try:
-        step = step_fn(build(impl, config, device), batch(config, device))
+        step = step_fn(build(impl, config, device), batch(config, device), impl == "floor")
         result["step_ms"] = common.time_ms(step, device, warmup=warmup, reps=reps, budget_s=60.0)
         if memory:
             if device.type == "cuda":
@@ -129,6 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
+    parser.add_argument("--reversible", action="store_true",
+                        help="every model (ours, reference, seed, floor) with reversible=True")
     parser.add_argument("--n", type=int, default=ModelConfig.n, help="sequence length (default 128)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="results file (default bench_results/model-<device>.json)")
@@ -143,31 +173,36 @@ def main(args: argparse.Namespace) -> int:
           f"{env['torch']}", flush=True)
     started = time.perf_counter()
     results = []
-    jobs = [(impl, ModelConfig(n=args.n, inter_msa_self_attn=inter)) for inter in (True, False) for impl in IMPLS]
+    jobs = [(impl, ModelConfig(n=args.n, inter_msa_self_attn=inter, reversible=args.reversible))
+            for inter in (True, False) for impl in IMPLS]
     for impl, config in common.progress(jobs, lambda j: f"{j[0]} inter_msa={j[1].inter_msa_self_attn}"):
         results.append(measure(impl, config, device, reps=args.reps, warmup=args.warmup, memory=args.memory))
     rows, targets = [], []
     for inter in (True, False):
         get = {r["impl"]: r for r in results if r["config"]["inter_msa_self_attn"] == inter}
-        ours, ref, seed = get["ours"], get["reference"], get["seed"]
+        ours, ref, seed, floor = get["ours"], get["reference"], get["seed"], get["floor"]
         speed = _ratio(seed["step_ms"], ours["step_ms"])
         mem = _ratio(ours["peak_mib"], seed["peak_mib"])
+        bound = _ratio(seed["step_ms"], floor["step_ms"])
         rows.append([str(inter), common.fmt(ours["step_ms"], ".0f"), common.fmt(ref["step_ms"], ".0f"),
-                     common.fmt(seed["step_ms"], ".0f"), common.fmt(_ratio(ref["step_ms"], ours["step_ms"]), ".2f"),
-                     common.fmt(speed, ".2f"), common.fmt(ours["peak_mib"], ".0f"), common.fmt(ref["peak_mib"], ".0f"),
-                     common.fmt(seed["peak_mib"], ".0f"), common.fmt(mem, ".3f")])
+                     common.fmt(seed["step_ms"], ".0f"), common.fmt(floor["step_ms"], ".0f"),
+                     common.fmt(_ratio(ref["step_ms"], ours["step_ms"]), ".2f"), common.fmt(speed, ".2f"),
+                     common.fmt(bound, ".2f"), common.fmt(ours["peak_mib"], ".0f"), common.fmt(ref["peak_mib"], ".0f"),
+                     common.fmt(seed["peak_mib"], ".0f"), common.fmt(floor["peak_mib"], ".0f"), common.fmt(mem, ".3f")])
         targets.append({"inter_msa_self_attn": inter, "speedup_vs_seed": speed, "memory_vs_seed": mem,
-                        "status": "n/a" if speed is None or mem is None else
+                        "speedup_bound": bound, "status": "n/a" if speed is None or mem is None else
                         "PASS" if speed >= 3 and mem <= 1 / 3 else "MISS"})
-    print("step: median ms of forward+backward; x: time ratio over ours; MiB: peak increase of one step")
-    print(common.format_table(["inter_msa", "ours ms", "ref ms", "seed ms", "x ref", "x seed", "ours MiB",
-                               "ref MiB", "seed MiB", "mem/seed"], rows))
+    print("step: median ms of forward+backward; x: time ratio over ours; seed/floor: the most any implementation "
+          "of this architecture could gain over the seed here; MiB: peak increase of one step")
+    print(common.format_table(["inter_msa", "ours ms", "ref ms", "seed ms", "floor ms", "x ref", "x seed",
+                               "seed/floor", "ours MiB", "ref MiB", "seed MiB", "floor MiB", "mem/seed"], rows))
     for r in results:
         for note in r["notes"]:
             print(f"note: {r['impl']} inter_msa={r['config']['inter_msa_self_attn']}: {note}")
     print("targets (>= 3x faster and <= 1/3 the peak memory of alphafold2-pytorch 0.0.19):")
     for t in targets:
-        print(f"  inter_msa_self_attn={t['inter_msa_self_attn']}: speed {common.fmt(t['speedup_vs_seed'])}x, memory "
+        print(f"  inter_msa_self_attn={t['inter_msa_self_attn']}: speed {common.fmt(t['speedup_vs_seed'])}x "
+              f"(at most {common.fmt(t['speedup_bound'])}x reachable), memory "
               f"{common.fmt(t['memory_vs_seed'], '.3f')}  {t['status']}")
     wall = round(time.perf_counter() - started, 1)
     doc = {"benchmark": "model", "environment": env, "settings": {"reps": args.reps, "warmup": args.warmup,
