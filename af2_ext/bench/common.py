@@ -2,7 +2,6 @@
 progress, the text table and the atomic JSON write."""
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -11,11 +10,12 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
+
+from af2_ext.fileio import atomic_path, save_figure_atomic, write_json_atomic  # noqa: F401  re-exported
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -234,45 +234,8 @@ def fmt(value: Optional[float], spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str, suffix: str = ""):
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename (a reader never
-    sees a half-written file, and an existing file survives a failure). Permissions follow the umask."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_figure_atomic(fig, path: str) -> None:
-    """Save a matplotlib figure to ``path`` (format from the extension, PNG by default) atomically."""
-    suffix = os.path.splitext(path)[1]
-    with atomic_path(path, suffix) as tmp:
-        fig.savefig(tmp, dpi=120, format=suffix.lstrip(".") or "png")
-
-
 def reason(error: BaseException) -> str:
     """One line naming an error, for the notes of a skipped measurement."""
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0] if lines else ''}".strip()
     return text if len(text) <= 240 else text[:237] + "..."
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path, ".json") as tmp:
-        with open(tmp, "w") as out:
-            json.dump(data, out, indent=2, allow_nan=False)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())

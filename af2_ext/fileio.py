@@ -1,0 +1,57 @@
+"""Atomic file writes: everything af2_ext saves (checkpoints, datasets, PDB files, figures, JSON, logs) goes
+through a temporary file in the target's directory and one rename, so a crash never leaves half a file and
+an existing file survives a failed write."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename (a reader never
+    sees a half-written file, and an existing file survives a failure). Permissions follow the umask."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike, mode: str = "w", **kwargs) -> Iterator[Any]:
+    """``open`` for writing through :func:`atomic_path`; flushed and fsynced before the rename."""
+    with atomic_path(path, os.path.splitext(os.fspath(path))[1]) as tmp:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json_atomic(path: PathLike, data: dict) -> None:
+    """Write ``data`` as JSON to ``path`` atomically."""
+    with atomic_open(path, "w") as out:
+        json.dump(data, out, indent=2, allow_nan=False)
+        out.write("\n")
+
+
+def save_figure_atomic(fig, path: PathLike) -> None:
+    """Save a matplotlib figure to ``path`` (format from the extension, PNG by default) atomically."""
+    suffix = os.path.splitext(os.fspath(path))[1]
+    with atomic_path(path, suffix) as tmp:
+        fig.savefig(tmp, dpi=120, format=suffix.lstrip(".") or "png")
