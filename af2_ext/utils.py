@@ -58,6 +58,8 @@ __all__ = [
     "RMSD",
     "GDT",
     "TMscore",
+    "lddt_ca",
+    "distogram_accuracy",
     "scn_backbone_mask",
     "scn_cloud_mask",
     "sidechain_container",
@@ -1019,3 +1021,97 @@ def write_pdb(path: Union[str, os.PathLike], coords, sequence: str, *, atom_name
             os.unlink(handle.name)
         raise
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Superposition-free metrics: lDDT-Cα, distogram accuracy
+# ----------------------------------------------------------------------------------------------------------
+
+
+def lddt_ca(pred, true, mask=None, *, cutoff: float = 15.0, thresholds: Sequence[float] = (0.5, 1.0, 2.0, 4.0)):
+    """lDDT of Cα coordinates (Mariani et al. 2013), per structure; no superposition needed.
+
+    Scored pairs: i != j, both present, true distance < ``cutoff``. A pair is preserved at threshold t when
+    ``|d_pred - d_true| < t``; the score is the share of preserved pairs averaged over the thresholds (the
+    global form, as AlphaFold's ``lddt``).
+
+    Args:
+        pred, true: (B, N, 3) or (N, 3) Cα coordinates in Å, torch or numpy (note: not the ``(3, N)`` layout of
+            ``RMSD`` / ``GDT`` / ``TMscore``).
+        mask: optional (B, N) or (N,) bool, True = residue present in both; absent residues are not scored.
+        cutoff: inclusion radius in the true structure, Å.
+        thresholds: distance-difference tolerances, Å.
+
+    Returns:
+        (B,) in [0, 1], or a 0-d value for (N, 3) input. A structure with no pair to score gets 0 (never NaN).
+    """
+    p, p_numpy = _as_tensor("pred", pred)
+    t, t_numpy = _as_tensor("true", true)
+    if p.shape != t.shape:
+        raise ValueError(f"pred and true must have the same shape, got {tuple(p.shape)} and {tuple(t.shape)}")
+    if p.dim() not in (2, 3) or p.shape[-1] != 3:
+        raise ValueError(f"pred and true must be (B, N, 3) or (N, 3), got {tuple(p.shape)}")
+    if p.device != t.device:
+        raise ValueError(f"pred and true must be on the same device, got {p.device} and {t.device}")
+    unbatched = p.dim() == 2
+    dtype = torch.float64 if torch.float64 in (p.dtype, t.dtype) else torch.float32
+    p, t = p.to(dtype), t.to(dtype)
+    _check_finite("pred", p)
+    _check_finite("true", t)
+    if unbatched:
+        p, t = p.unsqueeze(0), t.unsqueeze(0)  # [1, n, 3]
+    batch, n, _ = p.shape
+    if mask is None:
+        present = torch.ones(batch, n, dtype=torch.bool, device=p.device)
+    else:
+        m, _ = _as_tensor("mask", mask)
+        expected = (n,) if unbatched else (batch, n)
+        if tuple(m.shape) != expected:
+            raise ValueError(f"mask must be {expected}, got {tuple(m.shape)}")
+        present = m.to(p.device).bool().reshape(batch, n)
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not cutoff > 0:
+        raise ValueError(f"cutoff must be a positive distance, got {cutoff!r}")
+    tolerances = torch.as_tensor(thresholds, dtype=dtype, device=p.device).flatten()
+    if tolerances.numel() == 0 or not bool((tolerances > 0).all()):
+        raise ValueError(f"thresholds must be a non-empty sequence of positive distances, got {thresholds!r}")
+
+    d_true = _pairwise_distances(t)  # [b, n, n]
+    d_pred = _pairwise_distances(p)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=p.device)
+    scored = (d_true < cutoff) & off_diagonal & present[:, :, None] & present[:, None, :]
+    preserved = ((d_pred - d_true).abs().unsqueeze(-1) < tolerances).to(dtype).mean(dim=-1)  # [b, n, n]
+    total = scored.sum(dim=(-1, -2)).to(dtype)
+    score = (preserved * scored).sum(dim=(-1, -2)) / total.clamp_min(1)
+    if unbatched:
+        score = score[0]
+    return _out(score, _wants_numpy("auto", p_numpy and t_numpy), _np_float_dtype(pred))
+
+
+def distogram_accuracy(logits, labels, ignore_index: int = -100):
+    """Share of labelled pairs whose most likely distogram class is the true one.
+
+    Args:
+        logits: (..., K) distogram logits (or probabilities), torch or numpy.
+        labels: (...) int class labels, e.g. :func:`get_bucketed_distance_matrix`; ``ignore_index`` is skipped.
+        ignore_index: label of pairs left out.
+
+    Returns:
+        0-d accuracy over all labelled pairs in [0, 1]; NaN when no pair is labelled.
+    """
+    scores, was_numpy = _as_tensor("logits", logits)
+    target, _ = _as_tensor("labels", labels)
+    if target.is_floating_point() or target.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer classes, got {target.dtype}")
+    if scores.dim() < 1 or tuple(scores.shape[:-1]) != tuple(target.shape):
+        raise ValueError(f"logits must be labels' shape {tuple(target.shape)} plus a class dimension, "
+                         f"got {tuple(scores.shape)}")
+    _check_finite("logits", scores)
+    target = target.to(scores.device).long()
+    valid = target != ignore_index
+    if bool((target[valid] < 0).any()) or bool((target[valid] >= scores.shape[-1]).any()):
+        raise ValueError(f"labels must be in [0, {scores.shape[-1]}) or ignore_index={ignore_index}")
+    correct = (scores.argmax(dim=-1) == target) & valid
+    count = valid.sum()
+    accuracy = torch.where(count > 0, correct.sum().double() / count.clamp_min(1),
+                           torch.tensor(float("nan"), dtype=torch.float64, device=scores.device))
+    return _out(accuracy, was_numpy)

@@ -574,3 +574,100 @@ def test_write_pdb_rejects_bad_input(tmp_path):
     with pytest.raises(TypeError, match="sequence"):
         utils.write_pdb(path, CA[:2], ["M", "Q"])
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# lDDT-Cα and distogram accuracy
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_lddt_ca_hand_computed():
+    # True distances 01 = 1, 02 = 3, 12 = 2; predicted 1, 4, 3: differences 0, 1, 1. A difference of 0 passes
+    # all four thresholds (0.5, 1, 2, 4; strict <), a difference of 1 passes two: (1 + 0.5 + 0.5) / 3.
+    true = torch.tensor([[0.0, 0, 0], [1, 0, 0], [3, 0, 0]], dtype=torch.float64)
+    pred = torch.tensor([[0.0, 0, 0], [1, 0, 0], [4, 0, 0]], dtype=torch.float64)
+    assert utils.lddt_ca(pred, true).shape == ()
+    torch.testing.assert_close(utils.lddt_ca(pred, true), torch.tensor(2 / 3, dtype=torch.float64))
+    # A cutoff of 2.5 Å drops pair 02 (true 3 Å): (1 + 0.5) / 2.
+    torch.testing.assert_close(utils.lddt_ca(pred, true, cutoff=2.5), torch.tensor(0.75, dtype=torch.float64))
+    # Masking residue 2 leaves the exact pair 01 only.
+    torch.testing.assert_close(utils.lddt_ca(pred, true, torch.tensor([True, True, False])),
+                               torch.tensor(1.0, dtype=torch.float64))
+    # Custom thresholds: a difference of 1 passes only t = 2.
+    torch.testing.assert_close(utils.lddt_ca(pred, true, thresholds=(1.0, 2.0)),
+                               torch.tensor((1 + 0.5 + 0.5) / 3, dtype=torch.float64))
+
+
+def test_lddt_ca_matches_a_pair_loop():
+    generator = torch.Generator().manual_seed(0)
+    true = torch.randn(12, 3, generator=generator, dtype=torch.float64) * 6
+    pred = true + torch.randn(12, 3, generator=generator, dtype=torch.float64) * 1.5
+    mask = torch.ones(12, dtype=torch.bool)
+    mask[[3, 7]] = False
+    preserved, pairs = 0.0, 0
+    for i in range(12):
+        for j in range(12):
+            d_true = float((true[i] - true[j]).norm())
+            if i == j or not (mask[i] and mask[j]) or d_true >= 15.0:
+                continue
+            diff = abs(float((pred[i] - pred[j]).norm()) - d_true)
+            preserved += sum(diff < t for t in (0.5, 1.0, 2.0, 4.0)) / 4
+            pairs += 1
+    assert pairs > 20
+    assert float(utils.lddt_ca(pred, true, mask)) == pytest.approx(preserved / pairs, abs=1e-12)
+
+
+def test_lddt_ca_real_structure_and_noise():
+    assert float(utils.lddt_ca(CA, CA)) == 1.0
+    moved = CA @ _rotation((1, 2, 3), 0.9).T + torch.tensor([5.0, -3.0, 10.0], dtype=torch.float64)
+    assert float(utils.lddt_ca(moved, CA)) == pytest.approx(1.0, abs=1e-12), "lDDT needs no superposition"
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(CA.shape, generator=generator, dtype=torch.float64)
+    scores = [float(utils.lddt_ca(CA + sigma * noise, CA)) for sigma in (0.1, 0.5, 1.0, 2.0, 4.0)]
+    assert all(a > b for a, b in zip(scores, scores[1:])), scores
+    assert scores[0] > 0.9 and scores[-1] < 0.3, scores
+    # Batched, numpy in -> numpy out.
+    batch = np.stack([CA.numpy(), (CA + 2.0 * noise).numpy()])
+    out = utils.lddt_ca(batch, np.stack([CA.numpy()] * 2))
+    assert isinstance(out, np.ndarray) and out.shape == (2,)
+    np.testing.assert_allclose(out, [1.0, scores[3]], atol=1e-12)
+
+
+def test_lddt_ca_degenerate_and_bad_input():
+    one = torch.zeros(1, 3)
+    assert float(utils.lddt_ca(one, one)) == 0.0, "no pair to score"
+    points = torch.randn(4, 3)
+    assert float(utils.lddt_ca(points, points, torch.zeros(4, dtype=torch.bool))) == 0.0
+    collapsed = torch.zeros(2, 5, 3)
+    out = utils.lddt_ca(collapsed, collapsed)
+    assert out.shape == (2,) and torch.isfinite(out).all() and (out == 1).all()
+    with pytest.raises(ValueError, match="same shape"):
+        utils.lddt_ca(torch.zeros(4, 3), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match=r"\(B, N, 3\)"):
+        utils.lddt_ca(torch.zeros(3, 4), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="mask"):
+        utils.lddt_ca(points, points, torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pred contains NaN"):
+        utils.lddt_ca(torch.full((4, 3), float("nan")), points)
+    with pytest.raises(ValueError, match="cutoff"):
+        utils.lddt_ca(points, points, cutoff=0.0)
+
+
+def test_distogram_accuracy():
+    logits = torch.zeros(2, 2, 4)
+    logits[0, 0, 1] = logits[0, 1, 2] = logits[1, 0, 3] = logits[1, 1, 0] = 5.0  # argmax: [[1, 2], [3, 0]]
+    labels = torch.tensor([[1, 0], [3, -100]])
+    torch.testing.assert_close(utils.distogram_accuracy(logits, labels), torch.tensor(2 / 3, dtype=torch.float64))
+    # numpy in; another ignore_index: (0, 0) right, (0, 1) wrong, (1, 0) ignored, (1, 1) right.
+    accuracy = utils.distogram_accuracy(logits.numpy(), np.array([[1, 0], [3, 0]]), ignore_index=3)
+    assert isinstance(accuracy, np.ndarray) and float(accuracy) == pytest.approx(2 / 3)
+    # The true distogram of a structure scores 1.
+    truth = utils.get_bucketed_distance_matrix(CA[None].float())
+    assert float(utils.distogram_accuracy(_one_hot_distogram(CA.float()), truth)) == 1.0
+    assert math.isnan(float(utils.distogram_accuracy(logits, torch.full((2, 2), -100))))
+    with pytest.raises(ValueError, match="class dimension"):
+        utils.distogram_accuracy(logits, labels[0])
+    with pytest.raises(ValueError, match="labels must be in"):
+        utils.distogram_accuracy(logits, torch.tensor([[1, 4], [0, 0]]))
+    with pytest.raises(TypeError, match="labels"):
+        utils.distogram_accuracy(logits, labels.float())
