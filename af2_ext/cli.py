@@ -1,0 +1,58 @@
+"""The ``af2-ext`` command line (also ``python -m af2_ext``).
+
+    af2-ext demo                   train a small trunk on the bundled dataset, fold a held-out chain, report
+    af2-ext train [--config F]     distogram pre-training (torchrun for several processes)
+    af2-ext fold --checkpoint C    sequence(s) -> distogram -> coordinates -> PDB and plots
+    af2-ext build-dataset FILES -o data.pkl
+                                   a sidechainnet-format dataset from local PDB/mmCIF files
+
+Each subcommand lives in its module as ``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int``; the
+modules are imported only when their subcommand runs, so ``--help`` is quick.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# subcommand -> (module, function suffix, one-line help)
+SUBCOMMANDS = {
+    "demo": ("af2_ext.demo", "demo", "train on the bundled dataset for a few minutes, fold a held-out chain"),
+    "train": ("af2_ext.train", "train", "distogram pre-training on sidechainnet data"),
+    "fold": ("af2_ext.fold", "fold", "predict a structure from a sequence with a trained checkpoint"),
+    "build-dataset": ("af2_ext.data", "build_dataset", "build a sidechainnet-format pickle from PDB/mmCIF files"),
+}
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="af2-ext", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, suffix, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == chosen:  # import only the module that runs
+            module = importlib.import_module(module_name)
+            sub.description = module.__doc__
+            getattr(module, f"add_{suffix}_arguments")(sub)
+            sub.set_defaults(run=getattr(module, f"run_{suffix}"))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        # user errors: one clear line, no traceback
+        print(f"af2-ext {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"af2-ext {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
