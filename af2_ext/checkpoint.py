@@ -6,7 +6,7 @@ Format (a ``torch.save`` dict, ``format == CHECKPOINT_FORMAT``):
 - ``model``: its state dict (of the bare model, never a DDP wrapper);
 - ``optimizer``, ``scheduler``: their state dicts (training only);
 - ``step`` (optimiser steps done), ``epoch`` and ``batch_index`` (the next batch to read): the data position;
-- ``rng``: the CPU, CUDA and Python generator states;
+- ``rng``: the CPU, CUDA and Python generator states; ``rank_rng``: those of every process of a DDP run;
 - ``config``: the training configuration it ran with; ``metrics``: the last logged metrics.
 
 Files are written atomically: to a temporary file in the same directory, flushed, then renamed over the target,
@@ -51,8 +51,9 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: PathLike, *, model: torch.nn.Module, model_config: dict, optimizer=None, scheduler=None,
                     step: int = 0, epoch: int = 0, batch_index: int = 0, config: Optional[dict] = None,
-                    metrics: Optional[dict] = None) -> None:
-    """Write a checkpoint atomically (see the module docstring for the format)."""
+                    metrics: Optional[dict] = None, rank_rng: Optional[list] = None) -> None:
+    """Write a checkpoint atomically (see the module docstring for the format). ``rank_rng``: every process's
+    :func:`rng_state` in a distributed run (default: this process's)."""
     model = getattr(model, "module", model)  # unwrap DDP
     atomic_save({
         "format": CHECKPOINT_FORMAT,
@@ -61,7 +62,8 @@ def save_checkpoint(path: PathLike, *, model: torch.nn.Module, model_config: dic
         "optimizer": None if optimizer is None else optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "step": int(step), "epoch": int(epoch), "batch_index": int(batch_index),
-        "rng": rng_state(),
+        "rng": rank_rng[0] if rank_rng else rng_state(),
+        "rank_rng": list(rank_rng) if rank_rng else [rng_state()],
         "config": dict(config or {}),
         "metrics": dict(metrics or {}),
     }, path)

@@ -38,7 +38,7 @@ from af2_ext.model import DISTOGRAM_BUCKETS, Alphafold2
 IGNORE = -100
 MODEL_KEYS = ("dim", "depth", "heads", "dim_head", "max_seq_len", "attn_dropout", "ff_dropout", "reversible",
               "sparse_self_attn", "cross_attn_compress_ratio", "inter_msa_self_attn", "block_size",
-              "sparse_block_size")
+              "sparse_block_size", "relative_positions")
 
 
 @dataclasses.dataclass
@@ -68,6 +68,7 @@ class TrainConfig:
     inter_msa_self_attn: bool = True
     block_size: int = 64
     sparse_block_size: int = 16
+    relative_positions: int = 32  # AlphaFold2's clipped relative position embedding (0 = the seed's model)
     # optimisation
     steps: int = 200
     grad_accum: int = 1
@@ -89,6 +90,15 @@ class TrainConfig:
         return {k: getattr(self, k) for k in MODEL_KEYS}
 
     def validate(self) -> "TrainConfig":
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), type(field.default)
+            ok = (isinstance(value, bool) if kind is bool else
+                  isinstance(value, int) and not isinstance(value, bool) if kind is int else
+                  isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  if kind is float else isinstance(value, str))
+            if not ok:
+                raise ValueError(f"{field.name} must be {'a finite number' if kind is float else 'a ' + kind.__name__}"
+                                 f", got {value!r}")
         positive = ("crop_len", "batch_size", "dim", "depth", "heads", "max_seq_len", "steps", "grad_accum",
                     "log_every", "eval_every", "save_every", "cross_attn_compress_ratio", "casp_version",
                     "casp_thinning")
@@ -349,7 +359,8 @@ def _loaders(config: TrainConfig, d: Dist):
                                              crop_len=config.crop_len, max_seq_len=config.max_seq_len,
                                              too_long="crop", shuffle=True, seed=config.seed, rank=d.rank,
                                              world_size=d.world_size)
-    valid = data.ProteinLoader.from_scn_dict(scn, "valid", source=name, batch_size=1, crop_len=None,
+    # validation windows have the training crop's length (positions the model was trained on), drawn once
+    valid = data.ProteinLoader.from_scn_dict(scn, "valid", source=name, batch_size=1, crop_len=config.crop_len,
                                              max_seq_len=config.max_seq_len, too_long="crop", shuffle=False,
                                              seed=config.seed)
     return train, valid
@@ -393,11 +404,15 @@ def train(config: TrainConfig, *, resume: Optional[str] = None, progress: bool =
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         step, epoch, batch_index = saved["step"], saved["epoch"], saved["batch_index"]
-        ckpt_io.set_rng_state(saved["rng"])
-        if d.enabled:  # each rank continues its own stream
-            torch.manual_seed(config.seed + d.rank + 7919 * step)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if d.enabled else model
+        rank_rng = saved.get("rank_rng") or [saved["rng"]]
+        if len(rank_rng) != d.world_size:
+            raise ValueError(f"--resume: the checkpoint was written by {len(rank_rng)} process(es), this run has "
+                             f"{d.world_size}; resume with the same number (the RNG streams are per process)")
+        ckpt_io.set_rng_state(rank_rng[d.rank])
+    # some parameters get no gradient in a given setting (embedd_project without embedds, the last layer's MSA
+    # branch in the sequential trunk, the MSA stream with msa="none"): DDP must be told
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                    find_unused_parameters=True) if d.enabled else model
     model.train()
 
     os.makedirs(config.output_dir, exist_ok=True)
@@ -408,10 +423,14 @@ def train(config: TrainConfig, *, resume: Optional[str] = None, progress: bool =
     summary: dict[str, Any] = {"losses": [], "evals": [], "majority_bin": majority, "checkpoint": ckpt_path}
 
     def save(metrics: dict) -> None:
+        rank_rng = [ckpt_io.rng_state()]
+        if d.enabled:  # every rank's generators, so a resumed DDP run continues each stream
+            rank_rng = [None] * d.world_size
+            dist.all_gather_object(rank_rng, ckpt_io.rng_state())
         if d.main:
             ckpt_io.save_checkpoint(ckpt_path, model=model, model_config=config.model_config(), optimizer=optimizer,
                                     scheduler=scheduler, step=step, epoch=epoch, batch_index=batch_index,
-                                    config=dataclasses.asdict(config), metrics=metrics)
+                                    config=dataclasses.asdict(config), metrics=metrics, rank_rng=rank_rng)
 
     def micro_batches():
         nonlocal epoch, batch_index
