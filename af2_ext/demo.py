@@ -92,7 +92,7 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(output_dir: str = "demo_out", *, steps: int = 400, device: str = "auto", seed: int = 0,
+def run(output_dir: str = "demo_out", *, steps: int = 800, device: str = "auto", seed: int = 0,
         progress: bool = True) -> dict:
     """Train, fold, report; returns the report dict (also written to OUTPUT_DIR/report.json)."""
     from af2_ext import fold, train
@@ -124,7 +124,7 @@ def run(output_dir: str = "demo_out", *, steps: int = 400, device: str = "auto",
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output-dir", default="demo_out", help="where everything goes (default demo_out)")
-    parser.add_argument("--steps", type=int, default=400, help="training steps (default 400, ~5 min on 2 CPU cores)")
+    parser.add_argument("--steps", type=int, default=800, help="training steps (default 800, about 5 min on 2 CPU cores)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
 

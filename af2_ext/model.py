@@ -90,6 +90,9 @@ class Alphafold2(nn.Module):
         block_size: tile of the dense attention kernels.
         sparse_block_size: block of the sparse layout (the seed's 16).
         layout_seed: seed of the sparse layout's random blocks.
+        relative_positions: 0 (the seed) or R > 0: also add a learned embedding of the clipped offset
+            ``clamp(j - i, -R, R)`` to each pair (AlphaFold2's relpos, R = 32 there). Not in the seed, whose
+            absolute positions alone make the distance-vs-separation prior slow to learn; off by default.
     """
 
     def __init__(self, *, dim: int, max_seq_len: int = 2048, depth: int = 6, heads: int = 8, dim_head: int = 64,
@@ -97,11 +100,12 @@ class Alphafold2(nn.Module):
                  attn_dropout: float = 0.0, ff_dropout: float = 0.0, reversible: bool = False,
                  sparse_self_attn: Union[bool, Sequence[bool]] = False, cross_attn_compress_ratio: int = 1,
                  inter_msa_self_attn: bool = True, impl: Optional[str] = None, block_size: int = 64,
-                 sparse_block_size: int = 16, layout_seed: int = 0):
+                 sparse_block_size: int = 16, layout_seed: int = 0, relative_positions: int = 0):
         super().__init__()
         for name, value, low in (("dim", dim, 1), ("max_seq_len", max_seq_len, 1), ("depth", depth, 1),
                                  ("heads", heads, 1), ("num_tokens", num_tokens, 1), ("num_embedds", num_embedds, 1),
-                                 ("cross_attn_compress_ratio", cross_attn_compress_ratio, 1)):
+                                 ("cross_attn_compress_ratio", cross_attn_compress_ratio, 1),
+                                 ("relative_positions", relative_positions, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if dim_head not in ops.HEAD_DIMS:
@@ -120,6 +124,8 @@ class Alphafold2(nn.Module):
         self.msa_pos_emb = nn.Embedding(max_seq_len, dim)
         self.msa_num_pos_emb = nn.Embedding(MAX_NUM_MSA, dim)
         self.embedd_project = nn.Linear(num_embedds, dim)
+        self.relative_positions = relative_positions
+        self.rel_pos_emb = nn.Embedding(2 * relative_positions + 1, dim) if relative_positions else None
 
         seed_layout = _SeedSparseLayout(max_seq_len, sparse_block_size, heads, layout_seed) if any(sparse) else None
         attn = dict(heads=heads, dim_head=dim_head, attn_dropout=attn_dropout)
@@ -242,7 +248,12 @@ class Alphafold2(nn.Module):
         tokens = self.token_emb(seq)  # [b, n, d]
         row = tokens + self.pos_emb(positions)[None]
         col = tokens + self.pos_emb_ax(positions)[None]
-        x = rearrange(row[:, :, None] + col[:, None, :], "b i j d -> b (i j) d")  # [b, n*n, d]
+        x = row[:, :, None] + col[:, None, :]  # [b, i, j, d]
+        if self.rel_pos_emb is not None:
+            r = self.relative_positions
+            offsets = (positions[None, :] - positions[:, None]).clamp(-r, r) + r  # [i, j]
+            x = x + self.rel_pos_emb(offsets)[None]
+        x = rearrange(x, "b i j d -> b (i j) d")  # [b, n*n, d]
         pair_mask = None
         if mask is not None:  # deliberate difference from the seed: AND (the seed's OR kept padded rows)
             pair_mask = rearrange(mask[:, :, None] & mask[:, None, :], "b i j -> b (i j)")  # [b, n*n]

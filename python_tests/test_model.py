@@ -51,6 +51,7 @@ CONFIGS = {
     "reversible_sparse_embedds": dict(reversible=True, sparse_self_attn=True, num_embedds=24, inter_msa_self_attn=False,
                                       _batch=dict(msa=False, embedds=True)),
     "no_padding": dict(_batch=dict(pad=False)),
+    "relative_positions": dict(relative_positions=4, reversible=True, sparse_self_attn=True),
 }
 
 
@@ -265,6 +266,32 @@ def test_bad_arguments():
         Alphafold2(dim=32, dim_head=16, cross_attn_compress_ratio=0)
     with pytest.raises(ValueError, match=r"impl must be one of"):
         Alphafold2(dim=32, dim_head=16, impl="fast")
+    with pytest.raises(ValueError, match=r"relative_positions must be an int >= 0"):
+        Alphafold2(dim=32, dim_head=16, relative_positions=-1)
+
+
+def test_relative_positions_embed_the_clipped_offset():
+    """Off (0) is the seed's model with the same initial parameters; on, each pair (i, j) gets the embedding of
+    clamp(j - i, -R, R) (checked at the embedding's input), and that embedding reaches the logits."""
+    torch.manual_seed(0)
+    seed_model = Alphafold2(**SMALL)
+    torch.manual_seed(0)
+    off = Alphafold2(**SMALL, relative_positions=0)
+    assert off.rel_pos_emb is None
+    for (name, p), (_, q) in zip(seed_model.state_dict().items(), off.state_dict().items()):
+        assert torch.equal(p, q), name
+    model = Alphafold2(**SMALL, relative_positions=3)
+    seen = {}
+    model.rel_pos_emb.register_forward_hook(lambda module, args, out: seen.update(offsets=args[0]))
+    model(seq=torch.randint(0, 21, (1, 9)))
+    expected = (torch.arange(9)[None, :] - torch.arange(9)[:, None]).clamp(-3, 3) + 3
+    assert torch.equal(seen["offsets"], expected)
+    seq = torch.randint(0, 21, (1, 9))
+    with torch.no_grad():
+        base = model(seq=seq)
+        model.rel_pos_emb.weight[6] += torch.randn(SMALL["dim"])  # offset j - i >= 3 (not a constant: LayerNorm)
+        changed = (model(seq=seq) - base).abs().amax(-1) > 1e-4
+    assert changed.any(), "the relative position embedding does not reach the logits"
 
 
 @pytest.mark.parametrize("reversible", [False, True], ids=["sequential", "reversible"])
