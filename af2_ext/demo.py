@@ -99,7 +99,7 @@ def run(output_dir: str = "demo_out", *, steps: int = 800, device: str = "auto",
 
     started = time.perf_counter()
     config = demo_config(output_dir, steps, device, seed)
-    name, sequence, ca = held_out_chain(config.max_seq_len)
+    name, sequence, ca = held_out_chain(config.crop_len)  # the window length the model is trained on
     print(f"af2-ext demo: training {config.steps} steps on the bundled dataset "
           f"(sparse + compressed cross-attention + reversible), then folding held-out chain {name} "
           f"({len(sequence)} residues)", flush=True)
