@@ -338,7 +338,7 @@ def test_cli_demo_report_and_pdb(tmp_path):
     assert 0 <= report["val_acc"] <= 1
 
     fold = report["fold"]
-    name, sequence, ca = demo.held_out_chain(demo.demo_config(os.fspath(out), 2, "cpu", 0).max_seq_len)
+    name, sequence, ca = demo.held_out_chain(demo.demo_config(os.fspath(out), 2, "cpu", 0).crop_len)
     assert fold["name"] == name and fold["residues"] == len(sequence)
     assert fold["rmsd"] > 0
     for key in ("gdt_ts", "tm_score", "lddt_ca", "distogram_accuracy"):
