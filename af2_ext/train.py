@@ -517,17 +517,33 @@ def train(config: TrainConfig, *, resume: Optional[str] = None, progress: bool =
 # ----------------------------------------------------------------------------------------------------------
 
 
+HELP = {
+    "data": "'demo' (the bundled dataset), a sidechainnet pickle, or 'sidechainnet' (CASP --casp-version, "
+            "--casp-thinning in --scn-dir, downloaded by sidechainnet when missing)",
+    "crop_len": "random window of longer chains, per batch item", "target": "distances between Ca or virtual Cb",
+    "msa": "the query as a one-row MSA, or no MSA", "grad_accum": "micro-batches per optimiser step",
+    "warmup_steps": "linear warm-up, then cosine decay to 10 %%", "precision": "auto: bf16 autocast on CUDA",
+    "eval_fold": "fold the validation chains (MDS) for lDDT-Ca at each evaluation",
+    "device": "auto (CUDA when available), cpu, cuda, cuda:1, ...",
+    "relative_positions": "clipped relative-position embedding of the pair (0: the seed's model)",
+}
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of settings (flags override it)")
     parser.add_argument("--resume", metavar="CKPT", nargs="?", const="auto",
                         help="continue from a checkpoint (default: OUTPUT_DIR/checkpoint.pt)")
+    choices = {"target": ("ca", "cb"), "msa": ("single", "none"), "precision": ("auto", "fp32", "bf16")}
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = type(field.default)
+        help_text = HELP.get(field.name, "") + f" (default {field.default!r})"
         if kind is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
         else:
-            parser.add_argument(flag, dest=field.name, type=kind, default=None, metavar=field.name.upper())
+            parser.add_argument(flag, dest=field.name, type=kind, default=None, choices=choices.get(field.name),
+                                metavar=None if field.name in choices else field.name.upper(), help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -440,3 +440,13 @@ def test_badly_typed_config_values_are_named():
     for key, value in (("lr", "fast"), ("reversible", "no"), ("clip_grad", float("nan")), ("steps", 2.5)):
         with pytest.raises(ValueError, match=key):
             train.TrainConfig(**{key: value}).validate()
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "fold", "build-dataset"])
+def test_cli_subcommand_help(command, capsys):
+    from af2_ext import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"af2-ext {command}" in capsys.readouterr().out
