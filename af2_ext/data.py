@@ -755,10 +755,12 @@ def _mmcif_polymer_residues(mmcif: Mapping) -> Optional[dict]:
     if not strands:
         return None
     entity_types = dict(zip(_column(mmcif, "_entity_poly.entity_id"), _column(mmcif, "_entity_poly.type")))
-    rows = zip(strands, _column(mmcif, "_pdbx_poly_seq_scheme.entity_id"),
-               _column(mmcif, "_pdbx_poly_seq_scheme.seq_id"), _column(mmcif, "_pdbx_poly_seq_scheme.mon_id"),
-               _column(mmcif, "_pdbx_poly_seq_scheme.pdb_seq_num"),
-               _column(mmcif, "_pdbx_poly_seq_scheme.pdb_ins_code"))
+    columns = [_column(mmcif, f"_pdbx_poly_seq_scheme.{name}") for name in ("entity_id", "seq_id", "mon_id",
+                                                                            "pdb_seq_num")]
+    if any(len(column) != len(strands) for column in columns):
+        return None  # an incomplete scheme: read as if there were none
+    icodes = _column(mmcif, "_pdbx_poly_seq_scheme.pdb_ins_code") or ["."] * len(strands)  # optional item
+    rows = zip(strands, *columns, icodes)
     out: dict = {}
     seen = set()
     for strand, entity, seq_id, mon_id, pdb_num, icode in rows:

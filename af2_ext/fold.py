@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import io
 import math
 import os
@@ -73,13 +74,23 @@ def tokenize(sequence: str) -> torch.Tensor:
     return torch.tensor([_TOKEN[letter] for letter in sequence], dtype=torch.long)
 
 
+def _read_text(path: str, kind: str) -> str:
+    """The text of a file (gzip-compressed when named ``.gz``; a UTF-8 byte-order mark is dropped); a ValueError
+    naming the file when it is not readable text."""
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8-sig") if path.lower().endswith(".gz")
+              else open(path, encoding="utf-8-sig")) as handle:
+            return handle.read()
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as error:
+        raise ValueError(f"{kind} file {path!r} is not a text file ({type(error).__name__}: {error})") from error
+
+
 def _read_records(path: PathLike, kind: str) -> list[tuple[str, str, int]]:
-    """(name, raw sequence text, header line) of each '>' record of a FASTA-like file."""
+    """(name, raw sequence text, header line) of each '>' record of a FASTA-like file (``.gz`` too)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{kind} file {path!r} does not exist")
-    with open(path) as handle:
-        lines = handle.read().splitlines()
+    lines = _read_text(path, kind).splitlines()
     records: list[tuple[str, list[str], int]] = []
     for number, line in enumerate(lines, start=1):
         line = line.strip()
@@ -128,7 +139,7 @@ def read_msa(path: PathLike, *, format: str = "auto") -> torch.Tensor:
     if format == "auto":
         lengths = {len(text) for _, text, _ in records}
         match_lengths = {len(re.sub(r"[a-z.]", "", text)) for _, text, _ in records}
-        is_a3m = path.lower().endswith(".a3m") or (len(lengths) > 1 and len(match_lengths) == 1)
+        is_a3m = path.lower().endswith((".a3m", ".a3m.gz")) or (len(lengths) > 1 and len(match_lengths) == 1)
         format = "a3m" if is_a3m else "fasta"
     rows = []
     for name, text, line in records:
@@ -377,16 +388,18 @@ class ReferenceChain:
 
 
 def read_reference(path: PathLike) -> list[ReferenceChain]:
-    """Protein chains of the first model of a PDB or mmCIF file (``.cif``/``.mmcif``), by Biopython."""
+    """Protein chains of the first model of a PDB or mmCIF file (``.cif``/``.mmcif``; ``.gz`` too), by Biopython."""
     from Bio.PDB import MMCIFParser, PDBParser
     from Bio.PDB.Polypeptide import is_aa
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference structure {path!r} does not exist")
-    parser = MMCIFParser(QUIET=True) if path.lower().endswith((".cif", ".mmcif")) else PDBParser(QUIET=True)
+    stem = path[:-3] if path.lower().endswith(".gz") else path
+    parser = MMCIFParser(QUIET=True) if stem.lower().endswith((".cif", ".mmcif")) else PDBParser(QUIET=True)
+    text = _read_text(path, "reference structure")
     try:
-        structure = parser.get_structure("reference", path)
+        structure = parser.get_structure("reference", io.StringIO(text))
         model = next(iter(structure))
     except Exception as error:  # Biopython raises several types for malformed files
         raise ValueError(f"reference structure {path!r} could not be read: {error}") from error
@@ -446,10 +459,14 @@ def true_distances(reference: ReferenceChain) -> torch.Tensor:
     return distances.masked_fill(~known, float("nan"))
 
 
-def _compare(result: FoldResult, reference: ReferenceChain, path: PathLike) -> dict:
-    present = reference.present
-    if int(present.sum()) < 3:
+def _check_alignable(reference: ReferenceChain, path: PathLike) -> ReferenceChain:
+    if int(reference.present.sum()) < 3:
         raise ValueError(f"reference {os.fspath(path)!r}, chain {reference.chain!r}: fewer than 3 residues with a Cα")
+    return reference
+
+
+def _compare(result: FoldResult, reference: ReferenceChain, path: PathLike) -> dict:
+    present = _check_alignable(reference, path).present
     pred = result.coords.double()
     aligned, truth = utils.Kabsch(pred[present].T, reference.ca[present].T)  # [3, k] each
     labels = utils.get_bucketed_distance_matrix(reference.ca[None], present[None])[0]  # [n, n]
@@ -777,6 +794,9 @@ def fold_from_checkpoint(checkpoint: PathLike, sequences, output_dir: PathLike =
         if unknown:
             raise ValueError(f"relax needs the 20 standard residues; {unknown} have unknown ones "
                              f"({'/'.join(UNKNOWN_LETTERS)})")
+        short = [name for name, sequence in records if len(sequence) < 2]
+        if short:
+            raise ValueError(f"relax needs at least 2 residues; {short} have 1")
     device = _resolve_device(device)
     model, ckpt = load_model(checkpoint, map_location=device)
     for name, sequence in records:
@@ -785,11 +805,14 @@ def fold_from_checkpoint(checkpoint: PathLike, sequences, output_dir: PathLike =
                              f"was built for at most max_seq_len={model.max_seq_len}")
     query_as_msa = (ckpt.get("config") or {}).get("msa", "single") == "single"
     chains = read_reference(reference) if reference is not None else None
-    matched = [_match_chain(chains, reference, name, sequence, chain) if chains else None
+    matched = [_check_alignable(_match_chain(chains, reference, name, sequence, chain), reference) if chains else None
                for name, sequence in records]
 
     output_dir = os.fspath(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission, ...
+        raise ValueError(f"output directory {output_dir!r} cannot be created: {error}") from error
     outputs = []
     bar = tqdm(list(zip(records, stems, matched)), desc="fold", unit="seq", disable=not progress or len(records) < 2)
     for (name, sequence), stem, truth in bar:

@@ -177,6 +177,25 @@ def test_mmcif_and_pdb_give_the_same_chain_with_unobserved_residues():
     assert np.isnan(a[unresolved]).all() and not np.isnan(a[~unresolved, :3]).any()
 
 
+def test_mmcif_without_the_optional_insertion_code_column(tmp_path):
+    _needs_sidechainnet()
+    source = _datafile("mmcif_1ake_chimerax.cif")
+    lines, in_scheme = [], False
+    for line in open(source).read().splitlines():
+        if line.startswith("_pdbx_poly_seq_scheme.pdb_ins_code"):  # the scheme's last column: drop it
+            in_scheme = True
+            continue
+        if in_scheme and (not line.strip() or line.startswith(("#", "_", "loop_"))):
+            in_scheme = False
+        lines.append(" ".join(line.split()[:-1]) if in_scheme else line)
+    stripped = tmp_path / "1ake_noins.cif"
+    stripped.write_text("\n".join(lines) + "\n")
+    full = build_scn_dataset([source], valid_fraction=0, test_fraction=0)["train"]
+    built = build_scn_dataset([stripped], valid_fraction=0, test_fraction=0)["train"]
+    assert built["ids"] == full["ids"] == ["1AKE_1_A", "1AKE_1_B"]
+    assert built["seq"] == full["seq"] and built["msk"] == full["msk"]
+
+
 def test_build_skips_files_that_are_not_structures(tmp_path, capsys):
     _needs_sidechainnet()
     text = tmp_path / "notes.pdb"

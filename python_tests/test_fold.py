@@ -125,6 +125,30 @@ def test_read_msa_a3m_and_aligned_fasta(tmp_path):
         fold.read_msa(invalid)
 
 
+def test_gzip_bom_and_binary_inputs(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "seqs.fasta.gz", "wt") as handle:
+        handle.write(">a\nMQIF\n")
+    assert fold.read_fasta(tmp_path / "seqs.fasta.gz") == [("a", "MQIF")]
+    with gzip.open(tmp_path / "aln.a3m.gz", "wt") as handle:
+        handle.write(">query\nMQIF\n>hit\nMqqQ-F\n")
+    assert fold.read_msa(tmp_path / "aln.a3m.gz").tolist() == [[10, 13, 7, 4], [10, 13, fold.GAP_TOKEN, 4]]
+    (tmp_path / "bom.fasta").write_bytes(b"\xef\xbb\xbf>a\nMQIF\n")  # as Windows editors save UTF-8
+    assert fold.read_fasta(tmp_path / "bom.fasta") == [("a", "MQIF")]
+    (tmp_path / "blob.fasta").write_bytes(b">a\n\xff\xfe\x00\n")
+    with pytest.raises(ValueError, match=r"FASTA file '.*blob\.fasta' is not a text file"):
+        fold.read_fasta(tmp_path / "blob.fasta")
+    (tmp_path / "fake.fasta.gz").write_text(">a\nMQIF\n")
+    with pytest.raises(ValueError, match=r"FASTA file '.*fake\.fasta\.gz' is not a text file"):
+        fold.read_fasta(tmp_path / "fake.fasta.gz")
+    reference = _write_reference(tmp_path / "ubq.pdb", {"A": (0, 10)})
+    with open(reference, "rb") as src, gzip.open(tmp_path / "ubq.pdb.gz", "wb") as dst:
+        dst.write(src.read())
+    [chain] = fold.read_reference(tmp_path / "ubq.pdb.gz")
+    assert chain.sequence == SEQUENCE[:10] and torch.equal(chain.ca, fold.read_reference(reference)[0].ca)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Distogram -> Cα trace
 # ----------------------------------------------------------------------------------------------------------
@@ -279,6 +303,16 @@ def test_fold_errors(tmp_path, checkpoint, monkeypatch):
     if fold.relax_available():
         with pytest.raises(ValueError, match=r"relax needs the 20 standard residues; \['query'\]"):
             fold.fold_from_checkpoint(checkpoint, "MQXF", out, relax=True)
+    short_reference = _write_reference(tmp_path / "ubq_short.pdb", {"A": (0, 2)})
+    with pytest.raises(ValueError, match=r"ubq_short\.pdb', chain 'A': fewer than 3 residues with a Cα"):
+        fold.fold_from_checkpoint(checkpoint, SEQUENCE[:2], out, reference=short_reference, device="cpu")
+    if fold.relax_available():
+        with pytest.raises(ValueError, match=r"relax needs at least 2 residues; \['query'\]"):
+            fold.fold_from_checkpoint(checkpoint, "M", out, relax=True, device="cpu")
+    in_the_way = _write(tmp_path / "a_file", "")
+    with pytest.raises(ValueError, match=r"output directory '.*a_file' cannot be created"):
+        fold.run_fold(_fold_args("--checkpoint", checkpoint, "--sequence", "MQIF", "-o", in_the_way,
+                                 "--device", "cpu"))
     monkeypatch.setitem(sys.modules, "pdbfixer", None)  # as if the relax extra were not installed
     with pytest.raises(ValueError, match=r"pip install 'af2_ext\[relax\]'"):
         fold.run_fold(_fold_args("--checkpoint", checkpoint, "--sequence", "MQIF", "--relax", "-o", out))
