@@ -705,12 +705,16 @@ def _chain_record(chain_id: str, residues: list, res: Optional[float], source: s
     return _Chain(chain_id, "".join(letters), crd, msk, " ".join(ums), np.asarray(mod, np.int8), res, source)
 
 
+def _gzipped(path: str) -> bool:
+    return path.lower().endswith(".gz")
+
+
 def _open_text(path: str):
-    return gzip.open(path, "rt") if path.endswith(".gz") else open(path, "rt")
+    return gzip.open(path, "rt") if _gzipped(path) else open(path, "rt")
 
 
 def _is_mmcif(path: str) -> bool:
-    stem = (path[:-3] if path.endswith(".gz") else path).lower()
+    stem = (path[:-3] if _gzipped(path) else path).lower()
     if stem.endswith((".cif", ".mmcif")):
         return True
     if stem.endswith((".pdb", ".ent")):
@@ -893,7 +897,7 @@ def _expand_paths(paths: Iterable) -> list:
         if os.path.isdir(path):
             for root, _, files in sorted(os.walk(path)):
                 for name in sorted(files):
-                    base = name[:-3] if name.endswith(".gz") else name
+                    base = name[:-3] if _gzipped(name) else name
                     if base.lower().endswith(_STRUCTURE_SUFFIXES):
                         out.append(os.path.join(root, name))
         else:

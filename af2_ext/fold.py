@@ -777,7 +777,8 @@ def fold_from_checkpoint(checkpoint: PathLike, sequences, output_dir: PathLike =
 
     records = _records(sequences)
     stems = [_file_stem(name) for name, _ in records]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    written = stems + ([f"{s}_relaxed" for s in stems] if relax else [])  # NAME_relaxed.pdb must not clash either
+    duplicates = sorted({s for s in written if written.count(s) > 1})
     if duplicates:
         raise ValueError(f"sequence names must give distinct file names, got duplicates {duplicates}")
     if msa is not None:

@@ -141,7 +141,7 @@ def test_gzip_files_and_directories(tmp_path):
     import shutil
 
     (tmp_path / "in").mkdir()
-    with open(_datafile("pdb1ubi.pdb"), "rb") as src, gzip.open(tmp_path / "in" / "1ubi.pdb.gz", "wb") as dst:
+    with open(_datafile("pdb1ubi.pdb"), "rb") as src, gzip.open(tmp_path / "in" / "1UBI.PDB.GZ", "wb") as dst:
         shutil.copyfileobj(src, dst)
     (tmp_path / "in" / "README").write_text("not a structure, and not named like one\n")
     plain = build_scn_dataset([_datafile("pdb1ubi.pdb")], valid_fraction=0, test_fraction=0)["train"]

@@ -309,6 +309,8 @@ def test_fold_errors(tmp_path, checkpoint, monkeypatch):
     if fold.relax_available():
         with pytest.raises(ValueError, match=r"relax needs at least 2 residues; \['query'\]"):
             fold.fold_from_checkpoint(checkpoint, "M", out, relax=True, device="cpu")
+    with pytest.raises(ValueError, match=r"distinct file names, got duplicates \['a_relaxed'\]"):
+        fold.fold_from_checkpoint(checkpoint, [("a", "MQIF"), ("a_relaxed", "MQIV")], out, relax=True)
     in_the_way = _write(tmp_path / "a_file", "")
     with pytest.raises(ValueError, match=r"output directory '.*a_file' cannot be created"):
         fold.run_fold(_fold_args("--checkpoint", checkpoint, "--sequence", "MQIF", "-o", in_the_way,
