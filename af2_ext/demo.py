@@ -55,13 +55,13 @@ def held_out_chain(max_len: int):
     return name, sequence, batch.ca[0, lo:hi]
 
 
-def _report(summary: dict, fold_metrics: dict, paths: dict, config, seconds: float) -> dict:
+def _report(summary: dict, fold_metrics: dict, paths: dict, config, device: str, seconds: float) -> dict:
     losses = summary["losses"]
     k = max(1, min(10, len(losses) // 10))  # average a few steps at each end: single steps are noisy
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     final = summary["evals"][-1] if summary["evals"] else {}
     return {
-        "seconds": round(seconds, 1), "steps": summary["step"], "device": config.device,
+        "seconds": round(seconds, 1), "steps": summary["step"], "device": device,
         "train_loss_first": first, "train_loss_last": last, "train_loss_drop": 1 - last / first,
         "val_acc": final.get("val_acc"), "val_baseline_acc": final.get("val_baseline_acc"),
         "val_lddt_ca": final.get("val_lddt_ca"), "fold": fold_metrics, "files": paths,
@@ -84,10 +84,9 @@ def _markdown(report: dict) -> str:
                      + (f"; lDDT-Cα of the folded validation chains {report['val_lddt_ca']:.3f}"
                         if report["val_lddt_ca"] is not None else ""))
     if fold:
-        lines.append(f"- held-out chain {fold.get('name')}: RMSD {fold.get('rmsd', float('nan')):.2f} Å, GDT-TS "
-                     f"{fold.get('gdt_ts', float('nan')):.3f}, TM-score {fold.get('tm_score', float('nan')):.3f}, "
-                     f"lDDT-Cα {fold.get('lddt_ca', float('nan')):.3f}, distogram accuracy "
-                     f"{fold.get('distogram_accuracy', float('nan')):.3f}")
+        lines.append(f"- held-out chain {fold['name']}: RMSD {fold['rmsd']:.2f} Å, GDT-TS {fold['gdt_ts']:.3f}, "
+                     f"TM-score {fold['tm_score']:.3f}, lDDT-Cα {fold['lddt_ca']:.3f}, distogram accuracy "
+                     f"{fold['distogram_accuracy']:.3f}")
     lines += ["", "Files:"] + [f"- {k}: `{v}`" for k, v in report["files"].items()]
     return "\n".join(lines) + "\n"
 
@@ -113,8 +112,8 @@ def run(output_dir: str = "demo_out", *, steps: int = 800, device: str = "auto",
     paths = {"checkpoint": summary["checkpoint"], "metrics log": summary["metrics_path"],
              "loss curve": summary["plot_path"], "reference structure": reference,
              **{f"predicted {k}": v for k, v in outputs[0].files.items()}}
-    report = _report(summary, fold_metrics, paths, config, time.perf_counter() - started)
-    report["device"] = str(train.resolve_device(device, train.Dist()))
+    report = _report(summary, fold_metrics, paths, config, str(train.resolve_device(device, train.Dist())),
+                     time.perf_counter() - started)
     paths["report"] = os.path.join(output_dir, "report.md")
     with atomic_open(paths["report"], "w") as f:
         f.write(_markdown(report))

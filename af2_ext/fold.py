@@ -282,27 +282,10 @@ def fold_sequence(model: torch.nn.Module, sequence: str, *, msa: Optional[torch.
 
 
 def _pdb_text(sequence: str, atoms: Sequence[Mapping[str, np.ndarray]], chain_id: str = "A") -> str:
-    """PDB text of one chain with Biopython; ``atoms[i]`` maps atom name -> (3,) position of residue i.
-
-    (``utils.write_pdb`` takes the 20 standard residues only; unknown letters are written as UNK here.)
-    """
-    from Bio.PDB.PDBIO import PDBIO
-    from Bio.PDB.StructureBuilder import StructureBuilder
-
-    builder = StructureBuilder()
-    builder.init_structure("af2_ext")
-    builder.init_model(0)
-    builder.init_chain(chain_id)
-    builder.init_seg("    ")
-    for index, (letter, residue) in enumerate(zip(sequence, atoms), start=1):
-        builder.init_residue(utils.ONE_TO_THREE_LETTER_MAP.get(letter, "UNK"), " ", index, " ")
-        for atom, xyz in residue.items():
-            builder.init_atom(atom, np.asarray(xyz, dtype=np.float64), 0.0, 1.0, " ", f" {atom:<3}", element=atom[0])
-    pdb = PDBIO()
-    pdb.set_structure(builder.get_structure())
-    text = io.StringIO()
-    pdb.save(text)
-    return text.getvalue()
+    """:func:`utils.pdb_chain_text` of one chain; unknown letters are written as UNK (``utils.write_pdb`` takes
+    the 20 standard residues only)."""
+    residues = [utils.ONE_TO_THREE_LETTER_MAP.get(letter, "UNK") for letter in sequence]
+    return utils.pdb_chain_text(residues, atoms, chain_id=chain_id)
 
 
 def write_ca_trace(path: PathLike, sequence: str, ca) -> str:

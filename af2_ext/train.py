@@ -202,6 +202,12 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> Optional[torch.
     return None
 
 
+def autocast(config: TrainConfig, device: torch.device):
+    """The forward's autocast context (a disabled one in fp32)."""
+    dtype = autocast_dtype(config, device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def model_inputs(batch, msa: str) -> dict:
     """Alphafold2 keyword arguments for a :class:`af2_ext.data.ProteinBatch`."""
     inputs = dict(seq=batch.seq, mask=batch.mask)
@@ -254,8 +260,7 @@ def evaluate(model: torch.nn.Module, loader, config: TrainConfig, device: torch.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for _, batch in loader.epoch_batches(0):
             batch = batch.to(device)
-            with torch.autocast(device.type, dtype=autocast_dtype(config, device) or torch.float32,
-                                enabled=autocast_dtype(config, device) is not None):
+            with autocast(config, device):
                 logits = bare(**model_inputs(batch, config.msa)).float()
             labels = distogram_labels(batch, config.target)
             valid = labels != IGNORE
@@ -319,14 +324,12 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
     def plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
         train = [r for r in self.rows if r["kind"] == "train"]
         evals = [r for r in self.rows if r["kind"] == "eval"]
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
         if evals:
             ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
@@ -336,7 +339,6 @@ class MetricsLog:
         ax.legend()
         fig.tight_layout()
         save_figure_atomic(fig, self.plot_path)
-        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -418,7 +420,6 @@ def train(config: TrainConfig, *, resume: Optional[str] = None, progress: bool =
     os.makedirs(config.output_dir, exist_ok=True)
     log = MetricsLog(config.output_dir, step if resume is not None else None) if d.main else None
     majority = majority_bin(train_loader, config)
-    amp = autocast_dtype(config, device)
     ckpt_path = os.path.join(config.output_dir, "checkpoint.pt")
     summary: dict[str, Any] = {"losses": [], "evals": [], "majority_bin": majority, "checkpoint": ckpt_path}
 
@@ -461,7 +462,7 @@ def train(config: TrainConfig, *, resume: Optional[str] = None, progress: bool =
         for i, (batch, lab) in enumerate(zip(batches, labels)):
             sync = contextlib.nullcontext() if (not d.enabled or i == len(batches) - 1) else ddp.no_sync()
             with sync:
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                with autocast(config, device):
                     logits = ddp(**model_inputs(batch, config.msa))
                 loss_sum = pair_loss_sum(logits, lab)
                 # DDP averages gradients over ranks: scale by world_size so the result is sum / all pairs

@@ -23,15 +23,17 @@ Deliberate differences from the seed, each said again where it applies:
 """
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from einops import rearrange, repeat
+
+from af2_ext.fileio import atomic_open
 
 _WARNED: set = set()
 
@@ -64,6 +66,7 @@ __all__ = [
     "scn_cloud_mask",
     "sidechain_container",
     "distogram_to_coords",
+    "pdb_chain_text",
     "write_pdb",
 ]
 
@@ -916,10 +919,37 @@ def distogram_to_coords(logits: torch.Tensor, mask: Optional[torch.Tensor] = Non
 _DEFAULT_ATOM_NAMES = {1: ("CA",), 3: ("N", "CA", "C"), 4: ("N", "CA", "C", "O")}
 
 
+def pdb_chain_text(residues: Sequence[str], atoms: Sequence[Mapping[str, np.ndarray]], *, chain_id: str = "A",
+                   b_factors: Optional[Sequence[float]] = None) -> str:
+    """PDB text of one chain, built with Biopython (``Bio.PDB`` StructureBuilder + PDBIO): residue ``i`` is
+    ``residues[i]`` (three-letter name), numbered ``i + 1``, with the atoms ``atoms[i]`` (name -> (3,) Å)."""
+    try:
+        from Bio.PDB.PDBIO import PDBIO
+        from Bio.PDB.StructureBuilder import StructureBuilder
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("writing PDB files needs Biopython: pip install biopython") from error
+
+    builder = StructureBuilder()
+    builder.init_structure("af2_ext")
+    builder.init_model(0)
+    builder.init_chain(chain_id)
+    builder.init_seg("    ")
+    for i, (name3, residue) in enumerate(zip(residues, atoms)):
+        builder.init_residue(name3, " ", i + 1, " ")
+        b_factor = 0.0 if b_factors is None else float(b_factors[i])
+        for name, xyz in residue.items():
+            fullname = name if len(name) == 4 else f" {name:<3}"
+            builder.init_atom(name, np.array(xyz, dtype=np.float64), b_factor, 1.0, " ", fullname, element=name[0])
+    pdb = PDBIO()
+    pdb.set_structure(builder.get_structure())
+    text = io.StringIO()
+    pdb.save(text)
+    return text.getvalue()
+
+
 def write_pdb(path: Union[str, os.PathLike], coords, sequence: str, *, atom_names: Optional[Sequence[str]] = None,
               chain_id: str = "A", b_factors=None) -> str:
-    """Write one chain to a PDB file with Biopython (``Bio.PDB`` StructureBuilder + PDBIO), atomically (a temp
-    file in the same directory, then ``os.replace``).
+    """Write one chain to a PDB file (:func:`pdb_chain_text`), atomically (:mod:`af2_ext.fileio`).
 
     Args:
         path: output file.
@@ -984,42 +1014,13 @@ def write_pdb(path: Union[str, os.PathLike], coords, sequence: str, *, atom_name
         if bool((bf < 0).any()) or bool((bf > 999.99).any()):
             raise ValueError("b_factors must be within [0, 999.99]")
 
-    try:
-        from Bio.PDB.PDBIO import PDBIO
-        from Bio.PDB.StructureBuilder import StructureBuilder
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("write_pdb needs Biopython: pip install biopython") from error
-
-    builder = StructureBuilder()
-    builder.init_structure("af2_ext")
-    builder.init_model(0)
-    builder.init_chain(chain_id)
-    builder.init_seg("    ")
     points = xyz.numpy()
-    for i, letter in enumerate(sequence):
-        builder.init_residue(ONE_TO_THREE_LETTER_MAP[letter], " ", i + 1, " ")
-        for slot, name in enumerate(names_per_residue[i]):
-            fullname = name if len(name) == 4 else f" {name:<3}"
-            builder.init_atom(name, points[i, slot].copy(), float(bf[i]), 1.0, " ", fullname, element=name[0])
-    io = PDBIO()
-    io.set_structure(builder.get_structure())
-
+    residues = [ONE_TO_THREE_LETTER_MAP[letter] for letter in sequence]
+    atoms = [dict(zip(names_per_residue[i], points[i])) for i in range(n)]
+    text = pdb_chain_text(residues, atoms, chain_id=chain_id, b_factors=bf.tolist())
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    mode = (os.stat(path).st_mode & 0o777) if os.path.exists(path) else 0o644
-    handle = tempfile.NamedTemporaryFile("w", dir=directory, prefix=f".{os.path.basename(path)}.",
-                                         suffix=".tmp", delete=False)
-    try:
-        with handle:
-            io.save(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, mode)
-        os.replace(handle.name, path)
-    except BaseException:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-        raise
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
     return path
 
 
