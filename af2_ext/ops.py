@@ -86,13 +86,24 @@ def _check_dropout(dropout_p) -> float:
     return float(dropout_p)
 
 
-def _use_kernel(op: str, device: torch.device, impl: Optional[str], dropout_p: float = 0.0) -> bool:
+def _use_kernel(op: str, device: torch.device, impl: Optional[str], dropout_p: float = 0.0,
+                unsupported: Optional[str] = None) -> bool:
     """The one place that chooses kernel vs reference. Attention-probability dropout is not in the kernels:
-    ``dropout_p > 0`` runs the reference (one warning per op)."""
+    ``dropout_p > 0`` runs the reference (one warning per op). ``unsupported``: why the kernel cannot run this
+    call's configuration (see :func:`_cuda_unsupported`); the reference runs, with one warning per reason, or
+    ``impl="kernel"`` raises it."""
     impl = _default_impl if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "reference":
+        return False
+    if unsupported is not None and _has_kernel(op, device):
+        if impl == "kernel":
+            raise RuntimeError(f"impl='kernel' but {unsupported}; use impl='auto' (falls back to the reference)")
+        if (op, unsupported) not in _warned:
+            _warned.add((op, unsupported))
+            warnings.warn(f"{unsupported}; running the pure-PyTorch reference for these calls", RuntimeWarning,
+                          stacklevel=3)
         return False
     if dropout_p > 0:
         if impl == "kernel":
@@ -116,6 +127,40 @@ def _use_kernel(op: str, device: torch.device, impl: Optional[str], dropout_p: f
         warnings.warn(f"{why}; falling back to the pure-PyTorch reference (slow, O(Nq*Nk) memory). {BUILD_HINT}",
                       RuntimeWarning, stacklevel=3)
     return False
+
+
+def _cuda_unsupported(op: str, dtype: torch.dtype, device: torch.device, head_dim: Optional[int] = None,
+                      block_size: Optional[int] = None, backward: bool = False) -> Optional[str]:
+    """Why the CUDA kernels cannot run a configuration, or None (also for every CPU call): float64 (the CUDA
+    kernels stop at fp32), or attention tiles needing more shared memory per block than this GPU allows (with
+    ``head_dim`` and ``block_size``; ``backward``: the training step's kernels too)."""
+    if device.type != "cuda":
+        return None
+    if dtype == torch.float64:
+        return f"{op}: the CUDA kernels have no float64 path"
+    if head_dim is None or torch.compiler.is_compiling() or not _has_kernel("block_sparse_attention_forward", device):
+        return None
+    key = (dtype, head_dim, block_size, backward, device.index)
+    if key not in _SMEM_VERDICTS:
+        _SMEM_VERDICTS[key] = _smem_verdict(op, dtype, head_dim, block_size, backward, device)
+    return _SMEM_VERDICTS[key]
+
+
+_SMEM_VERDICTS: dict = {}
+
+
+def _smem_verdict(op, dtype, head_dim, block_size, backward, device) -> Optional[str]:
+    need = torch.ops.af2_ext.block_sparse_attention_cuda_smem_bytes(dtype, head_dim, block_size, backward)
+    props = torch.cuda.get_device_properties(device if device.index is not None else torch.cuda.current_device())
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if need < 0 or limit is None or need <= limit:
+        return None  # the binding still checks, with a clear error
+    return (f"{op}: {dtype} with head dim D={head_dim} and block_size={block_size} needs {need} bytes of shared "
+            f"memory per block{' (backward)' if backward else ''}, more than {props.name}'s {limit}")
+
+
+def _wants_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,6 +282,21 @@ def layout_index(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 _INDEX_CACHE: dict = {}
 
 
+def _check_index_values(count: torch.Tensor, index: torch.Tensor, name: str, limit: int) -> None:
+    """Every counted entry of a block index is in [0, limit) and strictly ascending (a repeated block would be
+    counted twice). Run once, where a layout's index is built and cached: the CUDA kernels trust the index, so that
+    no call needs a host sync to validate it."""
+    width = index.shape[-1]
+    used = torch.arange(width, device=index.device) < count.unsqueeze(-1)  # [Hl, rows, width]
+    idx = index.long()
+    ascending = torch.ones_like(used)
+    ascending[..., 1:] = idx[..., 1:] > idx[..., :-1]
+    bad = ((count < 0) | (count > width)).any() | (used & ~((idx >= 0) & (idx < limit) & ascending)).any()
+    if bad.item():
+        raise RuntimeError(f"{name}: the block index of a layout is corrupt (entries must be ascending and in "
+                           f"[0, {limit})); this is a bug in af2_ext.ops.layout_index")
+
+
 def _cached_layout_index(layout: torch.Tensor):
     if torch.compiler.is_compiling() or layout.is_inference():
         return layout_index(layout)
@@ -245,6 +305,11 @@ def _cached_layout_index(layout: torch.Tensor):
     if hit is not None and hit[0]() is layout and hit[1] == layout._version:
         return hit[2]
     index = layout_index(layout)
+    capturing = layout.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing:  # a sync is not allowed while a CUDA graph is captured
+        row_count, row_index, col_count, col_index = index
+        _check_index_values(row_count, row_index, "row_index", layout.shape[2])
+        _check_index_values(col_count, col_index, "col_index", layout.shape[1])
     _INDEX_CACHE[key] = (weakref.ref(layout, lambda _, key=key: _INDEX_CACHE.pop(key, None)), layout._version, index)
     return index
 
@@ -284,7 +349,9 @@ def block_sparse_attention(
     _check_block_sparse(q, k, v, layout, block_size, key_padding_mask, bias)
     dropout_p = _check_dropout(dropout_p)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if not _use_kernel("block_sparse_attention_forward", q.device, impl, dropout_p):
+    unsupported = _cuda_unsupported("block_sparse_attention", q.dtype, q.device, q.shape[-1], block_size,
+                                    _wants_grad(q, k, v, bias))
+    if not _use_kernel("block_sparse_attention_forward", q.device, impl, dropout_p, unsupported):
         return reference.block_sparse_attention_ref(q, k, v, layout, block_size=block_size,
                                                     key_padding_mask=key_padding_mask, bias=bias, scale=scale,
                                                     dropout_p=dropout_p)
@@ -405,7 +472,8 @@ def kv_compress(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: Op
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     _check_ratio(ratio)
     _check_kv_compress_inputs(k, v, weight, bias, ratio)
-    if not _use_kernel("kv_compress_forward", k.device, impl):
+    if not _use_kernel("kv_compress_forward", k.device, impl,
+                       unsupported=_cuda_unsupported("kv_compress", k.dtype, k.device)):
         kc, vc = reference.kv_compress_ref(k, v, weight, bias, ratio)
         return kc.to(k.dtype), vc.to(k.dtype)
     kc, vc = torch.ops.af2_ext.kv_compress_forward.default(k, v, weight, bias, ratio)
@@ -504,7 +572,10 @@ def compressed_attention(
     """
     num_compressed = _check_compressed(q, k, v, ratio, weight, bias, key_padding_mask, layout, block_size)
     dropout_p = _check_dropout(dropout_p)
-    if not _use_kernel("kv_compress_forward", q.device, impl, dropout_p):
+    unsupported = _cuda_unsupported("compressed_attention", q.dtype, q.device, q.shape[-1],
+                                    DENSE_BLOCK_SIZE if layout is None else block_size,
+                                    _wants_grad(q, k, v, weight, bias))
+    if not _use_kernel("kv_compress_forward", q.device, impl, dropout_p, unsupported):
         return reference.compressed_attention_ref(q, k, v, ratio, weight, bias, key_padding_mask=key_padding_mask,
                                                   layout=layout, block_size=block_size, scale=scale,
                                                   dropout_p=dropout_p)
@@ -596,6 +667,48 @@ def _check_coupling_pair(dst, src, dst_name, src_name, check=_require) -> None:
           lambda: f"{src_name} must be on {dst_name}'s device {dst.device}, got {src.device}")
 
 
+def _memory_span(t: torch.Tensor) -> tuple:
+    """(storage pointer, first byte, one past the last byte) that ``t`` can touch."""
+    if t.numel() == 0:
+        return (None, 0, 0)
+    start = t.storage_offset() * t.element_size()
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0) + 1
+    return (t.untyped_storage().data_ptr(), start, start + extent * t.element_size())
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b may share memory: the same storage and intersecting byte ranges (conservative for strided views)."""
+    (pa, a0, a1), (pb, b0, b1) = _memory_span(a), _memory_span(b)
+    return pa is not None and pa == pb and a0 < b1 and b0 < a1
+
+
+def _partially_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b share memory without being the very same elements (element-wise in-place ops allow the latter)."""
+    same = (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+    return _overlap(a, b) and not same
+
+
+def _check_no_partial_overlap(dst, src, dst_name: str, src_name: str) -> None:
+    _require(not _partially_overlap(dst, src),
+             lambda: f"{src_name} must not partially overlap {dst_name} (it is read while {dst_name} is written)")
+
+
+def _check_no_overlap(written, other, written_name: str, other_name: str) -> None:
+    _require(not _overlap(written, other),
+             lambda: f"{other_name} must not overlap {written_name} ({written_name} is updated in place)")
+
+
+def _check_coupling_overlaps(y, f, grad, vjp) -> None:
+    """The buffers coupling_backward_ writes (y, grad) must not alias each other or the other pair's input; each
+    may be its own input (an element-wise update) but not overlap it partially. Same messages as the bindings."""
+    _check_no_overlap(grad, y, "grad", "y")
+    _check_no_partial_overlap(y, f, "y", "f")
+    _check_no_partial_overlap(grad, vjp, "grad", "vjp")
+    _check_no_overlap(y, vjp, "y", "vjp")
+    _check_no_overlap(grad, f, "grad", "f")
+
+
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -605,7 +718,9 @@ def coupling_forward_(x: torch.Tensor, f: torch.Tensor, *, impl: Optional[str] =
     storage; ``f`` of x's shape, in x's dtype or fp32/fp16/bf16 (never rounded before the add). x must be
     contiguous. Not differentiable (it runs inside the reversible autograd function). Returns x."""
     _check_coupling_pair(x, f, "x", "f")
-    if _use_kernel("coupling_forward_", x.device, impl):
+    _check_no_partial_overlap(x, f, "x", "f")
+    if _use_kernel("coupling_forward_", x.device, impl,
+                   unsupported=_cuda_unsupported("coupling_forward_", x.dtype, x.device)):
         torch.ops.af2_ext.coupling_forward_.default(x, f)
     else:
         x.copy_(x.to(_opmath(x.dtype)) + f.to(_opmath(x.dtype)))
@@ -620,8 +735,9 @@ def coupling_backward_(y: torch.Tensor, f: torch.Tensor, grad: torch.Tensor, vjp
     _check_coupling_pair(y, f, "y", "f")
     _check_coupling_pair(grad, vjp, "grad", "vjp")
     _require(grad.device == y.device, lambda: f"grad must be on y's device {y.device}, got {grad.device}")
-    _require(grad is not y, lambda: "grad and y must be different tensors")
-    if _use_kernel("coupling_forward_", y.device, impl):
+    _check_coupling_overlaps(y, f, grad, vjp)
+    if _use_kernel("coupling_forward_", y.device, impl,
+                   unsupported=_cuda_unsupported("coupling_backward_", y.dtype, y.device)):
         torch.ops.af2_ext.coupling_backward_.default(y, f, grad, vjp)
     else:
         y.copy_(y.to(_opmath(y.dtype)) - f.to(_opmath(y.dtype)))

@@ -40,6 +40,20 @@ TORCH_LIBRARY(af2_ext, m) {
   // y -= f with grad += vjp in one pass. f and vjp may be in the buffer's dtype or float32.
   m.def("coupling_forward_(Tensor(a!) x, Tensor f) -> ()");
   m.def("coupling_backward_(Tensor(a!) y, Tensor f, Tensor(b!) grad, Tensor vjp) -> ()");
+  // Bytes of shared memory per block the CUDA kernels need for (dtype, head dim, block size), forward only or
+  // the whole training step (block_sparse_cuda_smem_bytes); -1 for an unsupported size or dtype. Host
+  // arithmetic only, so a CPU-only build answers too; ops.py compares it with the GPU's opt-in limit.
+  m.def("block_sparse_attention_cuda_smem_bytes(ScalarType dtype, int head_dim, int block_size, bool backward) -> int",
+        [](c10::ScalarType dtype, int64_t head_dim, int64_t block_size, bool backward) -> int64_t {
+          af2_ext::ScalarKind kind;
+          switch (dtype) {
+            case c10::ScalarType::Float: kind = af2_ext::ScalarKind::kFloat32; break;
+            case c10::ScalarType::Half: kind = af2_ext::ScalarKind::kFloat16; break;
+            case c10::ScalarType::BFloat16: kind = af2_ext::ScalarKind::kBFloat16; break;
+            default: return -1;
+          }
+          return af2_ext::block_sparse_cuda_smem_bytes(kind, head_dim, block_size, backward);
+        });
   // The instruction set the CPU kernels run with on this machine: "avx512", "avx2" or "generic".
   m.def("cpu_isa() -> str", []() { return std::string(af2_ext::cpu::isa_name()); });
 }

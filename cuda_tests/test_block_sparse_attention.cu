@@ -348,6 +348,11 @@ Result run_cuda(const Problem& pr, const Inputs& in) {
   p.grad_k = pr.want_kv ? grad_k.get() : nullptr;
   p.grad_v = pr.want_kv ? grad_v.get() : nullptr;
   p.grad_bias = pr.want_bias && pr.Bb > 0 ? grad_bias.get() : nullptr;
+  // NaN-filled: the launcher must clear the copies it sums.
+  const int64_t workspace_floats = af2_ext::block_sparse_backward_workspace_floats(s, p.grad_bias != nullptr);
+  af2_test::DeviceBuffer<float> workspace(
+      std::vector<float>(size_t(std::max<int64_t>(workspace_floats, 1)), std::numeric_limits<float>::quiet_NaN()));
+  p.workspace = workspace_floats > 0 ? workspace.get() : nullptr;
 
   cudaStream_t stream;
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -411,13 +416,13 @@ bool close(const std::vector<float>& got, const std::vector<float>& want, float 
 }
 #define EXPECT_CLOSE(got, want, c, what) ((void)close((got), (want), (c), (what), __FILE__, __LINE__))
 
-// Device shared memory lets every size run on an A100/H100 (163 KB per block or more); a smaller device may
-// refuse the largest tiles with cudaErrorInvalidValue.
-bool device_may_refuse() {
-  int dev = 0, optin = 0;
-  CUDA_CHECK(cudaGetDevice(&dev));
-  CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return optin < 163 * 1024;
+// Every size fits an A100/H100 (163 KB per block or more); a device with less must refuse exactly the
+// configurations whose computed shared memory exceeds its opt-in limit, with cudaErrorInvalidValue. Any other
+// launch error, or a refusal of a configuration that fits, is a failure.
+bool must_refuse(const Problem& pr, bool backward) {
+  const int64_t limit = af2_ext::cuda::smem_optin_limit();
+  EXPECT_TRUE(limit > 0);
+  return af2_ext::block_sparse_cuda_smem_bytes(pr.dtype, pr.D, pr.bs, backward) > limit;
 }
 
 // Runs one problem and compares everything it computes with the reference.
@@ -425,9 +430,12 @@ void check_problem(const Problem& pr) {
   const Inputs in = make_inputs(pr);
   const Result got = run_cuda(pr, in);
   const std::string name = pr.name();
-  if ((got.forward_err == cudaErrorInvalidValue || got.backward_err == cudaErrorInvalidValue) &&
-      device_may_refuse()) {
-    std::printf("  note: %s: refused by this device (shared memory)\n", name.c_str());
+  const bool refuse_forward = must_refuse(pr, false), refuse_backward = must_refuse(pr, true);
+  if (refuse_forward || (refuse_backward && got.forward_err == 0)) {
+    const int err = refuse_forward ? got.forward_err : got.backward_err;
+    EXPECT_EQ(err, int(cudaErrorInvalidValue));
+    std::printf("  note: %s: refused by this device (shared memory %lld bytes)\n", name.c_str(),
+                static_cast<long long>(af2_ext::block_sparse_cuda_smem_bytes(pr.dtype, pr.D, pr.bs, !refuse_forward)));
     return;
   }
   if (got.forward_err != 0 || got.backward_err != 0) {
@@ -570,6 +578,55 @@ TEST_CASE(partial_gradients) {
   }
 }
 
+// Batch x heads past the 65,535 of grid.y / grid.z (the model folds b * n rows into the batch), with a bias shared
+// by every batch row: its gradient sums over all of them, split over several CTAs and added in a fixed order.
+TEST_CASE(batch_beyond_grid_limit) {
+  for (ScalarKind dtype : {ScalarKind::kFloat32, ScalarKind::kBFloat16}) {
+    Problem pr;
+    pr.dtype = dtype;
+    pr.B = 65535 + 18;
+    pr.H = 1;
+    pr.Hl = 1;
+    pr.Nq = 16;
+    pr.Nk = 16;
+    pr.D = 16;
+    pr.bs = 16;
+    pr.Bb = 1;
+    pr.Hb = 1;
+    pr.density = 1.0;
+    pr.empty_first_row = false;
+    pr.seed = 500 + int(dtype);
+    BlockSparseShape s;
+    s.batch = pr.B;
+    s.heads = pr.H;
+    s.seq_q = pr.Nq;
+    s.seq_k = pr.Nk;
+    s.num_q_blocks = pr.nqb();
+    s.bias_batch = 1;
+    s.bias_heads = 1;
+    EXPECT_TRUE(af2_ext::block_sparse_bias_grad_splits(s) > 1);
+    check_problem(pr);
+  }
+}
+
+// Heads past 65,535 (grid.y before), per-head layouts, a bias shared by all heads: its gradient sums 65,537
+// members in split ranges.
+TEST_CASE(heads_beyond_grid_limit) {
+  Problem pr;
+  pr.dtype = ScalarKind::kFloat16;
+  pr.B = 1;
+  pr.H = 65535 + 2;
+  pr.Hl = pr.H;
+  pr.Nq = 20;
+  pr.Nk = 13;
+  pr.D = 16;
+  pr.bs = 16;
+  pr.Bb = 1;
+  pr.Hb = 1;
+  pr.seed = 510;
+  check_problem(pr);
+}
+
 // Unsupported sizes and inconsistent arguments are refused before anything is launched.
 TEST_CASE(invalid_arguments) {
   Problem pr;
@@ -632,6 +689,13 @@ TEST_CASE(invalid_arguments) {
   EXPECT_EQ(af2_ext::cuda::backward(bad, stream), int(cudaErrorInvalidValue));
   bad = p;
   bad.grad_bias = lse.get();  // grad_bias without a bias shape
+  EXPECT_EQ(af2_ext::cuda::backward(bad, stream), int(cudaErrorInvalidValue));
+  bad = p;  // a bias shared by B * H = 4 members over one query-block row group: split, so a workspace is needed
+  bad.s.bias_batch = 1;
+  bad.s.bias_heads = 1;
+  bad.bias = lse.get();
+  bad.grad_bias = lse.get();
+  EXPECT_TRUE(af2_ext::block_sparse_backward_workspace_floats(bad.s, true) > 0);
   EXPECT_EQ(af2_ext::cuda::backward(bad, stream), int(cudaErrorInvalidValue));
   CUDA_CHECK(cudaStreamSynchronize(stream));
   CUDA_CHECK(cudaStreamDestroy(stream));

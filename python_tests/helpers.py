@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Callable, Iterator, Optional
 
 import pytest
@@ -45,20 +46,38 @@ def cuda_skip_reason(op: Optional[str] = None) -> Optional[str]:
     """Why CUDA tests cannot run here (None if they can). Asked at test time, never at import."""
     if not torch.cuda.is_available():
         return "CUDA is not available (torch.cuda.is_available() is False)"
-    if op is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(f"af2_ext::{op}", "CUDA"):
-        return f"af2_ext was built without a CUDA kernel for {op}"
-    return None
+    if op is None:
+        return None
+    try:
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"af2_ext::{op}", "CUDA")
+    except RuntimeError:  # the operator is not registered at all
+        return f"af2_ext._C is not built (no operator af2_ext::{op})"
+    return None if has_kernel else f"af2_ext was built without a CUDA kernel for {op}"
+
+
+def gpu_required() -> bool:
+    """``AF2_EXT_REQUIRE_GPU`` set (not empty, not 0): a CUDA test that cannot run fails instead of skipping, so a
+    GPU machine with a broken driver or a CPU-only build cannot pass (cuda_tests/test_main.h reads it too)."""
+    return os.environ.get("AF2_EXT_REQUIRE_GPU", "") not in ("", "0")
+
+
+def skip_cuda(reason: str) -> None:
+    """Skips a CUDA case that cannot run here, with the reason; fails it instead under ``AF2_EXT_REQUIRE_GPU``."""
+    if gpu_required():
+        pytest.fail(f"AF2_EXT_REQUIRE_GPU is set but {reason}")
+    pytest.skip(reason)
 
 
 def cuda_test(op: Optional[str] = None) -> Callable:
-    """Decorator for ``test_x_cuda``: skips (with the reason) when CUDA or the op's CUDA kernel is missing."""
+    """Decorator for ``test_x_cuda``: skips (with the reason) when CUDA or the op's CUDA kernel is missing, or
+    fails under ``AF2_EXT_REQUIRE_GPU``."""
 
     def decorate(test: Callable) -> Callable:
         @functools.wraps(test)
         def wrapper(*args, **kwargs):
             reason = cuda_skip_reason(op)
             if reason is not None:
-                pytest.skip(reason)
+                skip_cuda(reason)
             return test(*args, **kwargs)
 
         return wrapper
@@ -264,3 +283,17 @@ def compressed_attention_lowp(q, k, v, ratio, weight, bias=None, *, key_padding_
         layout = layouts.dense(layouts.num_blocks(q.shape[2], block_size), layouts.num_blocks(kc.shape[2], block_size))
     return block_sparse_attention_lowp(q, kc, vc, layout.to(q.device), block_size=block_size, key_padding_mask=mask,
                                        scale=scale)
+
+
+# Device parametrisation: each test written once, ``@pytest.mark.parametrize("device", DEVICES)``, and
+# ``require_device(device, op)`` first in its body (CUDA is asked then, never at collection).
+DEVICES = ["cpu", "cuda"]
+
+
+def require_device(device: str, op: Optional[str] = None) -> None:
+    """Skips a CUDA case (with the reason) when CUDA or the op's CUDA kernel is missing; fails it under
+    ``AF2_EXT_REQUIRE_GPU``."""
+    if torch.device(device).type == "cuda":
+        reason = cuda_skip_reason(op)
+        if reason is not None:
+            skip_cuda(reason)

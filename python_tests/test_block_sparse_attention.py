@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -937,3 +938,135 @@ def test_compile_reduce_overhead_cuda():
             out = compiled(inputs["q"], inputs["k"], inputs["v"]).clone()
     torch.cuda.current_stream().wait_stream(stream)
     helpers.assert_matches("reduce-overhead output", out, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real shapes: batch x heads beyond the 65,535 of a CUDA grid's y / z, shared memory, fp64 on CUDA, the index
+# validated once
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_batch_beyond_grid_limit(device):
+    """The model folds b * n rows into the batch (b=64, n=1024: B = 65,536): B * H past 65,535 must run, and a
+    bias shared by every batch row sums its gradient over all of them."""
+    helpers.require_device(device, "block_sparse_attention_forward")
+    B, H, N, D, bs = 65_536 + 17, 1, 16, 16, 16
+    q, k, v = helpers.make_qkv(B, H, N, N, D, seed=40, device=device, requires_grad=True)
+    bias = helpers.make_bias(1, H, N, N, seed=41, device=device, requires_grad=True)
+    layout = torch.ones(1, 1, 1, dtype=torch.bool, device=device)
+    kpm = helpers.make_key_padding_mask(B, N, seed=42, device=device)
+    grad_out = helpers.randn(B, H, N, D, seed=43, device=device)
+    diff = dict(q=q, k=k, v=v, bias=bias)
+    rest = dict(layout=layout, block_size=bs, key_padding_mask=kpm)
+    out, grads = helpers.forward_backward(bsa, diff, grad_out, **rest, impl="kernel")
+    ref, ref_grads = helpers.forward_backward(reference.block_sparse_attention_ref, diff, grad_out, **rest)
+    helpers.assert_matches("out", out, ref)
+    for name in ("q", "k", "v"):
+        helpers.assert_matches(f"grad {name}", grads[name], ref_grads[name], kind="grad")
+    # A sum over 65,553 rows: the reference's own summation order differs, so allow for the length of the sum.
+    scale = ref_grads["bias"].abs().max().item()
+    err = (grads["bias"] - ref_grads["bias"]).abs().max().item()
+    assert err <= 1e-5 * max(scale, 1.0) * 8, f"grad bias: max |err| {err} (max |ref| {scale})"
+    _, again = helpers.forward_backward(bsa, diff, grad_out, **rest, impl="kernel")
+    assert torch.equal(again["bias"], grads["bias"]), "the bias gradient over many rows must be deterministic"
+
+
+def test_cuda_smem_bytes_formula():
+    """The host-side shared-memory sizes the bindings and the fallback use: every size fits an A100 (the largest
+    tiles were sized for its 163 KB), the fp32 D=128 block-128 backward does not fit the 99 KB of sm_86/sm_89
+    GPUs (so it must fall back there), and low precision halves the tiles."""
+    smem = torch.ops.af2_ext.block_sparse_attention_cuda_smem_bytes
+    a100, sm86 = 166_912, 101_376
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for D in ops.HEAD_DIMS:
+            for bs in ops.BLOCK_SIZES:
+                fwd, bwd = smem(dtype, D, bs, False), smem(dtype, D, bs, True)
+                assert 0 < fwd <= bwd <= a100, f"{dtype} D={D} bs={bs}: forward {fwd}, step {bwd} bytes"
+    assert smem(torch.float32, 128, 128, True) > sm86
+    assert smem(torch.float32, 128, 128, False) <= sm86
+    # bf16, D=64, bs=64: a 64-row query tile and two 64-row chunks of 64 + 8 halves each.
+    assert smem(torch.bfloat16, 64, 64, False) == (64 + 2 * 64) * (64 + 8) * 2
+    assert smem(torch.float16, 48, 64, False) == -1 and smem(torch.float64, 64, 64, False) == -1
+
+
+def test_unsupported_configuration_falls_back_or_raises(monkeypatch):
+    """The one decision point: a configuration the kernel cannot run warns once and runs the reference under
+    impl='auto', and raises naming the reason under impl='kernel'."""
+    inputs = _inputs("cpu", B=1, H=2, Nq=40, Nk=40, D=16, seed=44)
+    ref_out, _ = _run_kernel(inputs, grads=False, impl="reference")
+    reason = "block_sparse_attention: a configuration this test declares unsupported"
+    monkeypatch.setattr(ops, "_cuda_unsupported", lambda *args, **kwargs: reason)
+    monkeypatch.setattr(ops, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="declares unsupported"):
+        out, _ = _run_kernel(inputs, grads=False, impl="auto")
+    assert torch.equal(out, ref_out), "the fallback must be the reference"
+    with pytest.raises(RuntimeError, match="impl='kernel' but block_sparse_attention: a configuration"):
+        _run_kernel(inputs, grads=False, impl="kernel")
+
+
+def test_smem_verdict_names_the_configuration(monkeypatch):
+    """With a GPU whose opt-in shared memory is smaller than a configuration needs, the verdict names the dtype,
+    head dim, block size, bytes and the GPU; a configuration that fits gets none."""
+    props = types.SimpleNamespace(name="Small GPU", shared_memory_per_block_optin=101_376)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cuda0 = torch.device("cuda", 0)
+    verdict = ops._smem_verdict("block_sparse_attention", torch.float32, 128, 128, True, cuda0)
+    assert verdict is not None and "torch.float32" in verdict and "D=128" in verdict and "block_size=128" in verdict
+    assert "Small GPU's 101376" in verdict and "(backward)" in verdict
+    assert ops._smem_verdict("block_sparse_attention", torch.float32, 128, 128, False, cuda0) is None
+    assert ops._smem_verdict("block_sparse_attention", torch.bfloat16, 128, 128, True, cuda0) is None
+    assert ops._cuda_unsupported("x", torch.float64, torch.device("cpu")) is None, "CPU runs fp64 in the kernels"
+
+
+def test_smem_fallback_cuda(monkeypatch):
+    """On a GPU that pretends to have too little shared memory, impl='auto' falls back to the reference (same
+    values as impl='reference') and impl='kernel' raises."""
+    helpers.require_device("cuda", "block_sparse_attention_forward")
+    real = torch.cuda.get_device_properties(0)
+    fake = types.SimpleNamespace(name=real.name, shared_memory_per_block_optin=1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: fake)
+    monkeypatch.setattr(ops, "_SMEM_VERDICTS", {})
+    monkeypatch.setattr(ops, "_warned", set())
+    inputs = _inputs("cuda", B=1, H=2, Nq=64, Nk=64, D=64, block_size=64, seed=45)
+    ref_out, ref_grads = _run_kernel(inputs, impl="reference")
+    with pytest.warns(RuntimeWarning, match="bytes of shared memory"):
+        out, grads = _run_kernel(inputs, impl="auto")
+    assert torch.equal(out, ref_out) and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    with pytest.raises(RuntimeError, match="impl='kernel' but .*shared memory"):
+        _run_kernel(inputs, impl="kernel")
+
+
+def test_fp64_cuda_falls_back():
+    """fp64 on CUDA runs the reference under impl='auto' (so gradcheck works on a GPU) and is refused, naming
+    float64, under impl='kernel'."""
+    helpers.require_device("cuda", "block_sparse_attention_forward")
+    inputs = _inputs("cuda", torch.float64, B=1, H=1, Nq=17, Nk=18, D=16, bias=(1, 1), mask=True, seed=46)
+    diff, rest = _split(inputs)
+    with pytest.warns(RuntimeWarning, match="float64"):
+        assert torch.autograd.gradcheck(lambda q, k, v, b: bsa(q, k, v, **rest, bias=b),
+                                        (diff["q"], diff["k"], diff["v"], diff["bias"]), eps=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="float64"):
+        _run_kernel(inputs, impl="kernel")
+
+
+def test_layout_index_validated_once(monkeypatch):
+    """The block index is checked where it is built and cached — once per layout, not on every call (on CUDA
+    that check is a host sync) — and a corrupt index is caught there."""
+    calls = []
+    real = ops._check_index_values
+    monkeypatch.setattr(ops, "_check_index_values", lambda *args: calls.append(args[2]) or real(*args))
+    inputs = _inputs("cpu", B=1, H=2, Nq=40, Nk=40, D=16, seed=47)
+    for _ in range(3):
+        _run_kernel(inputs)
+    assert calls == ["row_index", "col_index"], f"index checked {calls}"
+    row_count, row_index, _, _ = ops.layout_index(torch.ones(1, 3, 3, dtype=torch.bool))
+    real(row_count, row_index, "row_index", 3)  # a valid index passes
+    broken = row_index.clone()
+    broken[0, 0, :2] = broken[0, 0, :2].flip(0)  # two visited blocks out of order
+    with pytest.raises(RuntimeError, match="corrupt"):
+        real(row_count, broken, "row_index", 3)
+    with pytest.raises(RuntimeError, match="corrupt"):
+        real(row_count, row_index, "row_index", 2)  # block 2 out of range
+    with pytest.raises(RuntimeError, match="corrupt"):
+        real(row_count + 1, row_index, "row_index", 3)  # more entries counted than the row has

@@ -321,8 +321,29 @@ def _check_coupling_bad_input(device):
         ops.coupling_forward_(x, x.double(), impl="kernel")
     with pytest.raises((ValueError, RuntimeError), match=r"f must be on x's device"):
         ops.coupling_forward_(x, x.to(helpers.other_device(device)), impl="kernel")
-    with pytest.raises((ValueError, RuntimeError), match=r"grad and y must be different tensors"):
+    with pytest.raises((ValueError, RuntimeError), match=r"y must not overlap grad"):
         ops.coupling_backward_(x, x.clone(), x, x.clone(), impl="kernel")
+    # Overlapping views, not only the same tensor: each check in the op wrapper and in the binding alone.
+    buf = torch.zeros(2, 4, 5, device=device)
+    overlapping = [
+        ("coupling_backward_", (buf[0], x.clone(), buf.view(8, 5)[2:6], x.clone()), r"y must not overlap grad"),
+        ("coupling_backward_", (buf.view(8, 5)[:4], buf.view(8, 5)[1:5], x.clone(), x.clone()),
+         r"f must not partially overlap y"),
+        ("coupling_backward_", (x.clone(), x.clone(), buf.view(8, 5)[:4], buf.view(8, 5)[2:6]),
+         r"vjp must not partially overlap grad"),
+        ("coupling_backward_", (buf[0], x.clone(), buf[1], buf[0]), r"vjp must not overlap y"),
+        ("coupling_backward_", (buf[0], buf[1], buf[1], x.clone()), r"f must not overlap grad"),
+        ("coupling_forward_", (buf.view(8, 5)[:4], buf.view(8, 5)[1:5]), r"f must not partially overlap x"),
+    ]
+    for name, args, message in overlapping:
+        with pytest.raises((ValueError, RuntimeError), match=message):
+            getattr(ops, name)(*args, impl="kernel")
+        with pytest.raises(RuntimeError, match=message):
+            getattr(torch.ops.af2_ext, name)(*args)
+    # Each buffer may be its own source (an element-wise update).
+    y = torch.ones(4, 5, device=device)
+    ops.coupling_forward_(y, y, impl="kernel")
+    assert torch.equal(y, torch.full_like(y, 2.0))
     with pytest.raises((ValueError, RuntimeError), match=r"vjp must have grad's shape"):
         ops.coupling_backward_(x, x.clone(), x.clone(), torch.zeros(3, device=device), impl="kernel")
     # The C++ bindings check the same without the Python wrapper.

@@ -105,10 +105,62 @@ const char* isa_name();
 
 enum class ScalarKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Tiling of the CUDA kernels, in plain C++ so that the host (bindings, the Python fallback decision, cuda_tests)
+// computes the shared memory a configuration needs from the same numbers the kernels are compiled with
+// (block_sparse_attention_kernel.cuh's Traits). A CTA owns one layout block of `block` rows, one warp per 16 rows;
+// the other side is visited in chunks of bsa_chunk rows; shared tiles are rows x D with rows padded by 16 bytes.
+// `simt`: fp32 (CUDA cores, with a per-warp fp32 staging tile); otherwise fp16/bf16 on tensor cores.
+namespace bsa_tiles {
+// Chunks of 64 rows, 32 at D = 128 (registers), 16 for fp32 at D = 128 with 128-row blocks: the backward's two
+// fp32 (128 x 128) block tiles leave room for no more within an A100's 163 KB of shared memory.
+constexpr int max_chunk(bool simt, int d, int block) { return d < 128 ? 64 : (simt && block >= 128 ? 16 : 32); }
+constexpr int chunk(bool simt, int d, int block) {
+  return block < max_chunk(simt, d, block) ? block : max_chunk(simt, d, block);
+}
+constexpr int ld(int elem_bytes, int d) { return d + 16 / elem_bytes; }
+constexpr int scratch_ld(bool simt, int d, int block) { return chunk(simt, d, block) + 4; }
+constexpr int scratch_floats(bool simt, int d, int block) {
+  return simt ? (block / 16) * 16 * scratch_ld(simt, d, block) : 0;
+}
+// Dynamic shared memory of each kernel, in bytes.
+constexpr int64_t forward_smem(int elem_bytes, bool simt, int d, int block) {
+  return int64_t(block + 2 * chunk(simt, d, block)) * ld(elem_bytes, d) * elem_bytes +
+         int64_t(scratch_floats(simt, d, block)) * 4;
+}
+constexpr int64_t backward_cols_smem(int elem_bytes, bool simt, int d, int block) {
+  return int64_t(2 * block + 2 * chunk(simt, d, block)) * ld(elem_bytes, d) * elem_bytes +
+         int64_t(2 * chunk(simt, d, block)) * 4 + int64_t(scratch_floats(simt, d, block)) * 4;
+}
+constexpr int64_t backward_rows_smem(int elem_bytes, bool simt, int d, int block) {
+  return int64_t(2 * block + 2 * chunk(simt, d, block)) * ld(elem_bytes, d) * elem_bytes +
+         int64_t(scratch_floats(simt, d, block)) * 4;
+}
+}  // namespace bsa_tiles
+
+// Bytes of dynamic shared memory one CTA needs for `dtype`, head dim and block size: of the forward kernel, or
+// with `backward` the largest of the forward and both backward kernels (what a training step needs). -1 for an
+// unsupported size. A device whose opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin) is smaller cannot run
+// that configuration; the binding refuses it with a message naming the sizes.
+constexpr int64_t block_sparse_cuda_smem_bytes(ScalarKind dtype, int64_t head_dim, int64_t block_size,
+                                               bool backward) {
+  const bool sizes_ok = (head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128) &&
+                        (block_size == 16 || block_size == 32 || block_size == 64 || block_size == 128);
+  if (!sizes_ok) return -1;
+  const bool simt = dtype == ScalarKind::kFloat32;
+  const int elem = simt ? 4 : 2, d = int(head_dim), bs = int(block_size);
+  const int64_t fwd = bsa_tiles::forward_smem(elem, simt, d, bs);
+  if (!backward) return fwd;
+  const int64_t cols = bsa_tiles::backward_cols_smem(elem, simt, d, bs);
+  const int64_t rows = bsa_tiles::backward_rows_smem(elem, simt, d, bs);
+  const int64_t bwd = cols > rows ? cols : rows;
+  return fwd > bwd ? fwd : bwd;
+}
+
 // Tensors keep their dtype (`dtype`, fp32 accumulation inside). q, k, v, out and grad_out may be strided on
 // (batch, head, row): `*_stride` = {batch, head, row} in elements; the head dim is contiguous. Everything
-// else is contiguous. Index values are trusted to be in range by the kernels only after the binding has
-// validated them; kernels still skip out-of-range blocks rather than read out of bounds.
+// else is contiguous. The kernels trust the index values (ascending, in range) — ops.py builds the index from a
+// bool layout and checks it once when it is cached, so there is no host sync per call — but they still skip an
+// out-of-range block rather than read out of bounds.
 struct BlockSparseCudaParams {
   BlockSparseShape s;
   ScalarKind dtype = ScalarKind::kFloat32;
@@ -137,7 +189,34 @@ struct BlockSparseCudaParams {
   void* grad_k = nullptr;    // (B, H, Nk, D) contiguous, dtype; grad_k and grad_v are wanted together
   void* grad_v = nullptr;
   float* grad_bias = nullptr;  // (Bb, Hb, Nq, Nk) fp32, zeroed by the caller; nullptr: not wanted
+  // With grad_bias: block_sparse_backward_workspace_floats(s, true) floats (any content; the launcher clears
+  // it), or nullptr when that is 0.
+  float* workspace = nullptr;
 };
+
+// The bias gradient sums dS over the (B / Bb) * (H / Hb) batch rows and heads that share a bias block. The row
+// pass splits those members into this many contiguous ranges, one CTA each per query block, so that a bias shared
+// by many rows (the model folds rows into the batch) still fills the GPU; each range adds into its own fp32 copy
+// of grad_bias in the workspace, and a second pass sums the copies in range order. Chosen from the shape alone
+// (never the device), so the gradient's bits do not depend on the GPU it ran on. 1 = no workspace.
+inline int64_t block_sparse_bias_grad_splits(const BlockSparseShape& s) {
+  if (s.bias_batch <= 0 || s.bias_heads <= 0 || s.num_q_blocks <= 0) return 1;
+  constexpr int64_t kTargetCtas = 1024;                        // a few waves on the largest GPUs
+  constexpr int64_t kMaxSplits = 32;                           // bounds the second pass's reads
+  constexpr int64_t kMaxWorkspaceFloats = int64_t(32) << 20;   // 128 MiB of fp32 copies at most
+  const int64_t members = (s.batch / s.bias_batch) * (s.heads / s.bias_heads);
+  const int64_t ctas = s.num_q_blocks * s.bias_batch * s.bias_heads;
+  const int64_t bias_elems = s.bias_batch * s.bias_heads * s.seq_q * s.seq_k;
+  int64_t splits = (kTargetCtas + ctas - 1) / ctas;
+  if (splits > members) splits = members;
+  if (splits > kMaxSplits) splits = kMaxSplits;
+  if (bias_elems > 0 && splits > kMaxWorkspaceFloats / bias_elems) splits = kMaxWorkspaceFloats / bias_elems;
+  return splits < 1 ? 1 : splits;
+}
+inline int64_t block_sparse_backward_workspace_floats(const BlockSparseShape& s, bool with_grad_bias) {
+  const int64_t splits = with_grad_bias ? block_sparse_bias_grad_splits(s) : 1;
+  return splits > 1 ? splits * s.bias_batch * s.bias_heads * s.seq_q * s.seq_k : 0;
+}
 
 }  // namespace af2_ext
 
@@ -147,8 +226,14 @@ namespace af2_ext {
 namespace cuda {
 
 // Host-side launchers; they return the launch error (a cudaError_t as int, 0 = success) without syncing.
+// A configuration whose shared memory (block_sparse_cuda_smem_bytes) exceeds the device's opt-in limit returns
+// cudaErrorInvalidValue and launches nothing.
 int forward(const BlockSparseCudaParams& p, CUstream_st* stream);
 int backward(const BlockSparseCudaParams& p, CUstream_st* stream);
+
+// The current device's opt-in shared memory per block in bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin),
+// queried once per device; -1 if it cannot be queried.
+int64_t smem_optin_limit();
 
 }  // namespace cuda
 }  // namespace af2_ext

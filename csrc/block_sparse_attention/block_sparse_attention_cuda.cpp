@@ -1,7 +1,6 @@
 // CUDA binding of block-sparse attention: checks, device guard, current stream, params, launch check.
 // Compiled only against a CUDA torch (setup.py), and syntax-checked in CI against the CPU wheel with a stub of
 // the one generated c10 CUDA header it lacks (.ci/check_cuda_binding.sh).
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -16,25 +15,16 @@
 namespace af2_ext {
 namespace {
 
-// Validation of the block index on the device: a corrupt index is a caller error, reported like the CPU op's.
-// It needs host syncs, so it is skipped while a CUDA graph is being captured; the kernels then still skip
-// out-of-range blocks rather than read out of bounds.
-void check_index_values_cuda(const at::Tensor& count, const at::Tensor& index, const char* name, int64_t limit) {
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
-  const auto width = index.size(2);
-  const auto c = count.to(at::kLong);
-  TORCH_CHECK(c.min().item<int64_t>() >= 0 && c.max().item<int64_t>() <= width, name, ": count out of range [0, ",
-              width, "]");
-  const auto position = at::arange(width, index.options().dtype(at::kLong));
-  const auto used = position.view({1, 1, -1}) < c.unsqueeze(-1);  // [Hl, rows, width]
-  const auto idx = index.to(at::kLong);
-  const auto in_range = (idx >= 0) & (idx < limit);
-  auto ascending = at::ones_like(used);
-  if (width > 1) {
-    ascending.narrow(2, 1, width - 1).copy_(idx.narrow(2, 1, width - 1) > idx.narrow(2, 0, width - 1));
-  }
-  const auto bad = used & ~(in_range & ascending);
-  TORCH_CHECK(!bad.any().item<bool>(), name, ": block indices must be ascending and in [0, ", limit, ")");
+// The configuration's shared memory fits the device (the launchers would refuse it with a bare "invalid
+// argument"). A caller error naming the sizes; ops.py asks first and falls back to the reference under "auto".
+void check_smem(const BlockSparseShape& s, ScalarKind dtype, at::ScalarType scalar_type, bool backward,
+                const at::Device& device) {
+  const int64_t need = block_sparse_cuda_smem_bytes(dtype, s.head_dim, s.block_size, backward);
+  const int64_t limit = cuda::smem_optin_limit();
+  TORCH_CHECK(limit < 0 || need <= limit, "block_sparse_attention on ", device, ": ", scalar_type,
+              " with head dim D=", s.head_dim, " and block_size=", s.block_size, " needs ", need,
+              " bytes of shared memory per block", backward ? " (backward)" : "", ", more than this GPU's ", limit,
+              "; use a smaller block_size or head dim, or impl=\"reference\"");
 }
 
 void fill_inputs(BlockSparseCudaParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -68,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& q_in, const at
                                                        block_size, key_padding_mask, bias);
   TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor, got ", q_in.device());
   const c10::cuda::CUDAGuard guard(q_in.device());
-  check_index_values_cuda(row_count, row_index, "row_index", s.num_k_blocks);
+  check_smem(s, scalar_kind(q_in.scalar_type(), "q"), q_in.scalar_type(), false, q_in.device());
   const auto q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const auto rc = row_count.contiguous(), ri = row_index.contiguous();
   const auto cc = col_count.contiguous(), ci = col_index.contiguous();
@@ -103,8 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
               "lse must be float32 (B, H, Nq) = (", s.batch, ", ", s.heads, ", ", s.seq_q, "), got ",
               lse.scalar_type(), " ", lse.sizes());
   const c10::cuda::CUDAGuard guard(q_in.device());
-  check_index_values_cuda(row_count, row_index, "row_index", s.num_k_blocks);
-  check_index_values_cuda(col_count, col_index, "col_index", s.num_q_blocks);
+  check_smem(s, scalar_kind(q_in.scalar_type(), "q"), q_in.scalar_type(), true, q_in.device());
   const bool want_q = output_mask[0], want_kv = output_mask[1] || output_mask[2];
   const bool want_bias = output_mask[3] && bias.has_value();
   const auto q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
@@ -121,6 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   auto gk = want_kv ? at::empty(k.sizes(), contiguous) : at::Tensor();
   auto gv = want_kv ? at::empty(v.sizes(), contiguous) : at::Tensor();
   auto gb = want_bias ? at::zeros(bias_c.sizes(), bias_c.options().dtype(at::kFloat)) : at::Tensor();
+  const int64_t workspace_floats = block_sparse_backward_workspace_floats(s, want_bias);
+  auto workspace = workspace_floats > 0 ? at::empty({workspace_floats}, q.options().dtype(at::kFloat)) : at::Tensor();
   BlockSparseCudaParams p;
   p.s = s;
   fill_inputs(p, q, k, v, rc, ri, cc, ci, kpm, bias_c, scale);
@@ -134,6 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   p.grad_k = want_kv ? gk.data_ptr() : nullptr;
   p.grad_v = want_kv ? gv.data_ptr() : nullptr;
   p.grad_bias = want_bias ? gb.data_ptr<float>() : nullptr;
+  p.workspace = workspace.defined() ? workspace.data_ptr<float>() : nullptr;
   check_launch(cuda::backward(p, c10::cuda::getCurrentCUDAStream().stream()), "block_sparse_attention_backward");
   const auto empty = at::empty({0}, q.options());
   return {want_q ? gq : empty, want_kv && output_mask[1] ? gk : empty, want_kv && output_mask[2] ? gv : empty,

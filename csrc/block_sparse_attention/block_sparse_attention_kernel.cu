@@ -5,10 +5,16 @@
 //   forward      one CTA per (query block, head, batch) walks row_index with an online softmax; out and
 //                lse = logsumexp (natural log, fp32; +inf and out = 0 for a query with no visible key).
 //   backward     delta = rowsum(grad_out * out); then a column pass, one CTA per (key block, head, batch) walking
-//                col_index, writes dK and dV once; then a row pass, one CTA per (query block, bias group) walking
-//                row_index, writes dQ and sums the bias gradient over the batch rows and heads sharing a bias
-//                block in a fixed order. No atomics anywhere: every output element has one owning thread, so the
-//                results (grad_bias included) are deterministic.
+//                col_index, writes dK and dV once; then a row pass, one CTA per (query block, head, batch) walking
+//                row_index, writes dQ. With a bias gradient a row-pass CTA owns a query block of one range of the
+//                (batch row, head) members that share a bias block and sums their dS into that range's copy of
+//                grad_bias in a fixed order; a last pass adds the copies in range order (one range: no copy).
+//                No atomics anywhere: every output element has one owning thread, so the results (grad_bias
+//                included) are deterministic, and the ranges depend on the shape only.
+//
+// Grids: the (block, head, batch) work items are flattened into grid.x (at most 2^31 - 1 per launch, more in
+// several launches with an offset), so batch x heads is not bound by the 65,535 of grid.y / grid.z — the model
+// folds b * n rows into the batch.
 //
 // Logits are kept in log2 units (scale * log2(e) folded in) so that every exponential is one exp2f. A logit of a
 // masked key (layout, key padding, past the end of the sequence) is -inf; a row whose maximum is still -inf
@@ -18,6 +24,7 @@
 // dtype and the key padding mask are uniform run-time branches, which keeps the instantiation count (and the
 // build) at a third of what compile-time flags would cost.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 
@@ -31,6 +38,7 @@ namespace bsa {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
 
 // Bits of the kernels' `vec` argument: the tensor allows 16-byte loads of its rows.
 enum VecBits : int { kVecQ = 1, kVecK = 2, kVecV = 4, kVecGradOut = 8 };
@@ -78,15 +86,16 @@ __device__ __forceinline__ void query_row_logits(float (&sc)[kNT][4], const Bloc
 // Forward
 // ---------------------------------------------------------------------------------------------------------------
 
+// Dynamic shared memory of each kernel: the host-side formulas of block_sparse_attention.h, which the pointer
+// carving at the top of each kernel follows.
 template <typename T, int kD, int kBlock>
 size_t forward_smem_bytes() {
-  using Tr = Traits<T, kD, kBlock>;
-  return size_t(kBlock + 2 * Tr::kChunk) * Tr::kLd * sizeof(T) + size_t(Tr::kScratchFloats) * sizeof(float);
+  return size_t(bsa_tiles::forward_smem(int(sizeof(T)), Traits<T, kD, kBlock>::kSimt, kD, kBlock));
 }
 
 template <typename T, int kD, int kBlock>
 __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
-    forward_kernel(const __grid_constant__ BlockSparseCudaParams p, const int vec) {
+    forward_kernel(const __grid_constant__ BlockSparseCudaParams p, const int vec, const int64_t first_block) {
   using Tr = Traits<T, kD, kBlock>;
   using Gemm = WarpGemm<T>;
   constexpr int kChunk = Tr::kChunk, kLd = Tr::kLd, kNT = kChunk / 8, kDT = kD / 8;
@@ -98,7 +107,8 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
   float* scratch = reinterpret_cast<float*>(sV + kChunk * kLd) + warp * 16 * Tr::kScratchLd;
 
   const BlockSparseShape& s = p.s;
-  const int64_t qb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t work = first_block + blockIdx.x, bh_work = work / s.num_q_blocks;
+  const int64_t qb = work % s.num_q_blocks, h = bh_work % s.heads, b = bh_work / s.heads;
   const int64_t r0 = qb * kBlock;
   const int rows = int(min(int64_t(kBlock), s.seq_q - r0));
   const int64_t hl = s.layout_heads == 1 ? 0 : h;
@@ -185,10 +195,11 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
 constexpr int kDeltaThreads = 256;
 
 template <typename T>
-__global__ void __launch_bounds__(kDeltaThreads) delta_kernel(const __grid_constant__ BlockSparseCudaParams p) {
+__global__ void __launch_bounds__(kDeltaThreads)
+    delta_kernel(const __grid_constant__ BlockSparseCudaParams p, const int64_t first_block) {
   const BlockSparseShape& s = p.s;
   const int64_t num_rows = s.batch * s.heads * s.seq_q;
-  const int64_t row = int64_t(blockIdx.x) * (kDeltaThreads / 8) + threadIdx.x / 8;
+  const int64_t row = (first_block + blockIdx.x) * (kDeltaThreads / 8) + threadIdx.x / 8;
   const int sub = threadIdx.x & 7;
   float sum = 0.f;
   if (row < num_rows) {
@@ -207,14 +218,12 @@ __global__ void __launch_bounds__(kDeltaThreads) delta_kernel(const __grid_const
 
 template <typename T, int kD, int kBlock>
 size_t backward_cols_smem_bytes() {
-  using Tr = Traits<T, kD, kBlock>;
-  return size_t(2 * kBlock + 2 * Tr::kChunk) * Tr::kLd * sizeof(T) + size_t(2 * Tr::kChunk) * sizeof(float) +
-         size_t(Tr::kScratchFloats) * sizeof(float);
+  return size_t(bsa_tiles::backward_cols_smem(int(sizeof(T)), Traits<T, kD, kBlock>::kSimt, kD, kBlock));
 }
 
 template <typename T, int kD, int kBlock>
 __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
-    backward_cols_kernel(const __grid_constant__ BlockSparseCudaParams p, const int vec) {
+    backward_cols_kernel(const __grid_constant__ BlockSparseCudaParams p, const int vec, const int64_t first_block) {
   using Tr = Traits<T, kD, kBlock>;
   using Gemm = WarpGemm<T>;
   constexpr int kChunk = Tr::kChunk, kLd = Tr::kLd, kNT = kChunk / 8, kDT = kD / 8;
@@ -229,7 +238,8 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
   float* scratch = sDelta + kChunk + warp * 16 * Tr::kScratchLd;
 
   const BlockSparseShape& s = p.s;
-  const int64_t kb = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t work = first_block + blockIdx.x, bh_work = work / s.num_k_blocks;
+  const int64_t kb = work % s.num_k_blocks, h = bh_work % s.heads, b = bh_work / s.heads;
   const int64_t c0 = kb * kBlock;
   const int cols = int(min(int64_t(kBlock), s.seq_k - c0));
   const int64_t hl = s.layout_heads == 1 ? 0 : h;
@@ -331,18 +341,20 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
 
 template <typename T, int kD, int kBlock>
 size_t backward_rows_smem_bytes() {
-  using Tr = Traits<T, kD, kBlock>;
-  return size_t(2 * kBlock + 2 * Tr::kChunk) * Tr::kLd * sizeof(T) + size_t(Tr::kScratchFloats) * sizeof(float);
+  return size_t(bsa_tiles::backward_rows_smem(int(sizeof(T)), Traits<T, kD, kBlock>::kSimt, kD, kBlock));
 }
 
-// Grid (query block, head group, batch group). With grad_bias a group is a bias block (bb, hb): the CTA walks
-// b in [bb * B / Bb, (bb + 1) * B / Bb) and h over all heads (Hb = 1) or h = hb, in that order, and adds each
-// (b, h)'s dS into grad_bias. Each grad_bias element of the CTA's rows is owned by one thread (the one holding
-// that score position), so the sum is a plain read-modify-write in a fixed order. Without grad_bias a group is
-// one (b, h).
+// Work item (query block, split, head group, batch group), flattened in that order (query block fastest). With
+// grad_bias a group is a bias block (bb, hb) whose members are the (b, h) with b in [bb * B / Bb, (bb + 1) * B /
+// Bb) and h over all heads (Hb = 1) or h = hb, numbered b-major; split `sp` of `splits` owns members
+// [sp * n / splits, (sp + 1) * n / splits) and adds each one's dS, in member order, into its copy of grad_bias
+// (grad_bias itself when splits = 1, else workspace + sp * |bias|). Each element of the CTA's rows is owned by one
+// thread (the one holding that score position), so the sum is a plain read-modify-write in a fixed order.
+// Without grad_bias a group is one (b, h) and splits = 1.
 template <typename T, int kD, int kBlock>
 __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
-    backward_rows_kernel(const __grid_constant__ BlockSparseCudaParams p, const int vec) {
+    backward_rows_kernel(const __grid_constant__ BlockSparseCudaParams p, const int vec, const int64_t first_block,
+                         const int64_t splits) {
   using Tr = Traits<T, kD, kBlock>;
   using Gemm = WarpGemm<T>;
   constexpr int kChunk = Tr::kChunk, kLd = Tr::kLd, kNT = kChunk / 8, kDT = kD / 8;
@@ -359,100 +371,119 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
   const int64_t head_groups = with_grad_bias ? s.bias_heads : s.heads;
   const int64_t batch_groups = with_grad_bias ? s.bias_batch : s.batch;
   const int64_t heads_per_group = s.heads / head_groups, batch_per_group = s.batch / batch_groups;
-  const int64_t qb = blockIdx.x, hg = blockIdx.y, bg = blockIdx.z;
+  const int64_t members = heads_per_group * batch_per_group;
+  const int64_t work = first_block + blockIdx.x, group_work = work / s.num_q_blocks / splits;
+  const int64_t qb = work % s.num_q_blocks, split = work / s.num_q_blocks % splits;
+  const int64_t hg = group_work % head_groups, bg = group_work / head_groups;
   const int64_t r0 = qb * kBlock;
   const int rows = int(min(int64_t(kBlock), s.seq_q - r0));
   const int64_t q_lo = r0 + warp * 16 + g;  // this thread's rows: q_lo and q_lo + 8
-  float* grad_bias = with_grad_bias ? p.grad_bias + (bg * s.bias_heads + hg) * s.seq_q * s.seq_k : nullptr;
+  const int64_t bias_elems = s.bias_batch * s.bias_heads * s.seq_q * s.seq_k;
+  float* grad_bias = !with_grad_bias ? nullptr
+                     : (splits == 1 ? p.grad_bias : p.workspace + split * bias_elems) +
+                           (bg * s.bias_heads + hg) * s.seq_q * s.seq_k;
   const T* sQw = sQ + warp * 16 * kLd;
   const T* sdOw = sdO + warp * 16 * kLd;
 
-  for (int64_t bi = 0; bi < batch_per_group; ++bi) {
-    for (int64_t hi = 0; hi < heads_per_group; ++hi) {
-      const int64_t b = bg * batch_per_group + bi, h = hg * heads_per_group + hi, bh = b * s.heads + h;
-      const int64_t hl = s.layout_heads == 1 ? 0 : h;
-      const int count = min(max(p.row_count[hl * s.num_q_blocks + qb], 0), int(s.num_k_blocks));
-      const int32_t* idx = p.row_index + (hl * s.num_q_blocks + qb) * s.num_k_blocks;
-      const T* kg = bh_ptr<T>(p.k, p.k_stride, b, h);
-      const T* vg = bh_ptr<T>(p.v, p.v_stride, b, h);
-      const bool* mask = p.key_padding_mask != nullptr ? p.key_padding_mask + b * s.seq_k : nullptr;
-      const int64_t bias_off = p.bias != nullptr ? bias_offset(s, b, h) : 0;
+  const int64_t member_end = (split + 1) * members / splits;
+  for (int64_t member = split * members / splits; member < member_end; ++member) {
+    const int64_t bi = member / heads_per_group, hi = member % heads_per_group;
+    const int64_t b = bg * batch_per_group + bi, h = hg * heads_per_group + hi, bh = b * s.heads + h;
+    const int64_t hl = s.layout_heads == 1 ? 0 : h;
+    const int count = min(max(p.row_count[hl * s.num_q_blocks + qb], 0), int(s.num_k_blocks));
+    const int32_t* idx = p.row_index + (hl * s.num_q_blocks + qb) * s.num_k_blocks;
+    const T* kg = bh_ptr<T>(p.k, p.k_stride, b, h);
+    const T* vg = bh_ptr<T>(p.v, p.v_stride, b, h);
+    const bool* mask = p.key_padding_mask != nullptr ? p.key_padding_mask + b * s.seq_k : nullptr;
+    const int64_t bias_off = p.bias != nullptr ? bias_offset(s, b, h) : 0;
 
-      __syncthreads();  // the previous (b, h) is done with sQ, sdO, sK, sV
-      load_rows<T, kD, Tr::kThreads>(sQ, kLd, bh_ptr<T>(p.q, p.q_stride, b, h) + r0 * p.q_stride[2], p.q_stride[2],
-                                     rows, kBlock, vec & kVecQ);
-      load_rows<T, kD, Tr::kThreads>(sdO, kLd,
-                                     bh_ptr<T>(p.grad_out, p.grad_out_stride, b, h) + r0 * p.grad_out_stride[2],
-                                     p.grad_out_stride[2], rows, kBlock, vec & kVecGradOut);
-      float lse[2], delta[2];
+    __syncthreads();  // the previous (b, h) is done with sQ, sdO, sK, sV
+    load_rows<T, kD, Tr::kThreads>(sQ, kLd, bh_ptr<T>(p.q, p.q_stride, b, h) + r0 * p.q_stride[2], p.q_stride[2],
+                                   rows, kBlock, vec & kVecQ);
+    load_rows<T, kD, Tr::kThreads>(sdO, kLd,
+                                   bh_ptr<T>(p.grad_out, p.grad_out_stride, b, h) + r0 * p.grad_out_stride[2],
+                                   p.grad_out_stride[2], rows, kBlock, vec & kVecGradOut);
+    float lse[2], delta[2];
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        const int64_t q = q_lo + 8 * rr;
-        lse[rr] = q < s.seq_q ? p.lse[bh * s.seq_q + q] * kLog2e : kInf;
-        delta[rr] = q < s.seq_q ? p.delta[bh * s.seq_q + q] : 0.f;
-      }
+    for (int rr = 0; rr < 2; ++rr) {
+      const int64_t q = q_lo + 8 * rr;
+      lse[rr] = q < s.seq_q ? p.lse[bh * s.seq_q + q] * kLog2e : kInf;
+      delta[rr] = q < s.seq_q ? p.delta[bh * s.seq_q + q] : 0.f;
+    }
 
-      float dq[kDT][4];
-      zero(dq);
-      for (int e = 0; e < count; ++e) {
-        const int64_t kb = idx[e];
-        if (kb < 0 || kb >= s.num_k_blocks) continue;
-        for (int ch = 0; ch < Tr::kChunks; ++ch) {
-          const int64_t key0 = kb * kBlock + ch * kChunk;
-          if (key0 >= s.seq_k) break;
-          const int cols = int(min(int64_t(kChunk), s.seq_k - key0));
-          __syncthreads();
-          load_rows<T, kD, Tr::kThreads>(sK, kLd, kg + key0 * p.k_stride[2], p.k_stride[2], cols, kChunk,
-                                         vec & kVecK);
-          load_rows<T, kD, Tr::kThreads>(sV, kLd, vg + key0 * p.v_stride[2], p.v_stride[2], cols, kChunk,
-                                         vec & kVecV);
-          __syncthreads();
+    float dq[kDT][4];
+    zero(dq);
+    for (int e = 0; e < count; ++e) {
+      const int64_t kb = idx[e];
+      if (kb < 0 || kb >= s.num_k_blocks) continue;
+      for (int ch = 0; ch < Tr::kChunks; ++ch) {
+        const int64_t key0 = kb * kBlock + ch * kChunk;
+        if (key0 >= s.seq_k) break;
+        const int cols = int(min(int64_t(kChunk), s.seq_k - key0));
+        __syncthreads();
+        load_rows<T, kD, Tr::kThreads>(sK, kLd, kg + key0 * p.k_stride[2], p.k_stride[2], cols, kChunk,
+                                       vec & kVecK);
+        load_rows<T, kD, Tr::kThreads>(sV, kLd, vg + key0 * p.v_stride[2], p.v_stride[2], cols, kChunk,
+                                       vec & kVecV);
+        __syncthreads();
 
-          float ds[kNT][4];  // logits, then P, then dS
-          zero(ds);
-          Gemm::template nt<kChunk, kD>(ds, sQw, kLd, sK, kLd);
-          query_row_logits<kNT>(ds, p, mask, bias_off, q_lo, key0, cols);
-          float dp[kNT][4];
-          zero(dp);
-          Gemm::template nt<kChunk, kD>(dp, sdOw, kLd, sV, kLd);
+        float ds[kNT][4];  // logits, then P, then dS
+        zero(ds);
+        Gemm::template nt<kChunk, kD>(ds, sQw, kLd, sK, kLd);
+        query_row_logits<kNT>(ds, p, mask, bias_off, q_lo, key0, cols);
+        float dp[kNT][4];
+        zero(dp);
+        Gemm::template nt<kChunk, kD>(dp, sdOw, kLd, sV, kLd);
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            const int rr = r >> 1;
+            // x = -inf (masked) gives 0; lse = +inf (no visible key in the row) gives 0.
+            ds[j][r] = exp2f(ds[j][r] - lse[rr]) * (dp[j][r] - delta[rr]);
+          }
+        }
+        if (grad_bias != nullptr) {
 #pragma unroll
           for (int j = 0; j < kNT; ++j) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-              const int rr = r >> 1;
-              // x = -inf (masked) gives 0; lse = +inf (no visible key in the row) gives 0.
-              ds[j][r] = exp2f(ds[j][r] - lse[rr]) * (dp[j][r] - delta[rr]);
+              const int col = 8 * j + 2 * t + (r & 1);
+              const int64_t q = q_lo + 8 * (r >> 1);
+              if (col < cols && q < s.seq_q) grad_bias[q * s.seq_k + key0 + col] += ds[j][r];
             }
           }
-          if (grad_bias != nullptr) {
-#pragma unroll
-            for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-              for (int r = 0; r < 4; ++r) {
-                const int col = 8 * j + 2 * t + (r & 1);
-                const int64_t q = q_lo + 8 * (r >> 1);
-                if (col < cols && q < s.seq_q) grad_bias[q * s.seq_k + key0 + col] += ds[j][r];
-              }
-            }
-          }
-          if (p.grad_q != nullptr) Gemm::template rn<kD, kChunk>(dq, ds, sK, kLd, scratch);  // dQ += dS K
         }
+        if (p.grad_q != nullptr) Gemm::template rn<kD, kChunk>(dq, ds, sK, kLd, scratch);  // dQ += dS K
       }
+    }
 
-      if (p.grad_q != nullptr) {
+    if (p.grad_q != nullptr) {
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          const int64_t q = q_lo + 8 * rr;
-          if (q >= s.seq_q) continue;
-          T* gq = static_cast<T*>(p.grad_q) + (bh * s.seq_q + q) * s.head_dim;
+      for (int rr = 0; rr < 2; ++rr) {
+        const int64_t q = q_lo + 8 * rr;
+        if (q >= s.seq_q) continue;
+        T* gq = static_cast<T*>(p.grad_q) + (bh * s.seq_q + q) * s.head_dim;
 #pragma unroll
-          for (int d = 0; d < kDT; ++d) {
-            gq[8 * d + 2 * t] = from_float<T>(dq[d][2 * rr] * p.scale);
-            gq[8 * d + 2 * t + 1] = from_float<T>(dq[d][2 * rr + 1] * p.scale);
-          }
+        for (int d = 0; d < kDT; ++d) {
+          gq[8 * d + 2 * t] = from_float<T>(dq[d][2 * rr] * p.scale);
+          gq[8 * d + 2 * t + 1] = from_float<T>(dq[d][2 * rr + 1] * p.scale);
         }
       }
     }
+  }
+}
+
+// grad_bias[i] = sum over splits sp = 0, 1, ... of workspace[sp][i], in that order (the row pass's copies).
+constexpr int kSumThreads = 256;
+
+__global__ void __launch_bounds__(kSumThreads)
+    sum_bias_copies_kernel(float* __restrict__ grad_bias, const float* __restrict__ copies, int64_t n,
+                           int64_t splits) {
+  for (int64_t i = int64_t(blockIdx.x) * kSumThreads + threadIdx.x; i < n; i += int64_t(gridDim.x) * kSumThreads) {
+    float sum = 0.f;
+    for (int64_t sp = 0; sp < splits; ++sp) sum += copies[sp * n + i];
+    grad_bias[i] = sum;
   }
 }
 
@@ -460,16 +491,50 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
 // Launchers
 // ---------------------------------------------------------------------------------------------------------------
 
-// Opts the kernel into `bytes` of dynamic shared memory; cudaErrorInvalidValue when the device has less.
-cudaError_t set_smem(const void* kernel, size_t bytes) {
+constexpr int kMaxDevices = 64;
+
+int64_t optin_limit_of(int dev) {
+  static std::atomic<int64_t> cache[kMaxDevices] = {};  // 0: not asked yet
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int64_t known = cache[dev].load(std::memory_order_relaxed);
+    if (known != 0) return known;
+  }
+  int bytes = 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return -1;
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(bytes, std::memory_order_relaxed);
+  return bytes;
+}
+
+// One per kernel instantiation: bit d is set once the kernel has been opted in on device d.
+struct SmemOptIn {
+  std::atomic<uint64_t> done{0};
+};
+
+// Opts the kernel into `bytes` of dynamic shared memory, once per device (cudaFuncSetAttribute is not repeated
+// on every launch); cudaErrorInvalidValue when the device allows less.
+cudaError_t set_smem(const void* kernel, size_t bytes, SmemOptIn& state) {
   if (bytes <= 48 * 1024) return cudaSuccess;
-  int dev = 0, max_bytes = 0;
+  int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err != cudaSuccess) return err;
-  if (bytes > size_t(max_bytes)) return cudaErrorInvalidValue;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  const uint64_t bit = dev >= 0 && dev < kMaxDevices ? uint64_t(1) << dev : 0;
+  if (bit != 0 && (state.done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  const int64_t limit = optin_limit_of(dev);
+  if (limit < 0 || int64_t(bytes) > limit) return cudaErrorInvalidValue;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (err == cudaSuccess && bit != 0) state.done.fetch_or(bit, std::memory_order_release);
+  return err;
+}
+
+// Launches `launch(blocks, first_block)` over `total` flattened work items, at most 2^31 - 1 per launch.
+template <typename Launch>
+cudaError_t launch_flat(int64_t total, Launch&& launch) {
+  for (int64_t first = 0; first < total; first += kMaxGridX) {
+    launch(unsigned(std::min(kMaxGridX, total - first)), first);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 // Rows of a (B, H, N, D) view can be read 16 bytes at a time: aligned base and strides (a stride of a size-1
@@ -498,7 +563,6 @@ bool valid_shape(const BlockSparseCudaParams& p) {
   const BlockSparseShape& s = p.s;
   const int64_t bs = s.block_size;
   if (s.batch <= 0 || s.heads <= 0 || s.seq_q <= 0 || s.seq_k <= 0 || bs <= 0) return false;
-  if (s.batch > 65535 || s.heads > 65535) return false;  // grid y, z
   if (s.num_q_blocks != (s.seq_q + bs - 1) / bs || s.num_k_blocks != (s.seq_k + bs - 1) / bs) return false;
   if (s.num_q_blocks > std::numeric_limits<int>::max() || s.num_k_blocks > std::numeric_limits<int>::max())
     return false;
@@ -512,24 +576,31 @@ bool valid_shape(const BlockSparseCudaParams& p) {
 
 template <typename T, int kD, int kBlock>
 cudaError_t run_forward(const BlockSparseCudaParams& p, cudaStream_t stream) {
+  static SmemOptIn opt_in;
   if (p.row_count == nullptr || p.row_index == nullptr) return cudaErrorInvalidValue;
   const auto kernel = forward_kernel<T, kD, kBlock>;
   const size_t smem = forward_smem_bytes<T, kD, kBlock>();
-  cudaError_t err = set_smem(reinterpret_cast<const void*>(kernel), smem);
+  const cudaError_t err = set_smem(reinterpret_cast<const void*>(kernel), smem, opt_in);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned(p.s.num_q_blocks), unsigned(p.s.heads), unsigned(p.s.batch));
-  kernel<<<grid, Traits<T, kD, kBlock>::kThreads, smem, stream>>>(p, vec_bits(p, sizeof(T), false));
-  return cudaGetLastError();
+  const int vec = vec_bits(p, sizeof(T), false);
+  return launch_flat(p.s.num_q_blocks * p.s.heads * p.s.batch, [&](unsigned blocks, int64_t first) {
+    kernel<<<blocks, Traits<T, kD, kBlock>::kThreads, smem, stream>>>(p, vec, first);
+  });
 }
 
 template <typename T, int kD, int kBlock>
 cudaError_t run_backward(const BlockSparseCudaParams& p, cudaStream_t stream) {
+  static SmemOptIn cols_opt_in, rows_opt_in;
   const BlockSparseShape& s = p.s;
   const bool want_kv = p.grad_k != nullptr, want_rows = p.grad_q != nullptr || p.grad_bias != nullptr;
+  const bool with_grad_bias = p.grad_bias != nullptr;
   if (p.grad_out == nullptr || p.delta == nullptr || (p.grad_k == nullptr) != (p.grad_v == nullptr))
     return cudaErrorInvalidValue;
   if (want_kv && (p.col_count == nullptr || p.col_index == nullptr)) return cudaErrorInvalidValue;
   if (want_rows && (p.row_count == nullptr || p.row_index == nullptr)) return cudaErrorInvalidValue;
+  const int64_t splits = with_grad_bias ? block_sparse_bias_grad_splits(s) : 1;
+  const int64_t workspace_floats = block_sparse_backward_workspace_floats(s, with_grad_bias);
+  if (workspace_floats > 0 && p.workspace == nullptr) return cudaErrorInvalidValue;
   if (!want_kv && !want_rows) return cudaSuccess;
   // Both passes' shared memory is checked before anything is launched, so an unsupported size launches nothing.
   const auto cols_kernel = backward_cols_kernel<T, kD, kBlock>;
@@ -537,27 +608,39 @@ cudaError_t run_backward(const BlockSparseCudaParams& p, cudaStream_t stream) {
   const size_t cols_smem = backward_cols_smem_bytes<T, kD, kBlock>();
   const size_t rows_smem = backward_rows_smem_bytes<T, kD, kBlock>();
   cudaError_t err = cudaSuccess;
-  if (want_kv && (err = set_smem(reinterpret_cast<const void*>(cols_kernel), cols_smem)) != cudaSuccess) return err;
-  if (want_rows && (err = set_smem(reinterpret_cast<const void*>(rows_kernel), rows_smem)) != cudaSuccess) return err;
+  if (want_kv && (err = set_smem(reinterpret_cast<const void*>(cols_kernel), cols_smem, cols_opt_in)) != cudaSuccess)
+    return err;
+  if (want_rows && (err = set_smem(reinterpret_cast<const void*>(rows_kernel), rows_smem, rows_opt_in)) != cudaSuccess)
+    return err;
   const int vec = vec_bits(p, sizeof(T), true);
   constexpr int kThreads = Traits<T, kD, kBlock>::kThreads;
 
-  const int64_t num_rows = s.batch * s.heads * s.seq_q;
-  const int64_t delta_blocks = (num_rows + kDeltaThreads / 8 - 1) / (kDeltaThreads / 8);
-  if (delta_blocks > std::numeric_limits<int>::max()) return cudaErrorInvalidValue;
-  delta_kernel<T><<<unsigned(delta_blocks), kDeltaThreads, 0, stream>>>(p);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  constexpr int64_t kDeltaRows = kDeltaThreads / 8;
+  err = launch_flat((s.batch * s.heads * s.seq_q + kDeltaRows - 1) / kDeltaRows, [&](unsigned blocks, int64_t first) {
+    delta_kernel<T><<<blocks, kDeltaThreads, 0, stream>>>(p, first);
+  });
+  if (err != cudaSuccess) return err;
   if (want_kv) {
-    const dim3 grid(unsigned(s.num_k_blocks), unsigned(s.heads), unsigned(s.batch));
-    cols_kernel<<<grid, kThreads, cols_smem, stream>>>(p, vec);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    err = launch_flat(s.num_k_blocks * s.heads * s.batch, [&](unsigned blocks, int64_t first) {
+      cols_kernel<<<blocks, kThreads, cols_smem, stream>>>(p, vec, first);
+    });
+    if (err != cudaSuccess) return err;
   }
   if (want_rows) {
-    const bool with_grad_bias = p.grad_bias != nullptr;
-    const dim3 grid(unsigned(s.num_q_blocks), unsigned(with_grad_bias ? s.bias_heads : s.heads),
-                    unsigned(with_grad_bias ? s.bias_batch : s.batch));
-    rows_kernel<<<grid, kThreads, rows_smem, stream>>>(p, vec);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    if (workspace_floats > 0 &&
+        (err = cudaMemsetAsync(p.workspace, 0, size_t(workspace_floats) * sizeof(float), stream)) != cudaSuccess)
+      return err;
+    const int64_t groups = with_grad_bias ? s.bias_batch * s.bias_heads : s.batch * s.heads;
+    err = launch_flat(s.num_q_blocks * splits * groups, [&](unsigned blocks, int64_t first) {
+      rows_kernel<<<blocks, kThreads, rows_smem, stream>>>(p, vec, first, splits);
+    });
+    if (err != cudaSuccess) return err;
+    if (splits > 1) {
+      const int64_t n = s.bias_batch * s.bias_heads * s.seq_q * s.seq_k;
+      const int64_t blocks = std::min<int64_t>((n + kSumThreads - 1) / kSumThreads, 65535);
+      sum_bias_copies_kernel<<<unsigned(blocks), kSumThreads, 0, stream>>>(p.grad_bias, p.workspace, n, splits);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
   }
   return cudaSuccess;
 }
@@ -583,6 +666,12 @@ int backward(const BlockSparseCudaParams& p, CUstream_st* stream) {
       return AF2_SIZE_SWITCH(p.s.block_size, kBlock, [&] { return bsa::run_backward<T, kD, kBlock>(p, stream); });
     });
   });
+}
+
+int64_t smem_optin_limit() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return -1;
+  return bsa::optin_limit_of(dev);
 }
 
 }  // namespace cuda

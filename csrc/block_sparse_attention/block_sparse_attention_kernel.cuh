@@ -12,6 +12,12 @@
 // (tests need fp32 accuracy, which TF32 does not give). The kernels above the GEMMs are shared by all dtypes.
 #pragma once
 
+// The warp GEMMs below use mma.sync.m16n8k16 with f16/bf16 operands and ldmatrix: sm_80 or newer. A build for an
+// older architecture stops here rather than producing kernels that fail at run time.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "af2_ext's block-sparse attention kernels need sm_80 or newer (mma.sync m16n8k16 bf16): set AF2_EXT_CUDA_ARCHS to 80 or above"
+#endif
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -28,27 +34,24 @@ namespace bsa {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Compile-time shape of one kernel instantiation. A CTA owns one layout block of kBlock rows (queries, or keys
-// in the column pass), one warp per 16 rows; the other side is visited in chunks of kChunk rows, so that the
-// 16 x kChunk score tiles and the 16 x D accumulators stay in registers.
+// Compile-time shape of one kernel instantiation, from the host-visible tiling in block_sparse_attention.h
+// (bsa_tiles), so that the shared memory the host computes is the shared memory the kernels use.
 template <typename T, int kD, int kBlock>
 struct Traits {
   static_assert(kD % 16 == 0 && kBlock % 16 == 0, "head dim and block size must be multiples of 16");
   static constexpr int kWarps = kBlock / 16;
   static constexpr int kThreads = kWarps * 32;
   static constexpr bool kSimt = std::is_same<T, float>::value;
-  // Chunks of 64 rows, 32 at D = 128 (registers), 16 for fp32 at D = 128 with 128-row blocks: the backward's two
-  // fp32 (128 x 128) block tiles leave room for no more within an A100's 163 KB of shared memory.
-  static constexpr int kMaxChunk = kD < 128 ? 64 : (kSimt && kBlock >= 128 ? 16 : 32);
-  static constexpr int kChunk = kBlock < kMaxChunk ? kBlock : kMaxChunk;
+  static constexpr int kChunk = bsa_tiles::chunk(kSimt, kD, kBlock);
   static constexpr int kChunks = kBlock / kChunk;
-  // Shared tiles are (rows x kD) with rows padded by 16 bytes: 16-byte aligned rows (uint4 stores, ldmatrix)
-  // whose successive rows start 4 banks apart, so the fragment loads below are free of bank conflicts.
-  static constexpr int kLd = kD + 16 / int(sizeof(T));
+  // Rows padded by 16 bytes: 16-byte aligned rows (uint4 stores, ldmatrix) whose successive rows start 4 banks
+  // apart, so the fragment loads below are free of bank conflicts.
+  static constexpr int kLd = bsa_tiles::ld(int(sizeof(T)), kD);
   // fp32 only: per-warp staging of a register tile (16 x kChunk) that is the A operand of gemm_rn.
-  static constexpr int kScratchLd = kChunk + 4;
-  static constexpr int kScratchFloats = kSimt ? kWarps * 16 * kScratchLd : 0;
+  static constexpr int kScratchLd = bsa_tiles::scratch_ld(kSimt, kD, kBlock);
+  static constexpr int kScratchFloats = bsa_tiles::scratch_floats(kSimt, kD, kBlock);
   static_assert(kBlock % kChunk == 0 && kChunk % 16 == 0, "chunks must tile the block in 16-row steps");
+  static_assert(kLd == kD + 16 / int(sizeof(T)) && (kSimt || kScratchFloats == 0), "bsa_tiles and Traits agree");
 };
 
 // ---- global -> shared ----

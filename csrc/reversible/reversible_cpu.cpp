@@ -37,6 +37,7 @@ void update_range(const at::Tensor& dst, const at::Tensor& src, int64_t begin, i
 
 void coupling_forward_cpu(const at::Tensor& x, const at::Tensor& f) {
   check_coupling_pair(x, f, "x", "f");
+  check_no_partial_overlap(x, f, "x", "f");
   const auto fc = f.contiguous();
   at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) { update_range(x, fc, begin, end, false); });
 }
@@ -46,7 +47,7 @@ void coupling_backward_cpu(const at::Tensor& y, const at::Tensor& f, const at::T
   check_coupling_pair(y, f, "y", "f");
   check_coupling_pair(grad, vjp, "grad", "vjp");
   TORCH_CHECK(grad.device() == y.device(), "grad must be on y's device ", y.device(), ", got ", grad.device());
-  TORCH_CHECK(!grad.is_same(y), "grad and y must be different tensors");
+  check_coupling_overlaps(y, f, grad, vjp);
   const auto fc = f.contiguous(), vc = vjp.contiguous();
   const int64_t ny = y.numel(), ng = grad.numel();
   at::parallel_for(0, ny + ng, kGrain, [&](int64_t begin, int64_t end) {

@@ -29,6 +29,7 @@ void launch(const CouplingUpdate& first, const CouplingUpdate& second, const cha
 
 void coupling_forward_cuda(const at::Tensor& x, const at::Tensor& f) {
   check_coupling_pair(x, f, "x", "f");
+  check_no_partial_overlap(x, f, "x", "f");
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto fc = f.contiguous();
@@ -40,7 +41,7 @@ void coupling_backward_cuda(const at::Tensor& y, const at::Tensor& f, const at::
   check_coupling_pair(grad, vjp, "grad", "vjp");
   TORCH_CHECK(y.is_cuda(), "y must be a CUDA tensor, got ", y.device());
   TORCH_CHECK(grad.device() == y.device(), "grad must be on y's device ", y.device(), ", got ", grad.device());
-  TORCH_CHECK(!grad.is_same(y), "grad and y must be different tensors");
+  check_coupling_overlaps(y, f, grad, vjp);
   const c10::cuda::CUDAGuard guard(y.device());
   const auto fc = f.contiguous(), vc = vjp.contiguous();
   launch(make_update(y, fc, -1.f, "y", "f"), make_update(grad, vc, 1.f, "grad", "vjp"), "coupling_backward_");
