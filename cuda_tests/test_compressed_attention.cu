@@ -1,6 +1,9 @@
 // Tests for the key/value compression CUDA launchers (csrc/compressed_attention/compressed_attention_kernel.cu)
 // against a CPU reference in double precision: kc, vc and the gradients of k, v, weight and bias. Inputs are
-// rounded to the tested dtype first, so the reference sees exactly what the kernel sees.
+// rounded to the tested dtype first, so the reference sees exactly what the kernel sees. Also: the weight
+// gradient's row splits (workspace partials summed in a second pass), more heads than grid.y holds, and the
+// launchers' refusals.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -33,6 +36,16 @@ struct Problem {
   unsigned seed = 1;
 
   int Nc() const { return (Nk + ratio - 1) / ratio; }
+  KvCompressShape shape() const {
+    KvCompressShape s;
+    s.batch = B;
+    s.heads = H;
+    s.seq_k = Nk;
+    s.head_dim = D;
+    s.ratio = ratio;
+    s.seq_c = Nc();
+    return s;
+  }
   std::string name() const {
     const char* dt[] = {"fp32", "fp16", "bf16"};
     std::ostringstream os;
@@ -232,13 +245,7 @@ Result run_cuda(const Problem& pr, const Inputs& in) {
   af2_test::DeviceBuffer<float> grad_weight(nan_w.size()), grad_bias(nan_b.size());
 
   KvCompressCudaParams p;
-  KvCompressShape& s = p.s;
-  s.batch = pr.B;
-  s.heads = pr.H;
-  s.seq_k = pr.Nk;
-  s.head_dim = pr.D;
-  s.ratio = pr.ratio;
-  s.seq_c = pr.Nc();
+  const KvCompressShape& s = p.s = pr.shape();
   p.dtype = pr.dtype;
   p.k = k.get() + kv.offset;
   p.v = v.get() + kv.offset;
@@ -253,6 +260,12 @@ Result run_cuda(const Problem& pr, const Inputs& in) {
   p.grad_v = pr.want_v ? grad_v.get() + kGuard : nullptr;
   p.grad_weight = pr.want_weight ? grad_weight.get() + kGuard : nullptr;
   p.grad_bias = pr.want_bias && pr.bias ? grad_bias.get() + kGuard : nullptr;
+  // The row splits' partials: NaN before every run, so a partial left unwritten shows up in the sums.
+  const int64_t ws_floats =
+      af2_ext::cuda::kv_compress_backward_workspace_floats(s, p.grad_weight != nullptr, p.grad_bias != nullptr);
+  const std::vector<float> nan_ws(size_t(std::max<int64_t>(ws_floats, 1)), kNaN);
+  af2_test::DeviceBuffer<float> workspace(nan_ws.size());
+  p.workspace = ws_floats > 0 ? workspace.get() : nullptr;
 
   cudaStream_t stream;
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -268,6 +281,7 @@ Result run_cuda(const Problem& pr, const Inputs& in) {
     CUDA_CHECK(cudaMemcpy(grad_v.get(), nan_k.data(), nan_k.size() * sizeof(T), cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(grad_weight.get(), nan_w.data(), nan_w.size() * sizeof(float), cudaMemcpyHostToDevice));
     CUDA_CHECK(cudaMemcpy(grad_bias.get(), nan_b.data(), nan_b.size() * sizeof(float), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(workspace.get(), nan_ws.data(), nan_ws.size() * sizeof(float), cudaMemcpyHostToDevice));
     res.backward_err = af2_ext::cuda::kv_compress_backward(p, stream);
     if (res.backward_err != 0) break;
     CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -365,7 +379,7 @@ const int kHeadDims[] = {16, 32, 64, 128};
 }  // namespace
 
 // Every dtype x head dim x ratio 1..4 and 7, Nk a multiple of the ratio and not: B * Nc = 69 or 72 rows, so the
-// 64-row CTAs and the 32-row chunks of the weight gradient both end in a partial tile.
+// 64-row CTAs and the 64-row chunks of the weight gradient both end in a partial tile.
 TEST_CASE(every_dtype_head_dim_ratio) {
   unsigned seed = 10;
   for (ScalarKind dtype : kDtypes)
@@ -453,7 +467,8 @@ TEST_CASE(partial_outputs) {
     }
 }
 
-// Many rows: several CTAs per head in the forward and grad of k, v; many chunks in the weight gradient.
+// Many rows: several CTAs per head in the forward and grad of k, v; many chunks in the weight gradient, in two
+// row splits.
 TEST_CASE(many_rows) {
   unsigned seed = 500;
   for (ScalarKind dtype : kDtypes) {
@@ -469,6 +484,185 @@ TEST_CASE(many_rows) {
   }
 }
 
+// Too few (tile, tap, head) CTAs for a GPU: the weight gradient's rows are split (S > 1) into workspace partials
+// that a second kernel adds in split order. Cases: the last split shorter than the others and ending in a partial
+// 64-row chunk, Nk not a multiple of the ratio (3425 / 2); D = 128 tiles; D = 16 with ratio 3; taps past Nk (their
+// partials are zero); no bias (weight partials only). check_problem also runs the backward twice and compares bits.
+TEST_CASE(weight_row_splits) {
+  struct Case {
+    int B, H, Nk, D, ratio;
+    bool bias;
+  };
+  const Case cases[] = {{3, 4, 3425, 32, 2, true}, {2, 1, 1025, 128, 2, true}, {3, 1, 2001, 16, 3, true},
+                        {600, 1, 3, 16, 4, true},  {3, 4, 3425, 32, 2, false}};
+  unsigned seed = 600;
+  for (const Case& c : cases)
+    for (ScalarKind dtype : kDtypes) {
+      Problem pr;
+      pr.dtype = dtype;
+      pr.B = c.B;
+      pr.H = c.H;
+      pr.Nk = c.Nk;
+      pr.D = c.D;
+      pr.ratio = c.ratio;
+      pr.bias = c.bias;
+      pr.seed = ++seed;
+      const int64_t splits = af2_ext::cuda::kv_compress_weight_splits(pr.shape());
+      if (splits <= 1) {
+        af2_test::report_failure(__FILE__, __LINE__, pr.name() + ": expected a row split, got S = 1");
+        continue;
+      }
+      check_problem(pr);
+    }
+  // The first case is the one the comment promises: 5139 rows = 81 chunks (the last one 19 rows) in 14 splits of 6
+  // chunks, the last split 3.
+  Problem first;
+  first.B = 3;
+  first.H = 4;
+  first.Nk = 3425;
+  const int64_t chunks = (int64_t(first.B) * first.Nc() + 63) / 64, splits =
+      af2_ext::cuda::kv_compress_weight_splits(first.shape());
+  const int64_t per_split = (chunks + splits - 1) / splits;
+  EXPECT_NE(int64_t(first.B) * first.Nc() % 64, 0);
+  EXPECT_LT(chunks - (splits - 1) * per_split, per_split);
+}
+
+// grad_bias alone launches only the bias CTAs, with the same row splits and summation order as next to
+// grad_weight: the same bits either way.
+TEST_CASE(weight_row_splits_bias_alone) {
+  Problem pr;
+  pr.B = 3;
+  pr.H = 4;
+  pr.Nk = 3425;
+  pr.seed = 650;
+  EXPECT_LT(1, af2_ext::cuda::kv_compress_weight_splits(pr.shape()));
+  Problem alone = pr;
+  alone.want_kc = alone.want_vc = false;
+  alone.want_k = alone.want_v = alone.want_weight = false;
+  check_problem(alone);  // against the reference; the other outputs are left alone
+  const Inputs in = make_inputs(pr);
+  const Result both = run_cuda(pr, in), bias_only = run_cuda(alone, in);
+  CHECK_EQ(both.backward_err, 0);
+  CHECK_EQ(bias_only.backward_err, 0);
+  EXPECT_TRUE(bitwise_equal(both.grad_bias, bias_only.grad_bias));
+}
+
+// Heads h of x laid out (outer, H, inner), in the order given: (outer, heads.size(), inner).
+std::vector<float> take_heads(const std::vector<float>& x, size_t outer, int H, const std::vector<int>& heads) {
+  const size_t inner = x.size() / (outer * H);
+  std::vector<float> y;
+  y.reserve(outer * heads.size() * inner);
+  for (size_t o = 0; o < outer; ++o)
+    for (int h : heads) {
+      const auto first = x.begin() + (o * H + h) * inner;
+      y.insert(y.end(), first, first + inner);
+    }
+  return y;
+}
+
+size_t count_nan(const std::vector<float>& x) {
+  return size_t(std::count_if(x.begin(), x.end(), [](float v) { return std::isnan(v); }));
+}
+
+// More heads than grid.y holds (65,535): every kernel is launched in chunks of heads with the chunk's first head
+// passed in. Tiny B, Nk and D (the weight, H * D * D * ratio floats, is the largest buffer: 134 MB); the reference
+// is computed for heads at the start, on both sides of the chunk boundary and at the end, and every output element
+// of every head must have been written.
+TEST_CASE(more_heads_than_grid_y) {
+  Problem pr;
+  pr.B = 1;
+  pr.H = 65535 + 4;
+  pr.Nk = 3;
+  pr.D = 16;
+  pr.ratio = 2;
+  pr.seed = 700;
+  const Inputs in = make_inputs(pr);
+  const Result got = run_cuda(pr, in);
+  const std::string name = pr.name();
+  CHECK_EQ(got.forward_err, 0);
+  CHECK_EQ(got.backward_err, 0);
+  EXPECT_EQ(count_nan(got.kc) + count_nan(got.vc) + count_nan(got.grad_k) + count_nan(got.grad_v), size_t(0));
+  EXPECT_EQ(count_nan(got.grad_weight) + count_nan(got.grad_bias), size_t(0));
+  EXPECT_TRUE(got.guards_intact);
+  EXPECT_TRUE(got.backward_deterministic);
+
+  const std::vector<int> heads = {0, 1, 65534, 65535, 65536, pr.H - 1};
+  Problem sub = pr;
+  sub.H = int(heads.size());
+  Inputs sub_in;
+  sub_in.k = take_heads(in.k, pr.B, pr.H, heads);
+  sub_in.v = take_heads(in.v, pr.B, pr.H, heads);
+  sub_in.weight = take_heads(in.weight, 1, pr.H, heads);
+  sub_in.bias = take_heads(in.bias, 1, pr.H, heads);
+  sub_in.grad_kc = take_heads(in.grad_kc, pr.B, pr.H, heads);
+  sub_in.grad_vc = take_heads(in.grad_vc, pr.B, pr.H, heads);
+  const Reference want = reference(sub, sub_in);
+  const Tol tol = tolerance(pr.dtype);
+  EXPECT_CLOSE(take_heads(got.kc, pr.B, pr.H, heads), want.kc, tol.io, name + ": kc");
+  EXPECT_CLOSE(take_heads(got.vc, pr.B, pr.H, heads), want.vc, tol.io, name + ": vc");
+  EXPECT_CLOSE(take_heads(got.grad_k, pr.B, pr.H, heads), want.grad_k, tol.io, name + ": grad_k");
+  EXPECT_CLOSE(take_heads(got.grad_v, pr.B, pr.H, heads), want.grad_v, tol.io, name + ": grad_v");
+  EXPECT_CLOSE(take_heads(got.grad_weight, 1, pr.H, heads), want.grad_weight, tol.param, name + ": grad_weight");
+  EXPECT_CLOSE(take_heads(got.grad_bias, 1, pr.H, heads), want.grad_bias, tol.param, name + ": grad_bias");
+}
+
+// With a row split the weight and bias gradients need the workspace: without one the backward is refused before
+// anything is launched (grad_k keeps its NaN fill); outputs that need none run without it.
+TEST_CASE(missing_workspace) {
+  Problem pr;
+  pr.B = 3;
+  pr.H = 4;
+  pr.Nk = 3425;
+  const KvCompressShape s = pr.shape();
+  const int64_t splits = af2_ext::cuda::kv_compress_weight_splits(s);
+  CHECK(splits > 1);
+  const int64_t nw = int64_t(pr.H) * pr.D * pr.D * pr.ratio, nb = int64_t(pr.H) * pr.D;
+  EXPECT_EQ(af2_ext::cuda::kv_compress_backward_workspace_floats(s, true, true), splits * (nw + nb));
+  EXPECT_EQ(af2_ext::cuda::kv_compress_backward_workspace_floats(s, true, false), splits * nw);
+  EXPECT_EQ(af2_ext::cuda::kv_compress_backward_workspace_floats(s, false, true), splits * nb);
+  EXPECT_EQ(af2_ext::cuda::kv_compress_backward_workspace_floats(s, false, false), int64_t(0));
+  EXPECT_EQ(af2_ext::cuda::kv_compress_weight_splits(Problem().shape()), int64_t(1));  // one 64-row chunk
+  EXPECT_EQ(af2_ext::cuda::kv_compress_backward_workspace_floats(Problem().shape(), true, true), int64_t(0));
+
+  const Inputs in = make_inputs(pr);
+  af2_test::DeviceBuffer<float> k(in.k), v(in.v), weight(in.weight), grad_kc(in.grad_kc), grad_vc(in.grad_vc);
+  const std::vector<float> nan_k(in.k.size(), kNaN);
+  af2_test::DeviceBuffer<float> grad_k(nan_k), grad_weight(in.weight.size()), grad_bias(static_cast<size_t>(nb));
+  af2_test::DeviceBuffer<float> workspace(static_cast<size_t>(splits * (nw + nb)));
+  KvCompressCudaParams p;
+  p.s = s;
+  p.k = k.get();
+  p.v = v.get();
+  const int64_t st[3] = {int64_t(pr.H) * pr.Nk * pr.D, int64_t(pr.Nk) * pr.D, pr.D};
+  for (int i = 0; i < 3; ++i) p.k_stride[i] = p.v_stride[i] = st[i];
+  p.weight = weight.get();
+  p.grad_kc = grad_kc.get();
+  p.grad_vc = grad_vc.get();
+  p.grad_k = grad_k.get();
+  p.grad_weight = grad_weight.get();
+  p.grad_bias = grad_bias.get();
+  cudaStream_t stream;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  EXPECT_EQ(af2_ext::cuda::kv_compress_backward(p, stream), int(cudaErrorInvalidValue));
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  EXPECT_TRUE(all_nan(grad_k.to_host()));  // refused before the grad of k was launched
+  KvCompressCudaParams bad = p;
+  bad.grad_k = nullptr;
+  bad.grad_weight = nullptr;  // grad_bias alone
+  EXPECT_EQ(af2_ext::cuda::kv_compress_backward(bad, stream), int(cudaErrorInvalidValue));
+  bad = p;
+  bad.grad_k = nullptr;
+  bad.grad_bias = nullptr;  // grad_weight alone
+  EXPECT_EQ(af2_ext::cuda::kv_compress_backward(bad, stream), int(cudaErrorInvalidValue));
+  bad = p;
+  bad.grad_weight = bad.grad_bias = nullptr;  // grad_k alone needs no workspace
+  EXPECT_EQ(af2_ext::cuda::kv_compress_backward(bad, stream), 0);
+  p.workspace = workspace.get();
+  EXPECT_EQ(af2_ext::cuda::kv_compress_backward(p, stream), 0);
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
 // Unsupported sizes and inconsistent arguments are refused before anything is launched.
 TEST_CASE(invalid_arguments) {
   Problem pr;
@@ -476,12 +670,7 @@ TEST_CASE(invalid_arguments) {
   af2_test::DeviceBuffer<float> k(in.k), v(in.v), weight(in.weight), grad_kc(in.grad_kc), grad_vc(in.grad_vc);
   af2_test::DeviceBuffer<float> kc(in.grad_kc.size()), vc(in.grad_vc.size()), grad_weight(in.weight.size());
   KvCompressCudaParams p;
-  p.s.batch = pr.B;
-  p.s.heads = pr.H;
-  p.s.seq_k = pr.Nk;
-  p.s.head_dim = pr.D;
-  p.s.ratio = pr.ratio;
-  p.s.seq_c = pr.Nc();
+  p.s = pr.shape();
   p.k = k.get();
   p.v = v.get();
   const int64_t st[3] = {int64_t(pr.H) * pr.Nk * pr.D, int64_t(pr.Nk) * pr.D, pr.D};
@@ -511,6 +700,15 @@ TEST_CASE(invalid_arguments) {
   bad = p;
   bad.s.ratio = 0;
   EXPECT_EQ(af2_ext::cuda::kv_compress_forward(bad, stream), int(cudaErrorInvalidValue));
+  bad = p;
+  bad.s.ratio = af2_ext::cuda::kKvCompressMaxRatio + 1;  // more weight tiles than grid.x holds
+  bad.s.seq_c = 1;
+  EXPECT_EQ(af2_ext::cuda::kv_compress_forward(bad, stream), int(cudaErrorInvalidValue));
+  EXPECT_EQ(af2_ext::cuda::kv_compress_backward(bad, stream), int(cudaErrorInvalidValue));
+  bad = p;
+  bad.s.batch = af2_ext::cuda::kKvCompressMaxRows / bad.s.seq_c + 1;  // more 64-row CTAs than grid.x holds
+  EXPECT_EQ(af2_ext::cuda::kv_compress_forward(bad, stream), int(cudaErrorInvalidValue));
+  EXPECT_EQ(af2_ext::cuda::kv_compress_backward(bad, stream), int(cudaErrorInvalidValue));
   bad = p;
   bad.weight = nullptr;
   EXPECT_EQ(af2_ext::cuda::kv_compress_forward(bad, stream), int(cudaErrorInvalidValue));

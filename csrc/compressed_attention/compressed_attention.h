@@ -91,12 +91,32 @@ struct KvCompressCudaParams {
   void* grad_v = nullptr;         // likewise
   float* grad_weight = nullptr;   // (H*D, D, ratio) contiguous, fully written (no zeroing needed); nullptr: not wanted
   float* grad_bias = nullptr;     // (H*D), fully written; nullptr: not wanted
+  // Scratch of the weight and bias gradients: cuda::kv_compress_backward_workspace_floats(s, grad_weight != nullptr,
+  // grad_bias != nullptr) floats, any contents, on the kernels' device, used in order on the launch's stream; may
+  // be nullptr only where that size is 0.
+  float* workspace = nullptr;
 };
 
 namespace cuda {
 
-// Host-side launchers; they return the launch error (a cudaError_t as int, 0 = success) without syncing.
-// Deterministic: every output element is summed by one thread (or one block reduction) in a fixed order.
+// Hard limits of the CUDA kernels (grid.x sizes), checked again by the launchers; the binding names them first.
+// Any number of heads is supported (launched in chunks of 65,535).
+constexpr int64_t kKvCompressMaxRows = int64_t{64} * 2147483647;  // B * Nc: 64-row CTAs on grid.x
+constexpr int64_t kKvCompressMaxRatio = 2147483647 / 16;           // <= 16 weight tiles per tap on grid.x
+
+// The weight and bias gradients sum all B * Nc rows of a head. When the (head, tap, weight tile) CTAs are too
+// few to fill a GPU, the rows are split into this many contiguous ranges, each summed by its own CTAs into a
+// partial in the workspace, and the partials are added in split order by a second kernel. A function of the shape
+// alone (never of the device), so the results are bitwise reproducible across GPUs; 1: no split, no workspace.
+int64_t kv_compress_weight_splits(const KvCompressShape& s);
+// Floats of KvCompressCudaParams::workspace that kv_compress_backward needs: the splits' partial copies of
+// grad_weight and/or grad_bias; 0 without a split.
+int64_t kv_compress_backward_workspace_floats(const KvCompressShape& s, bool want_weight, bool want_bias);
+
+// Host-side launchers; they return the launch error (a cudaError_t as int, 0 = success) without syncing, and
+// cudaErrorInvalidValue for a shape past the limits above or a needed pointer that is null (the workspace
+// included). Deterministic: every output element is summed by one thread (or one block reduction) in an order
+// fixed by the shape.
 int kv_compress_forward(const KvCompressCudaParams& p, CUstream_st* stream);
 int kv_compress_backward(const KvCompressCudaParams& p, CUstream_st* stream);
 

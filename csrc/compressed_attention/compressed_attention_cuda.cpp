@@ -31,6 +31,14 @@ Operands prepare(const at::Tensor& k, const at::Tensor& v, const at::Tensor& wei
           bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor()};
 }
 
+// The CUDA kernels' grid limits, named before anything is launched (the launchers would refuse the shape unnamed).
+void check_cuda_limits(const KvCompressShape& s) {
+  TORCH_CHECK(s.ratio <= cuda::kKvCompressMaxRatio, "kv_compress: ratio = ", s.ratio,
+              " exceeds the CUDA kernels' limit of ", cuda::kKvCompressMaxRatio);
+  TORCH_CHECK(s.seq_c <= cuda::kKvCompressMaxRows / s.batch, "kv_compress: B * ceil(Nk/ratio) = ", s.batch, " * ",
+              s.seq_c, " compressed rows exceed the CUDA kernels' limit of ", cuda::kKvCompressMaxRows);
+}
+
 KvCompressCudaParams make_params(const KvCompressShape& s, ScalarKind dtype, const Operands& in) {
   KvCompressCudaParams p;
   p.s = s;
@@ -51,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor> kv_compress_forward_cuda(const at::Tensor& k,
                                                             const std::optional<at::Tensor>& bias, int64_t ratio) {
   const KvCompressShape s = check_kv_compress_inputs(k, v, weight, bias, ratio);
   TORCH_CHECK(k.is_cuda(), "k must be a CUDA tensor, got ", k.device());
+  check_cuda_limits(s);
   const ScalarKind dtype = scalar_kind(k.scalar_type(), "k");
   const c10::cuda::CUDAGuard guard(k.device());
   const Operands in = prepare(k, v, weight, bias);
@@ -69,6 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kv_compress_backward_
   const KvCompressShape s = check_kv_compress_inputs(k, v, weight, bias, ratio);
   check_kv_compress_grads(grad_kc, grad_vc, k, s);
   TORCH_CHECK(k.is_cuda(), "k must be a CUDA tensor, got ", k.device());
+  check_cuda_limits(s);
   const ScalarKind dtype = scalar_kind(k.scalar_type(), "k");
   const c10::cuda::CUDAGuard guard(k.device());
   const bool want_k = output_mask[0], want_v = output_mask[1], want_weight = output_mask[2];
@@ -84,6 +94,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kv_compress_backward_
   auto grad_v = want_v ? at::empty(v.sizes(), contiguous) : at::Tensor();
   auto grad_weight = want_weight ? at::empty(weight.sizes(), weight.options().dtype(at::kFloat)) : at::Tensor();
   auto grad_bias = want_bias ? at::empty(in.bias.sizes(), in.bias.options()) : at::Tensor();
+  // The row splits' partial sums of the weight and bias gradients (none for most shapes); allocated on the current
+  // stream, which the kernels use, so the caching allocator may reuse it once they are done.
+  const int64_t workspace_floats = cuda::kv_compress_backward_workspace_floats(s, want_weight, want_bias);
+  auto workspace = workspace_floats > 0 ? at::empty({workspace_floats}, k.options().dtype(at::kFloat)) : at::Tensor();
   KvCompressCudaParams p = make_params(s, dtype, in);
   p.grad_kc = gkc.data_ptr();
   p.grad_vc = gvc.data_ptr();
@@ -91,6 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kv_compress_backward_
   p.grad_v = want_v ? grad_v.data_ptr() : nullptr;
   p.grad_weight = want_weight ? grad_weight.data_ptr<float>() : nullptr;
   p.grad_bias = want_bias ? grad_bias.data_ptr<float>() : nullptr;
+  p.workspace = workspace_floats > 0 ? workspace.data_ptr<float>() : nullptr;
   check_launch(cuda::kv_compress_backward(p, c10::cuda::getCurrentCUDAStream().stream()), "kv_compress_backward");
   return {want_k ? grad_k : empty, want_v ? grad_v : empty,
           want_weight ? grad_weight.to(weight.scalar_type()) : empty,

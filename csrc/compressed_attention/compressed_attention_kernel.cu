@@ -14,11 +14,17 @@
 // written. The weight gradient has a small output (D x D per head and tap) and a long reduction (all M rows): a
 // CTA owns a 16 x 16 tile (32 x 32 at D = 128) of one (head, tap) and walks the rows in chunks of 64, fetching the
 // next chunk into registers while it multiplies the current one; its threads form slices that take every
-// kSlices-th row of a chunk, and the slices' partial sums are added in slice order at the end. Every output
-// element is summed by one thread, or one fixed in-CTA reduction, in a fixed order: no atomics, and the results
-// are bitwise deterministic.
+// kSlices-th row of a chunk, and the slices' partial sums are added in slice order at the end. When those
+// (tile, tap, head) CTAs are too few to fill a GPU, the chunks are also split into S contiguous ranges (grid.z;
+// S = kv_compress_weight_splits, from the shape alone: ~512 CTAs in all, >= 4 chunks per split, S <= 64): each
+// split's CTAs write their sums to a partial copy of grad_weight and grad_bias in the caller's workspace, and a
+// second kernel adds the S partials of each element in split order s = 0..S-1. S = 1 writes the outputs directly.
+// The bias is summed by the t = 0, d tile 0 CTAs, in the same order whether or not grad_weight is wanted. Every
+// output element is summed by one thread, or one fixed in-CTA reduction, in an order fixed by the shape: no
+// atomics, and the results are bitwise deterministic, the same on every GPU. More than 65,535 heads (grid.y) are
+// launched in chunks, the kernels taking the chunk's first head h0.
+#include <algorithm>
 #include <cstdint>
-#include <limits>
 
 #include "common/cuda_utils.cuh"
 #include "common/static_switch.cuh"
@@ -127,17 +133,17 @@ __device__ __forceinline__ void fma_4x4(float (&acc)[4][4], const float* __restr
   }
 }
 
-// grid (ceil(M / 64), H). Thread (tr, tc) owns rows m0 + 4 tr + 0..3 and output columns 4 tc + 0..3 of kc and vc;
-// the reduction runs over taps t, then d in kStep slices, in that order.
+// grid (ceil(M / 64), heads of this launch), head h = h0 + blockIdx.y. Thread (tr, tc) owns rows m0 + 4 tr + 0..3
+// and output columns 4 tc + 0..3 of kc and vc; the reduction runs over taps t, then d in kStep slices, in that order.
 template <typename T, int kD>
 __global__ void __launch_bounds__(ProjTraits<kD>::kThreads)
-    forward_kernel(const __grid_constant__ KvCompressCudaParams p) {
+    forward_kernel(const __grid_constant__ KvCompressCudaParams p, int64_t h0) {
   using Tr = ProjTraits<kD>;
   __shared__ __align__(16) float sX[2][kProjRows * Tr::kLdX];  // k, v rows at tap t: rows x d slice
   __shared__ __align__(16) float sW[Tr::kStep * Tr::kLdW];    // W_t: d slice x e
   __shared__ RowInfo rows[kProjRows];
   const KvCompressShape& s = p.s;
-  const int64_t h = blockIdx.y;
+  const int64_t h = h0 + blockIdx.y;
   const int tr = threadIdx.x / Tr::kColThreads, tc = threadIdx.x % Tr::kColThreads;
   fill_rows(rows, p, h, int64_t(blockIdx.x) * kProjRows, kProjRows, Tr::kThreads);
   const T* in[2] = {static_cast<const T*>(p.k), static_cast<const T*>(p.v)};
@@ -187,17 +193,18 @@ __global__ void __launch_bounds__(ProjTraits<kD>::kThreads)
   }
 }
 
-// grid (ceil(M / 64), H). For each tap t, thread (tr, tc) computes input rows j*ratio + t of its 4 rows m (those
-// before Nk) at columns d = 4 tc + 0..3 of grad_k and grad_v, reducing over e in kStep slices.
+// grid (ceil(M / 64), heads of this launch), head h = h0 + blockIdx.y. For each tap t, thread (tr, tc) computes
+// input rows j*ratio + t of its 4 rows m (those before Nk) at columns d = 4 tc + 0..3 of grad_k and grad_v, reducing
+// over e in kStep slices.
 template <typename T, int kD>
 __global__ void __launch_bounds__(ProjTraits<kD>::kThreads)
-    backward_input_kernel(const __grid_constant__ KvCompressCudaParams p) {
+    backward_input_kernel(const __grid_constant__ KvCompressCudaParams p, int64_t h0) {
   using Tr = ProjTraits<kD>;
   __shared__ __align__(16) float sX[2][kProjRows * Tr::kLdX];  // grad_kc, grad_vc rows: rows x e slice
   __shared__ __align__(16) float sW[Tr::kStep * Tr::kLdW];    // W_tᵀ: e slice x d
   __shared__ RowInfo rows[kProjRows];
   const KvCompressShape& s = p.s;
-  const int64_t h = blockIdx.y;
+  const int64_t h = h0 + blockIdx.y;
   const int tr = threadIdx.x / Tr::kColThreads, tc = threadIdx.x % Tr::kColThreads;
   fill_rows(rows, p, h, int64_t(blockIdx.x) * kProjRows, kProjRows, Tr::kThreads);
   const T* grad_c[2] = {static_cast<const T*>(p.grad_kc), static_cast<const T*>(p.grad_vc)};
@@ -247,21 +254,25 @@ __global__ void __launch_bounds__(ProjTraits<kD>::kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Grad of weight and bias: one CTA per (tile of W_t, tap t, head)
+// Grad of weight and bias: one CTA per (tile of W_t, tap t, head, row split), then the splits' fixed-order sum
 // ---------------------------------------------------------------------------------------------------------------
+
+// e and d extent of a weight-gradient CTA's output tile. 16 up to D = 64 so that even small heads give
+// H * ratio * (D / 16)^2 CTAs; 32 at D = 128, which already has 16 tiles per (head, tap) and halves the re-reads of
+// the rows.
+constexpr int weight_tile(int64_t head_dim) { return head_dim < 128 ? 16 : 32; }
+constexpr int kWeightRows = 64;  // rows m per chunk of the weight gradient
 
 template <int kD>
 struct WeightTraits {
-  // e and d extent of a CTA's output tile. 16 up to D = 64 so that even small heads give H * ratio * (D / 16)^2
-  // CTAs; 32 at D = 128, which already has 16 tiles per (head, tap) and halves the re-reads of the rows.
-  static constexpr int kTile = kD < 128 ? 16 : 32;
+  static constexpr int kTile = weight_tile(kD);
   static constexpr int kTiles = kD / kTile;  // tiles per dim
   static constexpr int kThreads = 256;
   static constexpr int kTileThreads = (kTile / 4) * (kTile / 4);  // each owns a 4 x 4 block of the tile
   static constexpr int kSlices = kThreads / kTileThreads;         // 16 (4 at D = 128)
-  static constexpr int kRows = 64;                                // rows m per chunk
-  static constexpr int kTileFloats = kRows * kTile;               // one staged tile: rows x kTile
-  static constexpr int kLoads = kTileFloats / kThreads;           // elements of each tile a thread stages
+  static constexpr int kRows = kWeightRows;
+  static constexpr int kTileFloats = kRows * kTile;      // one staged tile: rows x kTile
+  static constexpr int kLoads = kTileFloats / kThreads;  // elements of each tile a thread stages
   // The four staged tiles (grad_kc, grad_vc: rows x e; k, v at tap t: rows x d), and after the walk the same
   // memory holds the slices' partial sums of the output tile.
   static constexpr int kStageFloats = 4 * kTileFloats;
@@ -294,13 +305,27 @@ __device__ __forceinline__ void fetch_chunk(float (&staged)[4][WeightTraits<kD>:
   }
 }
 
-// grid (kTiles * kTiles * ratio, H), blockIdx.x = (t * kTiles + d tile) * kTiles + e tile; without grad_weight,
-// grid (kTiles, H) and only the bias work of the t = 0, d tile 0 CTAs runs. Those CTAs also own grad_bias of
-// their e tile (every row m, whatever the tap). Thread (slice, te, td) sums rows m = m0 + slice + kSlices * i of
-// each chunk into its 4 x 4 block (e = e0 + 4 te + 0..3, d = d0 + 4 td + 0..3); the slices are added in order.
+// Where one launch of backward_weight_kernel starts and writes.
+struct WeightLaunch {
+  int64_t h0;                // head of blockIdx.y = 0
+  int64_t chunks_per_split;  // split z = blockIdx.z walks chunks [z, z + 1) * chunks_per_split, those that exist
+  // Without a split, grad_weight and grad_bias themselves (split stride 0); with S splits, the workspace's S partial
+  // copies of each, split z's at out + z * split_stride. nullptr: not wanted.
+  float* weight_out;
+  int64_t weight_split_stride;
+  float* bias_out;
+  int64_t bias_split_stride;
+};
+
+// grid (kTiles * kTiles * ratio, heads of this launch, S), blockIdx.x = (t * kTiles + d tile) * kTiles + e tile, head
+// h = h0 + blockIdx.y, split blockIdx.z; without grad_weight, grid (kTiles, heads, S): only the bias work of the
+// t = 0, d tile 0 CTAs, each of which also owns grad_bias of its e tile (every row m, whatever the tap). A CTA walks
+// the chunks of its split; thread (slice, te, td) sums rows m = m0 + slice + kSlices * i of each chunk into its 4 x 4
+// block (e = e0 + 4 te + 0..3, d = d0 + 4 td + 0..3), and the slices are added in order. Whether a CTA walks and
+// how many chunks depend on blockIdx and p alone: every barrier is reached by every thread of the CTA.
 template <typename T, int kD>
 __global__ void __launch_bounds__(WeightTraits<kD>::kThreads)
-    backward_weight_kernel(const __grid_constant__ KvCompressCudaParams p) {
+    backward_weight_kernel(const __grid_constant__ KvCompressCudaParams p, const WeightLaunch w) {
   using Tr = WeightTraits<kD>;
   constexpr int kTile = Tr::kTile, kRows = Tr::kRows, kSlices = Tr::kSlices, kThreads = Tr::kThreads;
   __shared__ __align__(16) float smem[Tr::kSmemFloats];  // staged tiles, then sPart
@@ -311,9 +336,10 @@ __global__ void __launch_bounds__(WeightTraits<kD>::kThreads)
   const int e0 = int(blockIdx.x % Tr::kTiles) * kTile;
   const int d0 = int(blockIdx.x / Tr::kTiles % Tr::kTiles) * kTile;
   const int64_t t = blockIdx.x / (Tr::kTiles * Tr::kTiles);
-  const int64_t h = blockIdx.y;
-  const bool with_weight = p.grad_weight != nullptr;
-  const bool with_bias = p.grad_bias != nullptr && t == 0 && d0 == 0;
+  const int64_t h = w.h0 + blockIdx.y;
+  const int64_t split = blockIdx.z;
+  const bool with_weight = w.weight_out != nullptr;
+  const bool with_bias = w.bias_out != nullptr && t == 0 && d0 == 0;
   const int slice = threadIdx.x / Tr::kTileThreads, te = threadIdx.x % Tr::kTileThreads / (kTile / 4),
             td = threadIdx.x % (kTile / 4);
 
@@ -324,23 +350,27 @@ __global__ void __launch_bounds__(WeightTraits<kD>::kThreads)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
   }
-  // With t >= Nk every input row of the tap is padding: the weight tile is zero and there is nothing to sum.
+  // With t >= Nk every input row of the tap is padding: the weight tile is zero and there is nothing to sum. A split
+  // past the last chunk (none with the launcher's S) walks nothing and writes a zero partial.
   const bool walk = with_bias || (with_weight && t < s.seq_k);
-  const int64_t num_chunks = walk ? ceil_div<int64_t>(s.batch * s.seq_c, kRows) : 0;
+  const int64_t chunk_begin = split * w.chunks_per_split;
+  const int64_t chunk_end =
+      walk ? min(ceil_div<int64_t>(s.batch * s.seq_c, kRows), chunk_begin + w.chunks_per_split) : chunk_begin;
   float staged[4][Tr::kLoads];
-  if (num_chunks > 0) {
-    fill_rows(rows, p, h, 0, kRows, kThreads);
+  if (chunk_begin < chunk_end) {
+    fill_rows(rows, p, h, chunk_begin * kRows, kRows, kThreads);
     __syncthreads();
     fetch_chunk<T, kD>(staged, p, rows, t, e0, d0, with_weight);
   }
-  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+  for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     // The previous chunk's products are done with the tiles, and every thread has read rows for its fetch.
     __syncthreads();
 #pragma unroll
     for (int x = 0; x < 4; ++x)
 #pragma unroll
       for (int l = 0; l < Tr::kLoads; ++l) smem[x * Tr::kTileFloats + threadIdx.x + l * kThreads] = staged[x][l];
-    const bool more = chunk + 1 < num_chunks;
+    // Rows of the next chunk of this split only; rows past M (the last chunk of all) read as zero.
+    const bool more = chunk + 1 < chunk_end;
     if (more) fill_rows(rows, p, h, (chunk + 1) * kRows, kRows, kThreads);
     __syncthreads();
     if (more) fetch_chunk<T, kD>(staged, p, rows, t, e0, d0, with_weight);
@@ -380,7 +410,7 @@ __global__ void __launch_bounds__(WeightTraits<kD>::kThreads)
   }
   __syncthreads();
   if (with_weight) {
-    float* gw = p.grad_weight + h * kD * kD * s.ratio;
+    float* gw = w.weight_out + split * w.weight_split_stride + h * kD * kD * s.ratio;
     for (int i = threadIdx.x; i < kTile * kTile; i += kThreads) {
       float sum = 0.f;
 #pragma unroll
@@ -390,12 +420,26 @@ __global__ void __launch_bounds__(WeightTraits<kD>::kThreads)
     }
   }
   if (with_bias) {
+    float* gb = w.bias_out + split * w.bias_split_stride + h * kD + e0;
     for (int i = threadIdx.x; i < kTile; i += kThreads) {
       float sum = 0.f;
 #pragma unroll
       for (int sl = 0; sl < kSlices; ++sl) sum += sPartBias[sl * kTile + i];
-      p.grad_bias[h * kD + e0 + i] = sum;
+      gb[i] = sum;
     }
+  }
+}
+
+constexpr int kSumThreads = 256;
+
+// The fixed-order second pass of a split: out[i] = parts[i] + parts[n + i] + ... + parts[(splits - 1) n + i], added
+// in split order by one thread per element (any grid: the order does not depend on it).
+__global__ void __launch_bounds__(kSumThreads)
+    sum_splits_kernel(float* __restrict__ out, const float* __restrict__ parts, int64_t n, int64_t splits) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float sum = parts[i];
+    for (int64_t sp = 1; sp < splits; ++sp) sum += parts[sp * n + i];
+    out[i] = sum;
   }
 }
 
@@ -403,31 +447,54 @@ __global__ void __launch_bounds__(WeightTraits<kD>::kThreads)
 // Launchers
 // ---------------------------------------------------------------------------------------------------------------
 
+constexpr int64_t kMaxGridY = 65535;  // heads per launch
+// Row splits of the weight gradient (kv_compress_weight_splits): enough CTAs to fill a large GPU, on any device.
+constexpr int64_t kTargetCtas = 512;
+constexpr int64_t kMinChunksPerSplit = 4;  // so that a split's fixed costs (row setup, partial writes) stay small
+constexpr int64_t kMaxSplits = 64;
+
 // Shapes the kernels index with (the head dim is checked by the dispatch); the binding checks the same with
 // messages naming the argument.
 bool valid_shape(const KvCompressCudaParams& p) {
   const KvCompressShape& s = p.s;
   if (s.batch <= 0 || s.heads <= 0 || s.seq_k <= 0 || s.ratio <= 0) return false;
-  if (s.heads > 65535) return false;  // grid y
-  if (s.ratio > std::numeric_limits<int>::max() / 16) return false;  // grid x of the weight kernel
+  if (s.ratio > cuda::kKvCompressMaxRatio) return false;
   if (s.seq_c != s.seq_k / s.ratio + (s.seq_k % s.ratio != 0)) return false;
-  return ceil_div<int64_t>(s.batch * s.seq_c, kProjRows) <= std::numeric_limits<int>::max();
+  return s.seq_c <= cuda::kKvCompressMaxRows / s.batch;
 }
 
-dim3 proj_grid(const KvCompressShape& s) {
-  return dim3(unsigned(ceil_div<int64_t>(s.batch * s.seq_c, kProjRows)), unsigned(s.heads));
+// Calls launch(h0, heads) for consecutive chunks of at most kMaxGridY heads; stops at the first launch error.
+template <typename Launch>
+cudaError_t for_head_chunks(int64_t heads, Launch&& launch) {
+  for (int64_t h0 = 0; h0 < heads; h0 += kMaxGridY) {
+    launch(h0, unsigned(std::min(kMaxGridY, heads - h0)));
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
+
+unsigned proj_grid_x(const KvCompressShape& s) { return unsigned(ceil_div<int64_t>(s.batch * s.seq_c, kProjRows)); }
 
 template <typename T, int kD>
 cudaError_t run_forward(const KvCompressCudaParams& p, cudaStream_t stream) {
   if ((p.kc != nullptr && p.k == nullptr) || (p.vc != nullptr && p.v == nullptr)) return cudaErrorInvalidValue;
   if (p.kc == nullptr && p.vc == nullptr) return cudaSuccess;
-  forward_kernel<T, kD><<<proj_grid(p.s), ProjTraits<kD>::kThreads, 0, stream>>>(p);
+  return for_head_chunks(p.s.heads, [&](int64_t h0, unsigned heads) {
+    forward_kernel<T, kD><<<dim3(proj_grid_x(p.s), heads), ProjTraits<kD>::kThreads, 0, stream>>>(p, h0);
+  });
+}
+
+// out[0, n) = the sum of the `splits` partials parts[s * n, (s + 1) * n) in split order.
+cudaError_t sum_splits(float* out, const float* parts, int64_t n, int64_t splits, cudaStream_t stream) {
+  const unsigned blocks = unsigned(std::min<int64_t>(ceil_div<int64_t>(n, kSumThreads), 4096));
+  sum_splits_kernel<<<blocks, kSumThreads, 0, stream>>>(out, parts, n, splits);
   return cudaGetLastError();
 }
 
 template <typename T, int kD>
 cudaError_t run_backward(const KvCompressCudaParams& p, cudaStream_t stream) {
+  const KvCompressShape& s = p.s;
   const bool want_input = p.grad_k != nullptr || p.grad_v != nullptr;
   const bool want_weight = p.grad_weight != nullptr || p.grad_bias != nullptr;
   // Every pointer is checked before anything is launched.
@@ -436,17 +503,46 @@ cudaError_t run_backward(const KvCompressCudaParams& p, cudaStream_t stream) {
   if (want_weight && (p.grad_kc == nullptr || p.grad_vc == nullptr)) return cudaErrorInvalidValue;
   if (p.grad_weight != nullptr && (p.k == nullptr || p.v == nullptr)) return cudaErrorInvalidValue;
   if (want_input && p.weight == nullptr) return cudaErrorInvalidValue;  // only grad k, v read the weight
+  const int64_t splits = cuda::kv_compress_weight_splits(s);
+  if (p.workspace == nullptr &&
+      cuda::kv_compress_backward_workspace_floats(s, p.grad_weight != nullptr, p.grad_bias != nullptr) > 0)
+    return cudaErrorInvalidValue;
   cudaError_t err = cudaSuccess;
   if (want_input) {
-    backward_input_kernel<T, kD><<<proj_grid(p.s), ProjTraits<kD>::kThreads, 0, stream>>>(p);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    err = for_head_chunks(s.heads, [&](int64_t h0, unsigned heads) {
+      backward_input_kernel<T, kD><<<dim3(proj_grid_x(s), heads), ProjTraits<kD>::kThreads, 0, stream>>>(p, h0);
+    });
+    if (err != cudaSuccess) return err;
   }
   if (want_weight) {
     using Tr = WeightTraits<kD>;
-    const unsigned tiles = p.grad_weight != nullptr ? unsigned(Tr::kTiles * Tr::kTiles * p.s.ratio) : Tr::kTiles;
-    const dim3 grid(tiles, unsigned(p.s.heads));
-    backward_weight_kernel<T, kD><<<grid, Tr::kThreads, 0, stream>>>(p);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    // Partials in the workspace: all of grad_weight's splits, then all of grad_bias's.
+    const int64_t weight_floats = s.heads * kD * kD * s.ratio, bias_floats = s.heads * kD;
+    float* weight_parts = splits > 1 && p.grad_weight != nullptr ? p.workspace : nullptr;
+    float* bias_parts =
+        splits > 1 && p.grad_bias != nullptr ? p.workspace + (weight_parts != nullptr ? splits * weight_floats : 0)
+                                             : nullptr;
+    WeightLaunch w{};
+    w.chunks_per_split = ceil_div<int64_t>(ceil_div<int64_t>(s.batch * s.seq_c, Tr::kRows), splits);
+    w.weight_out = splits > 1 ? weight_parts : p.grad_weight;
+    w.weight_split_stride = splits > 1 ? weight_floats : 0;
+    w.bias_out = splits > 1 ? bias_parts : p.grad_bias;
+    w.bias_split_stride = splits > 1 ? bias_floats : 0;
+    // Without grad_weight only the bias CTAs (t = 0, d tile 0) are launched.
+    const unsigned tiles = p.grad_weight != nullptr ? unsigned(Tr::kTiles * Tr::kTiles * s.ratio) : Tr::kTiles;
+    err = for_head_chunks(s.heads, [&](int64_t h0, unsigned heads) {
+      w.h0 = h0;
+      backward_weight_kernel<T, kD><<<dim3(tiles, heads, unsigned(splits)), Tr::kThreads, 0, stream>>>(p, w);
+    });
+    if (err != cudaSuccess) return err;
+    if (weight_parts != nullptr) {
+      err = sum_splits(p.grad_weight, weight_parts, weight_floats, splits, stream);
+      if (err != cudaSuccess) return err;
+    }
+    if (bias_parts != nullptr) {
+      err = sum_splits(p.grad_bias, bias_parts, bias_floats, splits, stream);
+      if (err != cudaSuccess) return err;
+    }
   }
   return cudaSuccess;
 }
@@ -455,6 +551,31 @@ cudaError_t run_backward(const KvCompressCudaParams& p, cudaStream_t stream) {
 }  // namespace kvc
 
 namespace cuda {
+
+int64_t kv_compress_weight_splits(const KvCompressShape& s) {
+  if (s.batch <= 0 || s.heads <= 0 || s.seq_k <= 0 || s.ratio <= 0 || s.seq_c <= 0) return 1;
+  if (s.head_dim <= 0 || s.head_dim > 128) return 1;  // unsupported: the launchers refuse it
+  // CTAs with rows to walk, without a split: (D / tile)^2 weight tiles per (head, tap before Nk). Saturated at the
+  // target, so that nothing overflows.
+  const int64_t tiles = std::max<int64_t>(1, s.head_dim / kvc::weight_tile(s.head_dim));
+  const int64_t taps = std::min(s.ratio, s.seq_k);
+  const int64_t per_head = tiles * tiles * std::min(taps, kvc::kTargetCtas);
+  if (per_head >= kvc::kTargetCtas || s.heads >= kvc::kTargetCtas) return 1;
+  const int64_t ctas = per_head * s.heads;
+  const int64_t chunks = ceil_div<int64_t>(s.batch * s.seq_c, kvc::kWeightRows);
+  const int64_t splits = std::max<int64_t>(
+      1, std::min({ceil_div(kvc::kTargetCtas, ctas), chunks / kvc::kMinChunksPerSplit, kvc::kMaxSplits}));
+  // With ceil(chunks / splits) chunks each, drop the splits that would start past the last chunk: none is empty.
+  return ceil_div(chunks, ceil_div(chunks, splits));
+}
+
+int64_t kv_compress_backward_workspace_floats(const KvCompressShape& s, bool want_weight, bool want_bias) {
+  const int64_t splits = kv_compress_weight_splits(s);
+  if (splits == 1) return 0;
+  const int64_t per_split =
+      (want_weight ? s.heads * s.head_dim * s.head_dim * s.ratio : 0) + (want_bias ? s.heads * s.head_dim : 0);
+  return splits * per_split;
+}
 
 int kv_compress_forward(const KvCompressCudaParams& p, CUstream_st* stream) {
   if (!kvc::valid_shape(p) || p.weight == nullptr || p.k == nullptr || p.v == nullptr) return cudaErrorInvalidValue;
