@@ -677,16 +677,20 @@ def _memory_span(t: torch.Tensor) -> tuple:
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """a and b may share memory: the same storage and intersecting byte ranges (conservative for strided views)."""
+    """a and b may share memory: the same storage and intersecting byte ranges (conservative for strided views).
+    Not asked while compiling (a traced graph has no data pointers; the C++ bindings check at run time)."""
+    if torch.compiler.is_compiling():
+        return False
     (pa, a0, a1), (pb, b0, b1) = _memory_span(a), _memory_span(b)
     return pa is not None and pa == pb and a0 < b1 and b0 < a1
 
 
 def _partially_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """a and b share memory without being the very same elements (element-wise in-place ops allow the latter)."""
-    same = (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype)
-    return _overlap(a, b) and not same
+    if not _overlap(a, b):
+        return False
+    return not (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                and a.dtype == b.dtype)
 
 
 def _check_no_partial_overlap(dst, src, dst_name: str, src_name: str) -> None:

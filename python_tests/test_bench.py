@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import helpers
 from af2_ext import layouts, ops
 from af2_ext.bench import __main__ as bench_cli
 from af2_ext.bench import attention, common
@@ -70,7 +71,7 @@ def test_run_attention_cpu():
     _check_run_attention("cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@helpers.cuda_test("block_sparse_attention_forward")
 def test_run_attention_cuda():
     _check_run_attention("cuda")
 
@@ -135,6 +136,27 @@ def test_cli_writes_complete_json(tmp_path, monkeypatch):
     assert len(doc["records"]) == 1 and set(doc["records"][0]["results"]) == set(attention.IMPLS)
     assert len(doc["targets"]) == len(attention.TARGETS)
     assert [p.name for p in path.parent.iterdir()] == ["attention.json"], "temporary file left behind"
+
+
+def test_cli_impls_and_markdown(tmp_path, monkeypatch, capsys):
+    """--impls runs only those implementations; --markdown saves the printed report as a markdown page."""
+    monkeypatch.setattr(attention, "QUICK", (TINY,))
+    path, page = tmp_path / "a.json", tmp_path / "a.md"
+    threads = torch.get_num_threads()
+    try:
+        assert bench_cli.main(["attention", "--device", "cpu", "--reps", "1", "--warmup", "0", "--threads", "1",
+                               "--impls", "reference", "sdpa", "--json", str(path), "--markdown", str(page)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads(path.read_text())
+    assert doc["settings"]["impls"] == ["sdpa", "reference"], doc["settings"]
+    assert set(doc["records"][0]["results"]) == {"sdpa", "reference"}
+    printed = capsys.readouterr().out
+    text = page.read_text()
+    assert text.startswith("# af2_ext benchmark: attention\n\n`python -m af2_ext.bench attention --device cpu")
+    report = printed[:printed.index(f"wrote {page}")]
+    assert f"```text\n{report.rstrip()}\n```\n" in text, "the page holds the printed report verbatim"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.md"]
 
 
 def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):

@@ -1,7 +1,10 @@
 """Tests for ``python -m af2_ext.bench model`` on a tiny configuration; no timing claims."""
 
+import json
+
 import torch
 
+from af2_ext.bench import __main__ as bench_cli
 from af2_ext.bench import model as bench
 
 TINY = bench.ModelConfig(dim=32, depth=1, heads=2, dim_head=16, n=12, msa_rows=2, msa_cols=10)
@@ -52,3 +55,21 @@ def test_floor_step_runs_without_the_attention_ops_and_restores_them():
         assert calls, "the ordinary step did not call the attention op"
     finally:
         ops.block_sparse_attention = real
+
+
+def test_cli_quick_runs_one_setting_and_names_a_missing_seed(tmp_path):
+    path = tmp_path / "model.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench_cli.main(["model", "--quick", "--n", "8", "--reps", "1", "--warmup", "0", "--no-memory",
+                               "--threads", "1", "--device", "cpu", "--json", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads(path.read_text())
+    assert doc["settings"]["quick"] is True and doc["settings"]["reps"] == 1 and doc["settings"]["device"] == "cpu"
+    assert [r["impl"] for r in doc["results"]] == list(bench.IMPLS)
+    assert {r["config"]["inter_msa_self_attn"] for r in doc["results"]} == {True}
+    assert [t["inter_msa_self_attn"] for t in doc["targets"]] == [True]
+    seed = next(r for r in doc["results"] if r["impl"] == "seed")
+    if bench.seed_available() is not None:
+        assert seed["step_ms"] is None and seed["notes"][0].startswith("skipped: alphafold2-pytorch"), seed

@@ -56,3 +56,18 @@ def test_cli_writes_json(tmp_path):
     assert doc["benchmark"] == "reversible" and doc["settings"]["depths"] == [1, 2]
     assert set(doc["drift"]) == {"depth", "float32", "bfloat16"} and doc["drift"]["depth"] == 3
     assert len(doc["records"]) == 6 and [p.name for p in tmp_path.iterdir()] == ["rev.json"]
+
+
+def test_cli_quick_depths_and_markdown(tmp_path):
+    path, page = tmp_path / "rev.json", tmp_path / "rev.md"
+    threads = torch.get_num_threads()
+    try:
+        assert bench_cli.main(["reversible", "--quick", "--n", "4", "--msa", "2", "--dim", "16", "--threads", "1",
+                               "--device", "cpu", "--json", str(path), "--markdown", str(page)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads(path.read_text())
+    assert doc["settings"]["depths"] == list(bench.QUICK_DEPTHS) and doc["settings"]["reps"] == 3
+    assert doc["settings"]["quick"] is True and doc["drift"]["depth"] == 12
+    assert all(t["status"] != "n/a" for t in doc["targets"]), "--quick measures the depths the targets compare"
+    assert page.read_text().startswith("# af2_ext benchmark: reversible\n")

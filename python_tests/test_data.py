@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from af2_ext import data
-from af2_ext.data import ProteinLoader, build_scn_dataset, load_sidechainnet
-from af2_ext.utils import AA_ORDER, ONE_TO_THREE_LETTER_MAP
+pytest.importorskip("Bio", reason="af2_ext.data needs biopython (pip install biopython)")
+pytest.importorskip("tqdm", reason="af2_ext.data needs tqdm (pip install tqdm)")
+
+from af2_ext import data  # noqa: E402
+from af2_ext.data import ProteinLoader, build_scn_dataset, load_sidechainnet  # noqa: E402
+from af2_ext.utils import AA_ORDER, ONE_TO_THREE_LETTER_MAP  # noqa: E402
 
 THREE_TO_ONE = {v: k for k, v in ONE_TO_THREE_LETTER_MAP.items()}
 

@@ -12,17 +12,27 @@ import numpy as np
 import pytest
 import torch
 
-from af2_ext import fold, utils
-from af2_ext.checkpoint import load_model, save_checkpoint
-from af2_ext.model import Alphafold2
+pytest.importorskip("tqdm", reason="af2_ext.fold needs tqdm (pip install tqdm)")
 
-import helpers
+from af2_ext import fold, utils  # noqa: E402
+from af2_ext.checkpoint import load_model, save_checkpoint  # noqa: E402
+from af2_ext.model import Alphafold2  # noqa: E402
+
+import helpers  # noqa: E402
 
 DATA = np.load(os.path.join(os.path.dirname(__file__), "data", "1ubi_A_backbone.npz"))
 SEQUENCE = str(DATA["sequence"])
 BACKBONE = torch.tensor(DATA["coords"], dtype=torch.float64)  # [76, 4 (N, CA, C, O), 3]
 CA = BACKBONE[:, 1]
 TINY = dict(dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)
+
+
+def _needs_biopython():
+    pytest.importorskip("Bio", reason="reading and writing PDB files needs biopython (pip install biopython)")
+
+
+def _needs_matplotlib():
+    pytest.importorskip("matplotlib", reason="the fold plots need matplotlib (pip install matplotlib)")
 
 
 def _write(path, text: str) -> str:
@@ -142,6 +152,7 @@ def test_gzip_bom_and_binary_inputs(tmp_path):
     (tmp_path / "fake.fasta.gz").write_text(">a\nMQIF\n")
     with pytest.raises(ValueError, match=r"FASTA file '.*fake\.fasta\.gz' is not a text file"):
         fold.read_fasta(tmp_path / "fake.fasta.gz")
+    _needs_biopython()
     reference = _write_reference(tmp_path / "ubq.pdb", {"A": (0, 10)})
     with open(reference, "rb") as src, gzip.open(tmp_path / "ubq.pdb.gz", "wb") as dst:
         dst.write(src.read())
@@ -156,6 +167,7 @@ def test_gzip_bom_and_binary_inputs(tmp_path):
 
 def test_true_distogram_recovers_ubiquitin(tmp_path):
     """The real Cα distances, binned and given as sharp logits, fold back to ubiquitin with the right hand."""
+    _needs_biopython()
     labels = utils.get_bucketed_distance_matrix(CA[None].float())[0]
     logits = torch.nn.functional.one_hot(labels, utils.DISTOGRAM_BUCKETS).float() * 30.0  # [76, 76, 37]
     result = fold.fold_sequence(_FixedDistogram(logits), SEQUENCE.lower(), name="ubq")
@@ -215,6 +227,8 @@ def _fold_args(*argv):
 
 
 def test_run_fold_two_records_with_reference(tmp_path, checkpoint, capsys):
+    _needs_biopython()
+    _needs_matplotlib()
     fasta = _write(tmp_path / "ubq.fasta", f">ubq_n N half\n{SEQUENCE[:40]}\n>ubq_c\n{SEQUENCE[36:].lower()}\n")
     reference = _write_reference(tmp_path / "ubq_two_chains.pdb", {"A": (0, 40), "B": (36, 76)})
     out = tmp_path / "out"
@@ -244,6 +258,8 @@ def test_run_fold_two_records_with_reference(tmp_path, checkpoint, capsys):
 
 
 def test_fold_from_checkpoint_single_sequence_with_msa(tmp_path, checkpoint):
+    _needs_biopython()
+    _needs_matplotlib()
     msa = _write(tmp_path / "aln.a3m", ">query\nMQIFXKTL\n>hit\nMQaVF-KTL\n")
     [output] = fold.fold_from_checkpoint(checkpoint, "mqifxktl", tmp_path / "out", msa=msa, device="cpu",
                                          mds_iters=20)
@@ -284,6 +300,7 @@ def test_fold_logits_match_the_reference_model_cuda(checkpoint):
 
 
 def test_fold_errors(tmp_path, checkpoint, monkeypatch):
+    _needs_biopython()
     out = str(tmp_path / "out")
     with pytest.raises(ValueError, match=r"sequence 'query' has 65 residues.*max_seq_len=64"):
         fold.run_fold(_fold_args("--checkpoint", checkpoint, "--sequence", "A" * 65, "-o", out, "--device", "cpu"))
@@ -322,6 +339,7 @@ def test_fold_errors(tmp_path, checkpoint, monkeypatch):
 
 
 def test_plots_with_and_without_truth(tmp_path):
+    _needs_matplotlib()
     labels = utils.get_bucketed_distance_matrix(CA[None, :30].float())[0]
     logits = torch.nn.functional.one_hot(labels, utils.DISTOGRAM_BUCKETS).float() * 5.0
     result = fold.fold_sequence(_FixedDistogram(logits), SEQUENCE[:30], mds_iters=10)

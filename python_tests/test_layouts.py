@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import helpers
 from af2_ext import layouts
 
 
@@ -272,7 +273,7 @@ def test_mask_round_trip_cpu():
     _check_mask_round_trip("cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@helpers.cuda_test()
 def test_mask_round_trip_cuda():
     _check_mask_round_trip("cuda")
 

@@ -20,9 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from af2_ext import checkpoint, data, train
-from af2_ext.model import DISTOGRAM_BUCKETS, Alphafold2
-from af2_ext.utils import AA_ORDER, ONE_TO_THREE_LETTER_MAP
+pytest.importorskip("Bio", reason="af2_ext.data (training data) needs biopython (pip install biopython)")
+pytest.importorskip("tqdm", reason="af2_ext.data (training data) needs tqdm (pip install tqdm)")
+pytest.importorskip("matplotlib", reason="af2_ext.train plots the loss with matplotlib (pip install matplotlib)")
+
+from af2_ext import checkpoint, data, train  # noqa: E402
+from af2_ext.model import DISTOGRAM_BUCKETS, Alphafold2  # noqa: E402
+from af2_ext.utils import AA_ORDER, ONE_TO_THREE_LETTER_MAP  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 UBIQUITIN = "MQIFVKTLTGKTITLEVEPSDTIENVKAKIQDKEGIPPDQQRLIFAGKQLEDGRTLSDYNIQKESTLHLVLRLRGG"  # 1UBI chain A

@@ -487,6 +487,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also measure peak memory of one forward+backward (always on with --full)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions, at most (default 20)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 2; 3 with --full)")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), metavar="IMPL",
+                        help=f"implementations to run, any of {' '.join(IMPLS)} (default all; without flex no "
+                             "torch.compile runs, which takes the longest on a fresh machine)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -498,17 +501,20 @@ def main(args: argparse.Namespace) -> int:
         "warmup": args.warmup if args.warmup is not None else (3 if full else 2),
         "budget_s": 3.0 if full else 2.0,
         "memory": bool(args.memory or full),
+        "impls": [impl for impl in IMPLS if impl in args.impls],
     }
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     settings["threads"] = torch.get_num_threads()
     env = common.environment(torch.device(device))
     print(f"af2_ext attention benchmark: {env['device_name']} ({device}, cpu_isa={env['cpu_isa']}, "
-          f"threads={env['threads']}), torch {env['torch']}, {args.dtype}, B=1 H=8, {args.grid} grid", flush=True)
+          f"threads={env['threads']}), torch {env['torch']}, {args.dtype}, B=1 H=8, {args.grid} grid, "
+          f"{' '.join(settings['impls'])}", flush=True)
 
     started = time.perf_counter()
     records = run_attention(FULL if full else QUICK, device=device, dtype=args.dtype, reps=settings["reps"],
-                            warmup=settings["warmup"], budget_s=settings["budget_s"], memory=settings["memory"])
+                            warmup=settings["warmup"], budget_s=settings["budget_s"], memory=settings["memory"],
+                            impls=settings["impls"])
     settings["wall_s"] = round(time.perf_counter() - started, 1)
     doc = report(records, settings, env)
 

@@ -1,4 +1,4 @@
-"""Whole-model benchmark: ``python -m af2_ext.bench model [...]``.
+"""Whole-model benchmark: ``python -m af2_ext.bench model [--quick] [...]``.
 
 One training step (forward and backward of a distogram cross-entropy) of :class:`af2_ext.Alphafold2` at the
 seed README's size (dim 256, depth 2, heads 8, dim_head 64, sequence 128, MSA 5 x 64), timed against
@@ -13,6 +13,7 @@ seed README's size (dim 256, depth 2, heads 8, dim_head 64, sequence 128, MSA 5 
 
 Peak memory of a step: on CUDA ``max_memory_allocated`` above what was allocated before; on CPU the
 resident-set increase of the step in a fresh child process (after a warmup step), as the other benchmarks.
+``--quick`` measures only the seed's default ``inter_msa_self_attn=True``, with 3 timed steps.
 """
 from __future__ import annotations
 
@@ -152,8 +153,10 @@ def _ratio(a, b):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="inter_msa_self_attn=True only (the seed's default), 3 timed steps")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    parser.add_argument("--reps", type=int, default=5, help="timed steps, at most (default 5)")
+    parser.add_argument("--reps", type=int, default=None, help="timed steps, at most (default 5; 3 with --quick)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
@@ -171,14 +174,16 @@ def main(args: argparse.Namespace) -> int:
     env = common.environment(device)
     print(f"af2_ext model benchmark: {env['device_name']} ({device.type}, threads={env['threads']}), torch "
           f"{env['torch']}", flush=True)
+    reps = args.reps if args.reps is not None else 3 if args.quick else 5
+    inter_msa = (True,) if args.quick else (True, False)
     started = time.perf_counter()
     results = []
     jobs = [(impl, ModelConfig(n=args.n, inter_msa_self_attn=inter, reversible=args.reversible))
-            for inter in (True, False) for impl in IMPLS]
+            for inter in inter_msa for impl in IMPLS]
     for impl, config in common.progress(jobs, lambda j: f"{j[0]} inter_msa={j[1].inter_msa_self_attn}"):
-        results.append(measure(impl, config, device, reps=args.reps, warmup=args.warmup, memory=args.memory))
+        results.append(measure(impl, config, device, reps=reps, warmup=args.warmup, memory=args.memory))
     rows, targets = [], []
-    for inter in (True, False):
+    for inter in inter_msa:
         get = {r["impl"]: r for r in results if r["config"]["inter_msa_self_attn"] == inter}
         ours, ref, seed, floor = get["ours"], get["reference"], get["seed"], get["floor"]
         speed = _ratio(seed["step_ms"], ours["step_ms"])
@@ -205,8 +210,9 @@ def main(args: argparse.Namespace) -> int:
               f"(at most {common.fmt(t['speedup_bound'])}x reachable), memory "
               f"{common.fmt(t['memory_vs_seed'], '.3f')}  {t['status']}")
     wall = round(time.perf_counter() - started, 1)
-    doc = {"benchmark": "model", "environment": env, "settings": {"reps": args.reps, "warmup": args.warmup,
-           "memory": args.memory, "wall_s": wall}, "results": results, "targets": targets}
+    doc = {"benchmark": "model", "environment": env, "settings": {"reps": reps, "warmup": args.warmup,
+           "memory": args.memory, "quick": args.quick, "device": device.type, "wall_s": wall},
+           "results": results, "targets": targets}
     path = args.json or os.path.join("bench_results", f"model-{device.type}.json")
     common.write_json_atomic(path, doc)
     print(f"\nwrote {path} ({wall:.0f} s)")

@@ -1,4 +1,4 @@
-"""Reversible trunk benchmark: ``python -m af2_ext.bench reversible [--depths ...] ...``.
+"""Reversible trunk benchmark: ``python -m af2_ext.bench reversible [--quick] [--depths ...] ...``.
 
 A stack of the trunk's layers (:func:`af2_ext.blocks.trunk_couplings`: pair self-attention, MSA row attention,
 cross-attention both ways, feed-forwards; pair and MSA streams) at depths 1-24, one training step (forward and
@@ -33,6 +33,7 @@ from af2_ext.reversible import ReversibleSequence, SequentialSequence
 
 MODES = ("reversible", "sequential", "checkpoint")
 DEPTHS = (1, 2, 4, 8, 12, 24)
+QUICK_DEPTHS = (1, 12)  # the two depths the targets compare
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,14 +229,17 @@ def plot(records: Sequence[dict], depths: Sequence[int], path: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--depths", type=int, nargs="+", default=list(DEPTHS), help="stack depths (default 1 2 4 8 12 24)")
+    parser.add_argument("--quick", action="store_true",
+                        help="depths 1 and 12 only (the targets' two), 3 timed steps, drift through 12 layers")
+    parser.add_argument("--depths", type=int, nargs="+", default=None,
+                        help="stack depths (default 1 2 4 8 12 24; 1 12 with --quick)")
     parser.add_argument("--n", type=int, default=TrunkConfig.n, help="residues (pair n*n tokens; default 32)")
     parser.add_argument("--msa", type=int, default=TrunkConfig.M, help="MSA rows (default 5)")
     parser.add_argument("--dim", type=int, default=TrunkConfig.dim, help="model width (default 64)")
-    parser.add_argument("--drift-depth", type=int, default=48,
-                        help="layers the reconstruction drift is measured through (default 48)")
+    parser.add_argument("--drift-depth", type=int, default=None,
+                        help="layers the reconstruction drift is measured through (default 48; 12 with --quick)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    parser.add_argument("--reps", type=int, default=5, help="timed steps, at most (default 5)")
+    parser.add_argument("--reps", type=int, default=None, help="timed steps, at most (default 5; 3 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="results file (default bench_results/reversible-<device>.json)")
@@ -244,21 +248,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bad = [d for d in args.depths if d < 1]
+    depths = args.depths or list(QUICK_DEPTHS if args.quick else DEPTHS)
+    reps = args.reps if args.reps is not None else 3 if args.quick else 5
+    deepest = args.drift_depth if args.drift_depth is not None else 12 if args.quick else 48
+    bad = [d for d in depths if d < 1]
     if bad:
         raise SystemExit(f"--depths must be positive, got {bad}")
+    if deepest < 1:
+        raise SystemExit(f"--drift-depth must be positive, got {deepest}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = TrunkConfig(n=args.n, M=args.msa, dim=args.dim)
-    depths = sorted(set(args.depths))
+    depths = sorted(set(depths))
     env = common.environment(torch.device(device))
     print(f"af2_ext reversible trunk benchmark: {env['device_name']} ({device}, threads={env['threads']}), "
           f"torch {env['torch']}, {config}", flush=True)
     started = time.perf_counter()
-    records = run_reversible(config, depths, device=device, reps=args.reps)
-    deepest = args.drift_depth
-    if deepest < 1:
-        raise SystemExit(f"--drift-depth must be positive, got {deepest}")
+    records = run_reversible(config, depths, device=device, reps=reps)
     drifts = {name: drift(config, deepest, torch.device(device), dtype)
               for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     wall = round(time.perf_counter() - started, 1)
@@ -272,7 +278,7 @@ def main(args: argparse.Namespace) -> int:
         value = "-" if t["value"] is None else f"{t['value']:.2f}"
         print(f"  {t['name']:<58} {value:>6}  {t['status']}" + (f"  [{t['note']}]" if t.get("note") else ""))
     doc = {"benchmark": "reversible", "environment": env, "settings": {**dataclasses.asdict(config),
-           "depths": depths, "reps": args.reps, "device": device, "wall_s": wall},
+           "depths": depths, "reps": reps, "quick": args.quick, "device": device, "wall_s": wall},
            "records": records, "drift": {"depth": deepest, **drifts}, "targets": targets}
     path = args.json or os.path.join("bench_results", f"reversible-{device}.json")
     common.write_json_atomic(path, doc)
