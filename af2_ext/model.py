@@ -110,6 +110,9 @@ class Alphafold2(nn.Module):
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if dim_head not in ops.HEAD_DIMS:
             raise ValueError(f"dim_head must be one of {ops.HEAD_DIMS} (the kernels' head dims), got {dim_head!r}")
+        for name, value in (("block_size", block_size), ("sparse_block_size", sparse_block_size)):
+            if isinstance(value, bool) or value not in ops.BLOCK_SIZES:
+                raise ValueError(f"{name} must be one of {ops.BLOCK_SIZES} (the kernels' block sizes), got {value!r}")
         for name, p in (("attn_dropout", attn_dropout), ("ff_dropout", ff_dropout)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p!r}")

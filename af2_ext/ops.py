@@ -159,6 +159,14 @@ def _smem_verdict(op, dtype, head_dim, block_size, backward, device) -> Optional
             f"memory per block{' (backward)' if backward else ''}, more than {props.name}'s {limit}")
 
 
+def _no_double_backward(op: str) -> None:
+    """The kernels' backward ops have no derivative of their own: a graph of the gradient (create_graph=True, for
+    a second-order gradient) is refused rather than silently zero."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{op}: second-order gradients (create_graph=True) are not implemented by the af2_ext "
+                           "kernels; use impl='reference' for double backward")
+
+
 def _wants_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -276,9 +284,10 @@ def layout_index(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return row_count, row_index, col_count, col_index
 
 
-# id(layout) -> (weak reference, layout._version, index): a layout reused across calls (the usual case: one
-# per model layer) is converted once. The weak reference tells a live layout from a new tensor that reuses
-# a freed id, and _version catches in-place edits.
+# id(layout) -> (weak reference, snapshot of the layout, index): a CPU layout reused across calls (the usual case:
+# one per model layer) is converted once. The weak reference tells a live layout from a new tensor that reuses a
+# freed id; comparing the content with the snapshot catches every edit, also those that skip the version counter
+# (an edited numpy array under torch.from_numpy, layout.numpy()[...] = ..., layout.data[...] = ...).
 _INDEX_CACHE: dict = {}
 
 
@@ -298,19 +307,21 @@ def _check_index_values(count: torch.Tensor, index: torch.Tensor, name: str, lim
 
 
 def _cached_layout_index(layout: torch.Tensor):
-    if torch.compiler.is_compiling() or layout.is_inference():
+    """The block index of ``layout``. A layout on a GPU is converted on every call: a few tiny asynchronous
+    kernels, where knowing whether it changed would take a host sync; a CPU layout is converted once and reused
+    while its content stays the same."""
+    if torch.compiler.is_compiling() or layout.is_inference() or layout.device.type != "cpu":
         return layout_index(layout)
     key = id(layout)
     hit = _INDEX_CACHE.get(key)
-    if hit is not None and hit[0]() is layout and hit[1] == layout._version:
+    if hit is not None and hit[0]() is layout and torch.equal(hit[1], layout):
         return hit[2]
-    index = layout_index(layout)
-    capturing = layout.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing:  # a sync is not allowed while a CUDA graph is captured
-        row_count, row_index, col_count, col_index = index
-        _check_index_values(row_count, row_index, "row_index", layout.shape[2])
-        _check_index_values(col_count, col_index, "col_index", layout.shape[1])
-    _INDEX_CACHE[key] = (weakref.ref(layout, lambda _, key=key: _INDEX_CACHE.pop(key, None)), layout._version, index)
+    snapshot = layout.clone()
+    index = layout_index(snapshot)
+    row_count, row_index, col_count, col_index = index
+    _check_index_values(row_count, row_index, "row_index", layout.shape[2])
+    _check_index_values(col_count, col_index, "col_index", layout.shape[1])
+    _INDEX_CACHE[key] = (weakref.ref(layout, lambda _, key=key: _INDEX_CACHE.pop(key, None)), snapshot, index)
     return index
 
 
@@ -401,6 +412,7 @@ if extension_available():
                                   key_padding_mask, bias)
 
     def _block_sparse_attention_backward(ctx, grad_out, grad_lse):
+        _no_double_backward("block_sparse_attention")
         q, k, v, out, lse, row_count, row_index, col_count, col_index, key_padding_mask, bias = ctx.saved_tensors
         wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.bias_needs_grad]
         grad_q, grad_k, grad_v, grad_bias = torch.ops.af2_ext.block_sparse_attention_backward.default(
@@ -627,6 +639,7 @@ if extension_available():
         ctx.shapes = (k.shape, k.dtype, weight.shape, weight.dtype)
 
     def _kv_compress_backward(ctx, grad_kc, grad_vc):
+        _no_double_backward("kv_compress (compressed_attention)")
         k, v, weight, bias = ctx.saved_tensors
         k_shape, k_dtype, w_shape, w_dtype = ctx.shapes
         # The backward op reads what it needs; stand-ins for the rest carry only shapes (never read).

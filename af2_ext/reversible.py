@@ -195,6 +195,24 @@ def _replay_autocast(state: list[tuple[str, bool, torch.dtype]]):
         yield
 
 
+@contextlib.contextmanager
+def _running_stats_kept(fn: nn.Module):
+    """The recompute is the forward run a second time: running statistics that modules update in training mode
+    (BatchNorm, InstanceNorm with track_running_stats) are restored afterwards, so that each step updates them
+    once, as in ordinary autograd."""
+    norms = [m for m in fn.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+             and m.track_running_stats]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+             for m in norms]
+    try:
+        yield
+    finally:
+        for m, buffers in zip(norms, saved):
+            live = [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+            for b, old in zip(live, buffers):
+                b.copy_(old)
+
+
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sequence: "ReversibleSequence", context: dict, present: tuple, *args):
@@ -215,6 +233,9 @@ class _ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
+        if torch.is_grad_enabled():  # create_graph=True: the recompute below is not differentiated twice
+            raise RuntimeError("ReversibleSequence: second-order gradients (create_graph=True) are not supported; "
+                               "use SequentialSequence (ordinary autograd) for double backward")
         sequence, context, present = ctx.sequence, ctx.context, ctx.present
         saved = ctx.saved_tensors
         state: list = [None] * sequence.num_halves
@@ -231,9 +252,10 @@ class _ReversibleFunction(torch.autograd.Function):
             for i, leaf in zip(c.inputs, leaves):
                 view[i] = leaf
             params = [p for p in c.fn.parameters() if id(p) in ctx.param_index]
-            with torch.enable_grad(), _seeded(seed, ctx.devices), _replay_autocast(ctx.autocast):
-                out = c.compute(tuple(view), context)
-            vjp = torch.autograd.grad(out, leaves + params, grads[c.target], allow_unused=True)
+            with _running_stats_kept(c.fn):  # restored after the vjp, which reads them
+                with torch.enable_grad(), _seeded(seed, ctx.devices), _replay_autocast(ctx.autocast):
+                    out = c.compute(tuple(view), context)
+                vjp = torch.autograd.grad(out, leaves + params, grads[c.target], allow_unused=True)
             out = out.detach()
             # Fused: rebuild the target's input (y - f) and accumulate the first input's gradient.
             first = vjp[0] if vjp[0] is not None else torch.zeros_like(grads[c.inputs[0]])

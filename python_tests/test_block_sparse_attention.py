@@ -10,6 +10,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -1070,3 +1071,53 @@ def test_layout_index_validated_once(monkeypatch):
         real(row_count, row_index, "row_index", 2)  # block 2 out of range
     with pytest.raises(RuntimeError, match="corrupt"):
         real(row_count + 1, row_index, "row_index", 3)  # more entries counted than the row has
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Nothing silent: layouts edited behind the version counter, second-order gradients
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _edit_from_numpy(layout_np, layout):
+    layout_np[0, 0, :] = ~layout_np[0, 0, :]  # the array a torch.from_numpy layout shares
+
+
+def _edit_numpy_view(layout_np, layout):
+    layout.numpy()[0, 1, :] = False
+
+
+def _edit_data(layout_np, layout):
+    layout.data[:, 2, 0] = ~layout.data[:, 2, 0]
+
+
+@pytest.mark.parametrize("edit", [_edit_from_numpy, _edit_numpy_view, _edit_data], ids=lambda f: f.__name__[6:])
+def test_edited_layout_is_not_stale(edit):
+    """Each way of editing a layout that does not bump its version counter: the next call sees the new sparsity."""
+    layout_np = np.random.default_rng(48).random((2, 3, 3)) < 0.6
+    layout_np[:, :, 0] = True
+    layout = torch.from_numpy(layout_np)
+    inputs = _inputs("cpu", B=1, H=2, Nq=40, Nk=40, D=16, layout=layout, seed=48)
+    out_before, _ = _run_kernel(inputs, grads=False)
+    version = layout._version
+    edit(layout_np, layout)
+    assert layout._version == version, "this edit was meant to bypass the version counter"
+    out_after, _ = _run_kernel(inputs, grads=False)
+    ref_after, _ = _run_kernel(inputs, grads=False, impl="reference")
+    helpers.assert_matches("out after the edit", out_after, ref_after)
+    assert not torch.equal(out_after, out_before), "the edit must change the result (else the test checks nothing)"
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_double_backward_refused(device):
+    """create_graph=True through the kernels raises naming the op (it used to give silent zeros); the reference
+    computes it."""
+    helpers.require_device(device, "block_sparse_attention_forward")
+    inputs = _inputs(device, B=1, H=1, Nq=20, Nk=20, D=16, bias=(1, 1), seed=49)
+    diff, rest = _split(inputs)
+    out = bsa(**diff, **rest, impl="kernel")
+    with pytest.raises(RuntimeError, match="block_sparse_attention: second-order gradients"):
+        torch.autograd.grad(out.square().sum(), diff["q"], create_graph=True)
+    ref = bsa(**diff, **rest, impl="reference")
+    (grad_q,) = torch.autograd.grad(ref.square().sum(), diff["q"], create_graph=True)
+    (second,) = torch.autograd.grad(grad_q.sum(), diff["k"])
+    assert second.abs().sum() > 0, "the reference's second-order gradient is not zero"

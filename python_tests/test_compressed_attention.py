@@ -592,3 +592,14 @@ def test_attention_dropout_runs_the_reference_with_a_warning():
     layout = torch.ones(1, 3, 3, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="no attention dropout"):
         ops.block_sparse_attention(diff["q"], diff["q"], diff["q"], layout, dropout_p=0.1, impl="kernel")
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_double_backward_refused(device):
+    """create_graph=True through the compression kernels raises naming the op (it used to give silent zeros)."""
+    helpers.require_device(device, "kv_compress_forward")
+    inputs = _inputs(device, B=1, H=1, Nq=20, Nk=21, D=16, ratio=3, seed=60)
+    diff, rest = _split(inputs)
+    out = _call(ops.compressed_attention)(**diff, **rest, impl="kernel")
+    with pytest.raises(RuntimeError, match="second-order gradients"):
+        torch.autograd.grad(out.square().sum(), diff["weight"], create_graph=True)

@@ -268,6 +268,11 @@ def test_bad_arguments():
         Alphafold2(dim=32, dim_head=16, impl="fast")
     with pytest.raises(ValueError, match=r"relative_positions must be an int >= 0"):
         Alphafold2(dim=32, dim_head=16, relative_positions=-1)
+    # Refused when the model is built, not at its first forward.
+    with pytest.raises(ValueError, match=r"block_size must be one of \(16, 32, 64, 128\).*got 48"):
+        Alphafold2(dim=32, dim_head=16, block_size=48)
+    with pytest.raises(ValueError, match=r"sparse_block_size must be one of .*got 8"):
+        Alphafold2(dim=32, dim_head=16, sparse_self_attn=True, sparse_block_size=8)
 
 
 def test_relative_positions_embed_the_clipped_offset():

@@ -358,3 +358,39 @@ def test_coupling_bad_input_cpu():
 @cuda_test
 def test_coupling_bad_input_cuda():
     _check_coupling_bad_input("cuda")
+
+
+class _NormedFeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim)
+        self.ff = nn.Linear(dim, dim)
+
+    def forward(self, x):  # x: [b, n, d]
+        return self.ff(self.norm(x.transpose(1, 2)).transpose(1, 2))
+
+
+def test_batchnorm_running_stats_updated_once():
+    """The backward's recompute must not update BatchNorm's running statistics a second time: after one training
+    step they equal those of ordinary autograd."""
+    torch.manual_seed(0)
+    blocks = [[Coupling(_NormedFeedForward(DIM), 0, [1]), Coupling(_NormedFeedForward(DIM), 1, [0])]]
+    seq = SequentialSequence(blocks, num_halves=2)
+    rev = ReversibleSequence(blocks, num_halves=2)
+    x1, x2 = (torch.randn(4, 6, DIM, requires_grad=True) for _ in range(2))
+    state = {k: v.clone() for k, v in seq.state_dict().items()}
+    torch.cat(seq(x1, x2), -1).square().sum().backward()
+    want = {k: v.clone() for k, v in seq.state_dict().items()}
+    rev.load_state_dict(state)  # the same modules: start from the statistics before the step
+    torch.cat(rev(x1, x2), -1).square().sum().backward()
+    for name, value in rev.state_dict().items():
+        if "running" in name or "num_batches" in name:
+            assert torch.allclose(value, want[name], atol=1e-6), f"{name}: {value} vs autograd's {want[name]}"
+
+
+def test_double_backward_refused():
+    model = ReversibleSequence([Coupling(FeedForward(DIM), 0, [1])], num_halves=2)
+    x = torch.randn(2, 3, DIM, requires_grad=True)
+    y1, y2 = model(x, x * 2)
+    with pytest.raises(RuntimeError, match="ReversibleSequence: second-order gradients"):
+        torch.autograd.grad((y1 + y2).square().sum(), x, create_graph=True)
