@@ -7,7 +7,10 @@
                                    a sidechainnet-format dataset from local PDB/mmCIF files
 
 Each subcommand lives in its module as ``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int``; the
-modules are imported only when their subcommand runs, so ``--help`` is quick.
+modules are imported only when their subcommand runs, so ``--help`` is quick. The contract of every command: a
+user error is one line naming what is wrong and exit code 2 (a ValueError, OSError or FloatingPointError raised
+by the command); files are written atomically, so none is left half-written; nothing the user had is replaced
+unless asked (``train --resume`` / ``--overwrite``; ``--overwrite`` for ``demo``, ``fold``, ``build-dataset``).
 """
 from __future__ import annotations
 
@@ -45,8 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
-        # user errors: one clear line, no traceback
+    except (ValueError, OSError, FloatingPointError) as error:
+        # user errors (and the file system's: no permission, disk full, ...): one clear line, no traceback
         print(f"af2-ext {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,6 +26,12 @@ when ``shuffle=False``) and cuts it into global batches of ``batch_size`` (the l
 so every rank steps the same number of times (the leftover global batches are dropped that epoch). Crop starts
 come from a generator seeded with ``(seed, epoch, global batch index, position in batch)``; the global torch /
 numpy / python RNGs are never used. Everything that can be wrong with the data is found when the loader is built.
+
+Pickles and trust: the sidechainnet format is a pickle, and unpickling can run any code the file names. Datasets
+are therefore read by :func:`read_pickle`, which builds only plain Python values and numpy arrays (what
+``build_scn_dataset`` writes and the sidechainnet format calls for) and refuses a file naming anything else, with an
+error naming the file and what it asks for, before any of it runs. Such a file is loaded only when the caller
+says it comes from a trusted source (``trusted=True``; ``af2-ext train --trusted-data``), and then in full.
 """
 from __future__ import annotations
 
@@ -50,7 +56,7 @@ import torch
 from Bio.Data.PDBData import protein_letters_3to1_extended  # standard + CCD parents of modified residues
 from tqdm import tqdm
 
-from af2_ext.fileio import atomic_open
+from af2_ext.fileio import atomic_open, check_input_file, check_output_dir
 from af2_ext.utils import AA_ORDER, ONE_TO_THREE_LETTER_MAP, PAD_TOKEN
 
 __all__ = [
@@ -63,6 +69,8 @@ __all__ = [
     "virtual_cb",
     "demo_dataset_path",
     "load_scn_dict",
+    "read_pickle",
+    "UntrustedPickleError",
     "load_sidechainnet",
     "build_scn_dataset",
     "add_build_dataset_arguments",
@@ -281,7 +289,8 @@ class ProteinLoader:
         rank, world_size: this process's shard.
         with_evo: fill ``ProteinBatch.evo`` from the split's ``evo``.
         min_len: chains with fewer residues having N, CA and C are dropped (one warning); chains with none are
-            dropped with their own warning.
+            dropped with their own warning; so are chains longer than the crop window whose best window holds
+            fewer than ``min(min_len, window)`` of them (every crop drawn holds at least half as many).
         source: how error messages name the data (a path and split).
     """
 
@@ -316,7 +325,10 @@ class ProteinLoader:
 
         window = min(x for x in (self.crop_len, self.max_seq_len, math.inf) if x is not None)
         self.window = None if window == math.inf else int(window)
+        min_in_crop = min(self.min_len, self.window or self.min_len)
+        sparse = f"fewer than {min_in_crop} resolved residues in any {self.window}-residue crop"
         self.skipped: dict = {"no coordinates": [], f"fewer than {self.min_len} resolved residues": [],
+                              **({sparse: []} if self.window else {}),
                               f"longer than max_seq_len={self.max_seq_len}": []}
         proteins = []
         for i in range(n):
@@ -333,6 +345,8 @@ class ProteinLoader:
                 self.skipped["no coordinates"].append(p.id)
             elif n_resolved < self.min_len:
                 self.skipped[f"fewer than {self.min_len} resolved residues"].append(p.id)
+            elif self._best_window(p) < min_in_crop:
+                self.skipped[sparse].append(p.id)  # its crops would hold too few: found now, not mid-epoch
             else:
                 proteins.append(p)
         for reason, ids in self.skipped.items():
@@ -372,12 +386,22 @@ class ProteinLoader:
             self._order_cache = (epoch, order)
         return self._order_cache[1]
 
+    def _window_counts(self, p: _Protein) -> np.ndarray:
+        """Resolved residues in each window of ``self.window`` (the chain is one window when not longer)."""
+        if self.window is None or len(p.tokens) <= self.window:
+            return np.asarray([int(p.resolved.sum())])
+        cumulative = np.concatenate([[0], np.cumsum(p.resolved, dtype=np.int64)])
+        return cumulative[self.window:] - cumulative[:-self.window]  # [length - window + 1]
+
+    def _best_window(self, p: _Protein) -> int:
+        """The most resolved residues a crop of the chain can hold; every crop drawn holds at least half."""
+        return int(self._window_counts(p).max())
+
     def _crop_start(self, p: _Protein, epoch: int, global_index: int, position: int) -> int:
         length = len(p.tokens)
         if self.window is None or length <= self.window:
             return 0
-        cumulative = np.concatenate([[0], np.cumsum(p.resolved, dtype=np.int64)])
-        counts = cumulative[self.window:] - cumulative[:-self.window]  # [length - window + 1] resolved per window
+        counts = self._window_counts(p)
         candidates = np.flatnonzero(2 * counts >= counts.max())
         rng = np.random.default_rng([self.seed, _CROP_STREAM, epoch, global_index, position])
         return int(candidates[rng.integers(len(candidates))])
@@ -486,42 +510,90 @@ def _select_split(data: Mapping, split: str, source: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# What a dataset pickle may name: numpy's array and scalar reconstruction (numpy 1 and 2 module paths) and a few
+# builtins that only build values. Dicts, lists, tuples, strings, numbers, None and bytes need no name at all.
+_SAFE_GLOBALS = frozenset({
+    *((core, name) for core in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct",
+                                                                                                "scalar")),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    *(("builtins", name) for name in ("set", "frozenset", "bytes", "bytearray", "complex")),
+    ("_codecs", "encode"),  # how protocols 0-2 store bytes (numpy arrays in older pickles)
+})
+
+
+class UntrustedPickleError(ValueError):
+    """A dataset pickle names a class or function beyond numpy arrays and plain values (see :func:`read_pickle`).
+    Not a ``pickle.UnpicklingError``: sidechainnet answers those by downloading over the file."""
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Builds plain values and numpy arrays only: any other global the pickle names is refused before it is
+    looked up, so nothing in the file runs."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if ("builtins" if module == "__builtin__" else module, name) in _SAFE_GLOBALS:  # protocols 0-2: Python 2 names
+            return super().find_class(module, name)
+        raise UntrustedPickleError(
+            f"{self.path}: the pickle names {module}.{name}, and af2_ext reads datasets with numpy arrays and plain "
+            "values only, because unpickling anything else can run code from the file; only if it comes from a "
+            "source you trust, load it with trusted=True (af2-ext train --trusted-data)")
+
+
+def read_pickle(path: Union[str, os.PathLike], trusted: bool = False):
+    """Unpickle a dataset. By default only plain Python values (dict, list, tuple, str, numbers, None, bytes,
+    set) and numpy arrays are built — what ``build_scn_dataset`` writes and the sidechainnet format calls for —
+    so a malicious file cannot run code; a pickle naming anything else raises :class:`UntrustedPickleError` (a
+    ValueError) naming the file and what it asks for. ``trusted=True`` unpickles it in full: do that only for a
+    file from a source you trust."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        return pickle.load(f) if trusted else _DataUnpickler(f, path).load()
+
+
 @contextlib.contextmanager
-def _no_download(path: str) -> Iterator[None]:
-    """sidechainnet.load answers an UnpicklingError by downloading CASP 12 over the local file; refuse instead."""
+def _sidechainnet_reading(path: Optional[str], trusted: bool) -> Iterator[None]:
+    """sidechainnet.load reading its pickle through :func:`read_pickle`; with a local ``path``, also without
+    sidechainnet's answer to an UnpicklingError, which is downloading CASP 12 over the local file."""
     scn_load = importlib.import_module("sidechainnet.utils.load")
 
     def refuse(*args, **kwargs):
         raise ValueError(f"{path} is not a readable sidechainnet pickle (corrupt or truncated)")
 
-    saved = scn_load._download_sidechainnet
-    scn_load._download_sidechainnet = refuse
+    saved = scn_load._download_sidechainnet, scn_load._load_dict
+    scn_load._load_dict = functools.partial(read_pickle, trusted=trusted)
+    if path is not None:
+        scn_load._download_sidechainnet = refuse
     try:
         yield
     finally:
-        scn_load._download_sidechainnet = saved
+        scn_load._download_sidechainnet, scn_load._load_dict = saved
 
 
 def load_scn_dict(casp_version: Union[int, str] = 12, casp_thinning: Union[int, str] = 30,
                   scn_dir: Union[str, os.PathLike] = "./sidechainnet_data",
-                  local_scn_path: Optional[Union[str, os.PathLike]] = None) -> dict:
+                  local_scn_path: Optional[Union[str, os.PathLike]] = None, *, trusted: bool = False) -> dict:
     """The sidechainnet dict, through ``sidechainnet.load(..., scn_dataset=False)``.
 
     With ``local_scn_path`` the network is never used: a missing file raises FileNotFoundError and an unreadable
     one ValueError, both naming the path. Without it, finding or downloading ``casp_version`` / ``casp_thinning``
-    under ``scn_dir`` is sidechainnet's job.
+    under ``scn_dir`` is sidechainnet's job. Either way the pickle is read by :func:`read_pickle`: numpy arrays
+    and plain values only unless ``trusted``.
     """
     sidechainnet = _import_scn()
     if local_scn_path is None:
-        data = sidechainnet.load(casp_version, casp_thinning, os.fspath(scn_dir), scn_dataset=False)
+        with _sidechainnet_reading(None, trusted):
+            data = sidechainnet.load(casp_version, casp_thinning, os.fspath(scn_dir), scn_dataset=False)
         source = f"sidechainnet CASP {casp_version} thinning {casp_thinning} in {scn_dir}"
     else:
-        source = os.fspath(local_scn_path)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"sidechainnet pickle not found: {source}")
+        source = check_input_file(local_scn_path, "sidechainnet pickle")
         chatter = io.StringIO()  # "Redownloading due to Pickle file error." would be untrue here
         try:
-            with _no_download(source), contextlib.redirect_stdout(chatter):
+            with _sidechainnet_reading(source, trusted), contextlib.redirect_stdout(chatter):
                 data = sidechainnet.load(local_scn_path=source, scn_dataset=False)
         except MemoryError:
             raise
@@ -540,13 +612,14 @@ def load_sidechainnet(casp_version: Union[int, str] = 12, casp_thinning: Union[i
                       local_scn_path: Optional[Union[str, os.PathLike]] = None, *, split: str = "train",
                       batch_size: int = 1, crop_len: Optional[int] = None, max_seq_len: Optional[int] = None,
                       too_long: str = "crop", shuffle: bool = True, seed: int = 0, rank: int = 0,
-                      world_size: int = 1, with_evo: bool = False, min_len: int = MIN_LEN) -> ProteinLoader:
+                      world_size: int = 1, with_evo: bool = False, min_len: int = MIN_LEN,
+                      trusted: bool = False) -> ProteinLoader:
     """A ``ProteinLoader`` over one split of a sidechainnet dataset (``load_scn_dict`` + ``from_scn_dict``).
 
     ``split``: ``"train"``, ``"test"``, a ``"valid-<n>"`` split, or ``"valid"`` for all of them. To read several
     splits of a large dataset once, call ``load_scn_dict`` and ``ProteinLoader.from_scn_dict`` per split.
     """
-    data = load_scn_dict(casp_version, casp_thinning, scn_dir, local_scn_path)
+    data = load_scn_dict(casp_version, casp_thinning, scn_dir, local_scn_path, trusted=trusted)
     source = os.fspath(local_scn_path) if local_scn_path is not None else f"sidechainnet CASP {casp_version}"
     return ProteinLoader.from_scn_dict(data, split, source=source, batch_size=batch_size, crop_len=crop_len,
                                        max_seq_len=max_seq_len, too_long=too_long, shuffle=shuffle, seed=seed,
@@ -1102,6 +1175,7 @@ def add_build_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chains", default=None, help="comma-separated chain ids to keep (default: all)")
     parser.add_argument("--unique-sequences", action="store_true",
                         help="keep only the first chain of each protein (near-identical sequences)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
 
 def _split_summary(data: Mapping) -> list:
@@ -1116,10 +1190,20 @@ def _split_summary(data: Mapping) -> list:
     return rows
 
 
+def _check_output_file(output: str, overwrite: bool) -> None:
+    if os.path.isdir(output):
+        raise ValueError(f"output {output!r} is a directory; -o names the pickle to write")
+    if os.path.exists(output) and not overwrite:
+        raise ValueError(f"output {output!r} already exists; replace it with --overwrite, or choose another name")
+    check_output_dir(os.path.dirname(output) or ".", f"the directory of output {output!r}")
+
+
 def run_build_dataset(args: argparse.Namespace) -> int:
-    """``af2-ext build-dataset``: build, write, print a summary; 0 on success, 1 on failure."""
+    """``af2-ext build-dataset``: build, write, print a summary; 0 on success, 2 (and one line naming what is
+    wrong) on a user error, as every af2-ext command. An existing output is replaced only with --overwrite."""
     chains = None if args.chains is None else [c.strip() for c in args.chains.split(",") if c.strip()]
     try:
+        _check_output_file(os.fspath(args.output), getattr(args, "overwrite", False))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # every skip is reported in the summary below
             data = build_scn_dataset(args.files, args.output, valid_fraction=args.valid_fraction,
@@ -1127,7 +1211,7 @@ def run_build_dataset(args: argparse.Namespace) -> int:
                                      chains=chains, unique_sequences=args.unique_sequences, progress=True)
     except (ValueError, OSError) as e:
         print(f"af2-ext build-dataset: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     report = data["settings"]["af2_ext"]
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 1e6:.2f} MB): {data['settings']['n_proteins']} "
           f"chains from {len(report['files'])} file(s)")

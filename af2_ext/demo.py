@@ -16,7 +16,7 @@ import os
 import time
 
 
-from af2_ext.fileio import atomic_open, write_json_atomic
+from af2_ext.fileio import atomic_open, check_output_dir, write_json_atomic
 from af2_ext.train import TrainConfig
 
 
@@ -92,17 +92,24 @@ def _markdown(report: dict) -> str:
 
 
 def run(output_dir: str = "demo_out", *, steps: int = 800, device: str = "auto", seed: int = 0,
-        progress: bool = True) -> dict:
-    """Train, fold, report; returns the report dict (also written to OUTPUT_DIR/report.json)."""
+        progress: bool = True, overwrite: bool = False) -> dict:
+    """Train, fold, report; returns the report dict (also written to OUTPUT_DIR/report.json). An
+    ``output_dir`` holding an earlier demo run is replaced only with ``overwrite``."""
     from af2_ext import fold, train
 
     started = time.perf_counter()
     config = demo_config(output_dir, steps, device, seed)
+    train.resolve_device(device, train.Dist())  # a bad --device fails here, before anything is written
+    check_output_dir(output_dir, "--output-dir")
+    previous = train.holds_run(config.output_dir)
+    if previous and not overwrite:
+        raise ValueError(f"--output-dir {output_dir!r} already holds a demo run ({', '.join(previous)} in "
+                         f"{config.output_dir!r}); replace it with --overwrite, or choose another --output-dir")
     name, sequence, ca = held_out_chain(config.crop_len)  # the window length the model is trained on
     print(f"af2-ext demo: training {config.steps} steps on the bundled dataset "
           f"(sparse + compressed cross-attention + reversible), then folding held-out chain {name} "
           f"({len(sequence)} residues)", flush=True)
-    summary = train.train(config, progress=progress)
+    summary = train.train(config, progress=progress, overwrite=overwrite)
     reference = fold.write_ca_trace(os.path.join(output_dir, "fold", f"{name}_true.pdb"), sequence, ca)
     outputs = fold.fold_from_checkpoint(summary["checkpoint"], [(name, sequence)], os.path.join(output_dir, "fold"),
                                         reference=reference, device=device, seed=seed, progress=False)
@@ -126,12 +133,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=800, help="training steps (default 800, about 5 min on 2 CPU cores)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in OUTPUT_DIR")
 
 
 def run_demo(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    report = run(args.output_dir, steps=args.steps, device=args.device, seed=args.seed)
+    report = run(args.output_dir, steps=args.steps, device=args.device, seed=args.seed, overwrite=args.overwrite)
     print()
     print(_markdown(report))
     return 0

@@ -1,6 +1,7 @@
-"""Atomic file writes: everything af2_ext saves (checkpoints, datasets, PDB files, figures, JSON, logs) goes
-through a temporary file in the target's directory and one rename, so a crash never leaves half a file and
-an existing file survives a failed write."""
+"""Files in and out. Atomic writes: everything af2_ext saves (checkpoints, datasets, PDB files, figures, JSON,
+logs) goes through a temporary file in the target's directory and one rename, so a crash never leaves half a
+file and an existing file survives a failed write. Checks of the paths a user names, before anything is read or
+written, with errors that name the path."""
 from __future__ import annotations
 
 import contextlib
@@ -55,3 +56,30 @@ def save_figure_atomic(fig, path: PathLike) -> None:
     suffix = os.path.splitext(os.fspath(path))[1]
     with atomic_path(path, suffix) as tmp:
         fig.savefig(tmp, dpi=120, format=suffix.lstrip(".") or "png")
+
+
+def check_input_file(path: PathLike, kind: str) -> str:
+    """``path`` as a str when it names something to read; FileNotFoundError when nothing is there and ValueError
+    for a directory, both naming it as ``kind`` ("checkpoint", "FASTA file", ...)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{kind} {path!r} is a directory, not a file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{kind} {path!r} does not exist")
+    return path
+
+
+def check_output_dir(path: PathLike, kind: str = "output directory") -> str:
+    """``path`` as a str when it is a writable directory or could be created as one; a ValueError naming it
+    otherwise (a file in the way, a file among its parents, no permission). Creates nothing."""
+    path = os.fspath(path)
+    existing = os.path.abspath(path)
+    if os.path.exists(existing) and not os.path.isdir(existing):
+        raise ValueError(f"{kind} {path!r} exists and is not a directory")
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{kind} {path!r} cannot be created: {existing!r} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{kind} {path!r} cannot be written: no permission to write in {existing!r}")
+    return path

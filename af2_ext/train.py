@@ -9,6 +9,12 @@ Reproducible and resumable: the data order and crops come from generators of the
 (:class:`af2_ext.data.ProteinLoader`), checkpoints carry the model, optimiser, scheduler, the RNG states and the
 data position, and ``--resume`` continues with the same losses as a run that was never interrupted.
 
+Nothing is lost: every setting is checked (the model runs one forward at the crop's shape) before the output
+directory is touched, and a directory that already holds a run (``checkpoint.pt`` or ``metrics.jsonl``) is
+continued only with ``--resume`` and replaced only with ``--overwrite``. The files on disk change only once the
+new run writes for the first time (its first log row or checkpoint, after a successful step): a run that fails
+before that leaves the previous run's files as they were.
+
 Distributed: under ``torchrun`` every process trains a shard of each global batch (DDP; ``nccl`` on GPUs,
 ``gloo`` on CPUs). The loss of a step is the sum over all its pairs divided by the number of pairs in the whole
 global step (all micro-batches of all ranks), so the gradient equals that of one process on the concatenated
@@ -32,10 +38,12 @@ import torch.nn.functional as F
 
 from af2_ext import checkpoint as ckpt_io
 from af2_ext import utils
-from af2_ext.fileio import atomic_open, save_figure_atomic
+from af2_ext.devices import resolve_device as _resolve_device
+from af2_ext.fileio import atomic_open, check_input_file, check_output_dir, save_figure_atomic
 from af2_ext.model import DISTOGRAM_BUCKETS, Alphafold2
 
 IGNORE = -100
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl")  # an output directory holding either holds a run
 MODEL_KEYS = ("dim", "depth", "heads", "dim_head", "max_seq_len", "attn_dropout", "ff_dropout", "reversible",
               "sparse_self_attn", "cross_attn_compress_ratio", "inter_msa_self_attn", "block_size",
               "sparse_block_size", "relative_positions")
@@ -85,6 +93,7 @@ class TrainConfig:
     save_every: int = 50
     eval_fold: bool = True  # lDDT-Cα of MDS-folded validation chains at each evaluation
     device: str = "auto"
+    trusted_data: bool = False  # unpickle any class the --data pickle names (only for a trusted source)
 
     def model_config(self) -> dict:
         return {k: getattr(self, k) for k in MODEL_KEYS}
@@ -118,13 +127,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.crop_len > self.max_seq_len:
             raise ValueError(f"crop_len ({self.crop_len}) must be <= max_seq_len ({self.max_seq_len})")
+        if self.crop_len < 3:  # the loader's crops then always hold two residues with coordinates: a pair
+            raise ValueError(f"crop_len must be >= 3, got {self.crop_len}")
         return self
 
 
 def load_config_file(path: str) -> dict:
     """A JSON or TOML file of :class:`TrainConfig` keys; unknown keys are an error naming them."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
+    path = check_input_file(path, "config file")
     try:
         if path.endswith(".toml"):
             import tomllib
@@ -185,13 +195,9 @@ def _all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 def resolve_device(name: str, d: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    """The device of this process (a bare "cuda" is its local rank's GPU); a ValueError naming a bad one."""
+    device = _resolve_device(name, d.local_rank)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but no CUDA device is available")
-        device = torch.device("cuda", d.local_rank if device.index is None else device.index)
         torch.cuda.set_device(device)
     return device
 
@@ -301,25 +307,48 @@ def majority_bin(loader, config: TrainConfig, limit: int = 64) -> int:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per line, ``kind`` = "train" | "eval") and ``loss.png``. On resume the
-    rows past the checkpoint's step are dropped (rewritten atomically), so the log matches the run."""
+    """``metrics.jsonl`` (one JSON object per line, ``kind`` = "train" | "eval") and ``loss.png``.
+
+    The file on disk is left alone until the run writes its first row (or :meth:`write` is called before its
+    first checkpoint): then it is replaced atomically by the rows kept plus the new ones, and later rows are
+    appended. A new run keeps no rows; a resumed one keeps those up to the checkpoint's step, so the log
+    matches the run and a run that fails before writing leaves the previous log intact."""
 
     def __init__(self, output_dir: str, resume_step: Optional[int]):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.plot_path = os.path.join(output_dir, "loss.png")
         self.rows: list[dict] = []
+        self.written = False  # whether the file holds this run's rows (else the previous run's, or nothing)
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                self.rows = [r for r in (json.loads(line) for line in f if line.strip()) if r["step"] <= resume_step]
-        self._rewrite()
+            self.rows = [r for r in self._read() if r["step"] <= resume_step]
 
-    def _rewrite(self) -> None:
+    def _read(self) -> list:
+        rows = []
+        with open(self.path) as f:
+            for number, line in enumerate(f, start=1):
+                try:
+                    row = json.loads(line) if line.strip() else None
+                    if row is not None and not isinstance(row.get("step"), int):
+                        raise ValueError("no integer 'step'")
+                except (ValueError, AttributeError) as error:
+                    raise ValueError(f"metrics log {self.path!r}, line {number}, is not a metrics row "
+                                     f"({error}); move the file away to resume without it") from None
+                if row is not None:
+                    rows.append(row)
+        return rows
+
+    def write(self) -> None:
+        """Replace the file with the rows so far, atomically."""
         with atomic_open(self.path, "w") as f:
             for row in self.rows:
                 f.write(json.dumps(row) + "\n")
+        self.written = True
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
+        if not self.written:
+            self.write()
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -355,7 +384,7 @@ def _loaders(config: TrainConfig, d: Dist):
         source = dict(casp_version=config.casp_version, casp_thinning=config.casp_thinning, scn_dir=config.scn_dir)
     else:
         source = dict(local_scn_path=config.data)
-    scn = data.load_scn_dict(**source)
+    scn = data.load_scn_dict(**source, trusted=config.trusted_data)
     name = os.fspath(source.get("local_scn_path", f"sidechainnet CASP {config.casp_version}"))
     train = data.ProteinLoader.from_scn_dict(scn, "train", source=name, batch_size=config.batch_size,
                                              crop_len=config.crop_len, max_seq_len=config.max_seq_len,
@@ -370,7 +399,7 @@ def _loaders(config: TrainConfig, d: Dist):
 
 def _same_run(saved: dict, config: TrainConfig) -> None:
     """Resuming with other settings would not continue the same run: name the keys that differ."""
-    allowed = {"steps", "output_dir", "log_every", "eval_every", "save_every", "eval_fold", "device"}
+    allowed = {"steps", "output_dir", "log_every", "eval_every", "save_every", "eval_fold", "device", "trusted_data"}
     differ = sorted(k for k, v in dataclasses.asdict(config).items() if k not in allowed and saved.get(k) != v)
     if differ:
         raise ValueError(f"--resume: the checkpoint was trained with other settings for {differ} "
@@ -378,16 +407,84 @@ def _same_run(saved: dict, config: TrainConfig) -> None:
                          f"{[getattr(config, k) for k in differ]})")
 
 
-def train(config: TrainConfig, *, resume: Optional[str] = None, progress: bool = True,
+def holds_run(output_dir: str) -> list:
+    """The files of a training run (:data:`RUN_FILES`) that ``output_dir`` holds."""
+    return [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
+
+
+def _check_output_dir(config: TrainConfig, resume: Optional[str], overwrite: bool) -> None:
+    """The run may write to ``config.output_dir``: a directory (or creatable), and not another run's unless
+    continued (``resume``) or replaced (``overwrite``). Touches nothing."""
+    if resume is not None and overwrite:
+        raise ValueError("--resume continues a run and --overwrite replaces it: give one of them")
+    check_output_dir(config.output_dir, "--output-dir")
+    existing = holds_run(config.output_dir)
+    if existing and resume is None and not overwrite:
+        raise ValueError(f"--output-dir {config.output_dir!r} already holds a training run ({', '.join(existing)});"
+                         " continue it with --resume, replace it with --overwrite, or choose another --output-dir")
+
+
+def check_model(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> None:
+    """One forward without gradients at the shape training feeds the model (a crop of ``crop_len`` with the
+    configured MSA), so a setting the model rejects only when it runs fails before anything is written. The
+    RNG states and the training mode are left as they were."""
+    n = config.crop_len
+    seq = torch.full((1, n), 20, dtype=torch.long, device=device)
+    inputs = dict(seq=seq, mask=torch.ones(1, n, dtype=torch.bool, device=device))
+    if config.msa == "single":
+        inputs.update(msa=seq[:, None, :], msa_mask=inputs["mask"][:, None, :])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            with autocast(config, device):
+                model(**inputs)
+    except Exception as error:  # an option the kernels refuse, a model too large for the device, ...
+        raise ValueError(f"the model settings {config.model_config()} fail on a {n}-residue crop on {device} "
+                         f"({ckpt_io._first_line(error)})") from error
+    finally:
+        model.train(was_training)
+
+
+def _resume_from(path: str, config: TrainConfig, device: torch.device, d: Dist, model, optimizer,
+                 scheduler) -> tuple:
+    """Load a checkpoint's state into the model, optimiser, scheduler and generators; returns (step, epoch,
+    batch_index)."""
+    saved = ckpt_io.load_checkpoint(path, map_location=device)
+    if saved.get("optimizer") is None or saved.get("scheduler") is None:
+        raise ckpt_io.CheckpointError(f"--resume: checkpoint {path!r} holds a model but no optimiser state: it "
+                                      "cannot be resumed (start a new run)")
+    _same_run(saved.get("config") or {}, config)
+    rank_rng = saved.get("rank_rng") or [saved.get("rng")]
+    if len(rank_rng) != d.world_size:
+        raise ValueError(f"--resume: the checkpoint was written by {len(rank_rng)} process(es), this run has "
+                         f"{d.world_size}; resume with the same number (the RNG streams are per process)")
+    try:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        ckpt_io.set_rng_state(rank_rng[d.rank])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ckpt_io.CheckpointError(f"--resume: checkpoint {path!r} does not fit this run "
+                                      f"({ckpt_io._first_line(error)})") from error
+    return saved["step"], saved["epoch"], saved["batch_index"]
+
+
+def train(config: TrainConfig, *, resume: Optional[str] = None, overwrite: bool = False, progress: bool = True,
           stop_after: Optional[int] = None) -> dict:
     """Run (or continue) a training run; returns a summary with the losses and the last evaluation.
 
+    ``resume``: a checkpoint to continue from (into ``config.output_dir``, which may hold the run).
+    ``overwrite``: replace the run ``config.output_dir`` holds (its files go once this run writes its first).
+    Without either, an output directory holding a run is refused. Everything is checked before the directory
+    is touched (see the module docstring).
     ``stop_after``: stop once this many optimiser steps are done (the schedule still spans ``config.steps``), as
     an interruption would — used to test resuming.
     """
     config.validate()
-    d = init_distributed("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-                         else "cpu")
+    _check_output_dir(config, resume, overwrite)
+    device_kind = _resolve_device(config.device).type  # checked before a process group is joined
+    d = init_distributed(device_kind)
     device = resolve_device(config.device, d)
     torch.manual_seed(config.seed + d.rank)
     train_loader, valid_loader = _loaders(config, d)
@@ -396,32 +493,35 @@ def train(config: TrainConfig, *, resume: Optional[str] = None, progress: bool =
                          f"{d.world_size} process(es)")
 
     model = Alphafold2(**config.model_config()).to(device)
+    check_model(model, config, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.warmup_steps, config.steps))
     step, epoch, batch_index = 0, 0, 0
     if resume is not None:
-        saved = ckpt_io.load_checkpoint(resume, map_location=device)
-        _same_run(saved["config"], config)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        step, epoch, batch_index = saved["step"], saved["epoch"], saved["batch_index"]
-        rank_rng = saved.get("rank_rng") or [saved["rng"]]
-        if len(rank_rng) != d.world_size:
-            raise ValueError(f"--resume: the checkpoint was written by {len(rank_rng)} process(es), this run has "
-                             f"{d.world_size}; resume with the same number (the RNG streams are per process)")
-        ckpt_io.set_rng_state(rank_rng[d.rank])
+        step, epoch, batch_index = _resume_from(resume, config, device, d, model, optimizer, scheduler)
     # some parameters get no gradient in a given setting (embedd_project without embedds, the last layer's MSA
     # branch in the sequential trunk, the MSA stream with msa="none"): DDP must be told
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                                     find_unused_parameters=True) if d.enabled else model
     model.train()
 
-    os.makedirs(config.output_dir, exist_ok=True)
-    log = MetricsLog(config.output_dir, step if resume is not None else None) if d.main else None
     majority = majority_bin(train_loader, config)
+    log = MetricsLog(config.output_dir, step if resume is not None else None) if d.main else None
     ckpt_path = os.path.join(config.output_dir, "checkpoint.pt")
     summary: dict[str, Any] = {"losses": [], "evals": [], "majority_bin": majority, "checkpoint": ckpt_path}
+
+    def log_row(row: dict) -> None:
+        first = not log.written
+        log.add(row)  # the first row replaces the log atomically
+        if first:
+            drop_previous_run()
+
+    def drop_previous_run() -> None:
+        """Once this run's log has replaced the previous one: --overwrite's previous checkpoint and plot go too."""
+        if overwrite:
+            for stale in (ckpt_path, log.plot_path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stale)
 
     def save(metrics: dict) -> None:
         rank_rng = [ckpt_io.rng_state()]
@@ -429,6 +529,9 @@ def train(config: TrainConfig, *, resume: Optional[str] = None, progress: bool =
             rank_rng = [None] * d.world_size
             dist.all_gather_object(rank_rng, ckpt_io.rng_state())
         if d.main:
+            if not log.written:  # a checkpoint before the first row: the log must not be another run's
+                log.write()
+                drop_previous_run()
             ckpt_io.save_checkpoint(ckpt_path, model=model, model_config=config.model_config(), optimizer=optimizer,
                                     scheduler=scheduler, step=step, epoch=epoch, batch_index=batch_index,
                                     config=dataclasses.asdict(config), metrics=metrics, rank_rng=rank_rng)
@@ -489,14 +592,14 @@ def train(config: TrainConfig, *, resume: Optional[str] = None, progress: bool =
             metrics = {"kind": "train", "step": step, "epoch": epoch, "loss": window_loss / window_steps,
                        "lr": scheduler.get_last_lr()[0], "residues_per_s": window_res / max(elapsed, 1e-9)}
             if log is not None:
-                log.add(metrics)
+                log_row(metrics)
             window_loss, window_steps, window_res, window_start = 0.0, 0, 0, time.perf_counter()
         if step % config.eval_every == 0 or step == config.steps:
             if d.main:
                 evaluation = {"kind": "eval", "step": step,
                               **evaluate(model, valid_loader, config, device, majority, config.eval_fold)}
                 summary["evals"].append(evaluation)
-                log.add(evaluation)
+                log_row(evaluation)
                 log.plot()
                 if bar is not None:
                     bar.write(f"step {step}: val loss {evaluation['val_loss']:.3f}, acc {evaluation['val_acc']:.3f} "
@@ -506,7 +609,7 @@ def train(config: TrainConfig, *, resume: Optional[str] = None, progress: bool =
             save(metrics)
     if bar is not None:
         bar.close()
-    if log is not None:
+    if log is not None and log.written:  # nothing to redraw when this call wrote nothing
         log.plot()
     summary.update(step=step, metrics_path=None if log is None else log.path,
                    plot_path=None if log is None else log.plot_path)
@@ -527,6 +630,8 @@ HELP = {
     "eval_fold": "fold the validation chains (MDS) for lDDT-Ca at each evaluation",
     "device": "auto (CUDA when available), cpu, cuda, cuda:1, ...",
     "relative_positions": "clipped relative-position embedding of the pair (0: the seed's model)",
+    "trusted_data": "the --data pickle comes from a source you trust: unpickle any class it names (that can run "
+                    "code from the file); without it only numpy arrays and plain values are read",
 }
 
 
@@ -534,6 +639,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="JSON or TOML file of settings (flags override it)")
     parser.add_argument("--resume", metavar="CKPT", nargs="?", const="auto",
                         help="continue from a checkpoint (default: OUTPUT_DIR/checkpoint.pt)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run OUTPUT_DIR holds (its files go once the new run has written its "
+                             "first); without --resume or this, an OUTPUT_DIR holding a run is refused")
     choices = {"target": ("ca", "cb"), "msa": ("single", "none"), "precision": ("auto", "fp32", "bf16")}
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -561,7 +669,7 @@ def run_train(args: argparse.Namespace) -> int:
     resume = args.resume
     if resume == "auto":
         resume = os.path.join(config.output_dir, "checkpoint.pt")
-    summary = train(config, resume=resume)
+    summary = train(config, resume=resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {summary['checkpoint']}\nmetrics: {summary['metrics_path']}\n"
               f"loss curve: {summary['plot_path']}")

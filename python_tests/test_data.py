@@ -222,8 +222,20 @@ def test_build_skips_files_that_are_not_structures(tmp_path, capsys):
     assert data.run_build_dataset(args) == 0
     printed = capsys.readouterr().out
     assert "notes.pdb" in printed and "train" in printed and out.is_file()
-    assert data.run_build_dataset(parser.parse_args([str(text), "-o", str(tmp_path / "none.pkl")])) == 1
+    assert data.run_build_dataset(parser.parse_args([str(text), "-o", str(tmp_path / "none.pkl")])) == 2
     assert not (tmp_path / "none.pkl").exists()
+    err = capsys.readouterr().err  # the progress bar, then one line naming the problem
+    assert "Traceback" not in err and [line for line in err.splitlines() if "error" in line] == \
+        [err.strip().splitlines()[-1]], err
+    assert err.strip().splitlines()[-1].startswith("af2-ext build-dataset: error:") and "notes.pdb" in err, err
+    assert data.run_build_dataset(parser.parse_args([ubi, "-o", str(tmp_path)])) == 2  # a directory as -o
+    assert "is a directory" in capsys.readouterr().err
+    built = out.read_bytes()  # an existing output is replaced only when asked
+    assert data.run_build_dataset(parser.parse_args([ubi, "-o", str(out), "--valid-fraction", "0"])) == 2
+    assert "already exists; replace it with --overwrite" in capsys.readouterr().err and out.read_bytes() == built
+    assert data.run_build_dataset(parser.parse_args([ubi, "-o", str(out), "--overwrite", "--valid-fraction", "0",
+                                                     "--test-fraction", "0"])) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.cif", "cli.pkl", "notes.pdb"], "no partial file"
 
 
 def test_split_keeps_near_identical_chains_together():
@@ -380,6 +392,21 @@ def test_chains_without_enough_coordinates_are_skipped_with_a_warning():
         ProteinLoader(_synthetic_split([30], unresolved={0: range(30)}))
 
 
+def test_chains_too_sparse_for_the_crop_are_skipped_when_the_loader_is_built():
+    # P1 has 9 resolved residues, 12 apart: any 16-residue window holds at most 2 of them, and the crops drawn
+    # (windows with at least half the best window's) may hold 1: no pair to train on, found mid-epoch before
+    split = _synthetic_split([30, 100, 40], unresolved={1: [i for i in range(100) if i % 12]})
+    with pytest.warns(UserWarning, match=r"fewer than 8 resolved residues in any 16-residue crop: P1\b"):
+        loader = ProteinLoader(split, crop_len=16, seed=2)
+    assert sorted(loader.ids) == ["P0", "P2"]
+    for epoch in range(5):
+        for _, batch in loader.epoch_batches(epoch):
+            assert int(batch.coord_mask.sum()) >= 4  # at least half of min_len in every crop
+    assert ProteinLoader(split, crop_len=None).num_proteins == 3  # uncropped, P1 has its 9 residues
+    with pytest.raises(ValueError, match="no usable protein chains"), pytest.warns(UserWarning, match="P0"):
+        ProteinLoader(_synthetic_split([100], unresolved={0: [i for i in range(100) if i % 12]}), crop_len=16)
+
+
 def test_unknown_residues_and_padding_are_token_20():
     split = _synthetic_split([12, 20], letters="ACX")
     split["seq"][1] = "B" + split["seq"][1][1:]
@@ -436,6 +463,54 @@ def test_unreadable_pickles_raise_naming_the_path(tmp_path, monkeypatch):
         load_sidechainnet(local_scn_path=tmp_path / "nowhere.pkl")
     with pytest.raises(ValueError, match=r"no chains in split 'valid-10'.*valid-90 \(\d+\)"):
         load_sidechainnet(local_scn_path=data.demo_dataset_path(), split="valid-10")
+
+
+class _WritesAFile:
+    """Unpickling this creates a file: what an attacker's pickle could do instead."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+class _RunsACommand:
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_dataset_pickles_are_read_without_running_code(tmp_path, capsys):
+    _needs_sidechainnet()
+    from af2_ext import cli
+
+    marker = tmp_path / "written_by_the_pickle"
+    good = data.load_scn_dict(local_scn_path=data.demo_dataset_path())  # our builder's output: numpy + plain
+    for name, payload in (("open.pkl", _WritesAFile(marker)), ("system.pkl", _RunsACommand(marker))):
+        evil = tmp_path / name
+        evil.write_bytes(pickle.dumps({"train": good["train"], "extra": payload}))
+        with pytest.raises(ValueError, match=rf"{name}.*\b(open|system)\b.*trusted") as error:
+            data.load_scn_dict(local_scn_path=evil)
+        assert "\n" not in str(error.value)
+        assert not marker.exists(), f"loading {name} ran code from the file"
+        assert cli.main(["train", "--data", os.fspath(evil), "--device", "cpu", "--output-dir",
+                         os.fspath(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and name in err[0] and "--trusted-data" in err[0], err
+        assert not marker.exists() and not (tmp_path / "run").exists()
+    # a pickle that needs another (harmless) class loads only when the caller vouches for its source
+    import collections
+
+    ordered = tmp_path / "ordered.pkl"
+    ordered.write_bytes(pickle.dumps(collections.OrderedDict(train=good["train"])))
+    with pytest.raises(ValueError, match=r"collections\.OrderedDict"):
+        data.load_scn_dict(local_scn_path=ordered)
+    assert data.load_scn_dict(local_scn_path=ordered, trusted=True)["train"]["ids"] == good["train"]["ids"]
+    with pytest.raises(ValueError, match="is a directory"):
+        data.load_scn_dict(local_scn_path=tmp_path)
 
 
 def test_missing_demo_dataset_says_how_to_rebuild(monkeypatch, tmp_path):

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import io
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -210,6 +212,7 @@ def test_config_file_errors_name_the_problem(tmp_path):
 
 @pytest.mark.parametrize("values, field", [
     (dict(crop_len=128, max_seq_len=64), "crop_len"),
+    (dict(crop_len=2), "crop_len"),
     (dict(precision="fp8"), "precision"),
     (dict(steps=0), "steps"),
     (dict(dim=True), "dim"),
@@ -261,6 +264,218 @@ def test_corrupt_or_foreign_checkpoint_is_a_value_error(tmp_path):
             checkpoint.load_model(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="absent.pt"):
         checkpoint.load_checkpoint(tmp_path / "absent.pt")
+
+
+def _full_checkpoint(path) -> None:
+    """A checkpoint with every field a training run writes: optimiser and scheduler state after a step, RNG
+    states, the config and metrics."""
+    config = dict(dim=16, depth=1, heads=2, dim_head=16, max_seq_len=32)
+    torch.manual_seed(0)
+    model = Alphafold2(**config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.lr_lambda(2, 10))
+    model(torch.randint(0, 20, (1, 8))).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    checkpoint.save_checkpoint(path, model=model, model_config=config, optimizer=optimizer, scheduler=scheduler,
+                               step=1, epoch=0, batch_index=1, config=dataclasses.asdict(train.TrainConfig()),
+                               metrics={"kind": "train", "loss": 3.25, "acc": np.float64(0.5)})
+
+
+def _assert_same_content(got, want, where="checkpoint") -> None:
+    assert type(got) is type(want), f"{where}: {type(got).__name__} != {type(want).__name__}"
+    if isinstance(want, torch.Tensor):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for key in want:
+            _assert_same_content(got[key], want[key], f"{where}[{key!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            _assert_same_content(a, b, f"{where}[{i}]")
+    else:
+        assert got == want, where
+
+
+def _assert_one_clear_error(error, path) -> None:
+    message = str(error)
+    assert os.fspath(path) in message and "\n" not in message, message
+
+
+def test_damaged_checkpoints_load_identically_or_fail_with_one_clear_error(tmp_path):
+    good = tmp_path / "good.pt"
+    _full_checkpoint(good)
+    want = checkpoint.load_checkpoint(good)
+    assert want["metrics"]["acc"] == 0.5 and type(want["metrics"]["acc"]) is float  # numpy scalar stored plain
+    assert want["optimizer"]["state"] and want["scheduler"]["last_epoch"] == 1
+    blob = good.read_bytes()
+    bad = tmp_path / "bad.pt"
+    rng = random.Random(20240613)
+    damaged = [blob[:keep] for keep in sorted({0, 1, 7, 20, 40, 60, 61, 62, 100, len(blob) - 1}
+                                              | {len(blob) * k // 23 for k in range(1, 23)})]
+    damaged.append(blob + b"\0")
+    for _ in range(400):  # 1 to 4 flipped bits anywhere
+        flipped = bytearray(blob)
+        for _ in range(rng.randint(1, 4)):
+            flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+        damaged.append(bytes(flipped))
+    for position in range(64):  # every bit of the file's first bytes
+        for bit in range(8):
+            flipped = bytearray(blob)
+            flipped[position] ^= 1 << bit
+            damaged.append(bytes(flipped))
+    loaded_unchanged = 0
+    for content in damaged:
+        bad.write_bytes(content)
+        try:
+            got = checkpoint.load_checkpoint(bad)
+        except checkpoint.CheckpointError as error:
+            _assert_one_clear_error(error, bad)
+            continue
+        _assert_same_content(got, want)  # a harmless change (none expected): the very same content
+        loaded_unchanged += 1
+    assert loaded_unchanged == 0, f"{loaded_unchanged} damaged files were not detected"
+    assert isinstance(checkpoint.CheckpointError("x"), ValueError)
+
+
+class _WritesAFile:
+    """Unpickling this creates a file: what an attacker's pickle could do instead."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_checkpoints_never_unpickle_code(tmp_path):
+    marker = tmp_path / "written_by_the_pickle"
+    evil = {"format": checkpoint.CHECKPOINT_FORMAT, "model": _WritesAFile(marker)}
+    legacy = tmp_path / "legacy_evil.pt"  # a bare torch.save, as checkpoints were before they had a checksum
+    torch.save(evil, legacy)
+    buffer = io.BytesIO()
+    torch.save(evil, buffer)
+    sealed = tmp_path / "sealed_evil.pt"  # the checksum is right: only the unpickler stands in the way
+    sealed.write_bytes(checkpoint.seal(buffer.getvalue()))
+    for path in (legacy, sealed):
+        with pytest.raises(checkpoint.CheckpointError) as error:
+            checkpoint.load_checkpoint(path)
+        _assert_one_clear_error(error.value, path)
+        assert not marker.exists(), f"loading {path.name} ran code from the file"
+
+
+def test_checkpoints_without_a_checksum_still_load_with_a_warning(tmp_path):
+    good = tmp_path / "good.pt"
+    _full_checkpoint(good)
+    want = checkpoint.load_checkpoint(good)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(want, legacy)  # the checkpoint format before checksums
+    with pytest.warns(UserWarning, match="legacy.pt.*no checksum"):
+        got = checkpoint.load_checkpoint(legacy)
+    _assert_same_content(got, want)
+    with pytest.raises(checkpoint.CheckpointError, match="is a directory"):
+        checkpoint.load_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"no optimiser state"):  # a model-only checkpoint cannot be resumed
+        only_model = tmp_path / "model_only.pt"
+        checkpoint.save_checkpoint(only_model, model=Alphafold2(**want["model_config"]),
+                                   model_config=want["model_config"])
+        train.train(_tiny_config(tmp_path / "run", dim=16, depth=1, heads=2, dim_head=16, max_seq_len=32),
+                    resume=os.fspath(only_model), progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output directory: an existing run is kept, settings are checked before anything is written
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _files(directory) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_existing_run_is_kept_unless_resumed_or_overwritten(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    config = _tiny_config(out, steps=2, log_every=1, save_every=1, eval_every=100)
+    first = train.train(config, progress=False, stop_after=1)
+    step1 = tmp_path / "step1.pt"
+    shutil.copyfile(first["checkpoint"], step1)
+    train.train(config, resume=first["checkpoint"], progress=False)  # rows of steps 1, 2 and the eval at 2
+    before = _files(out)
+    assert {"checkpoint.pt", "metrics.jsonl", "loss.png"} <= set(before)
+
+    with pytest.raises(ValueError, match=r"already holds a training run.*--resume.*--overwrite"):
+        train.train(config, progress=False)
+    with pytest.raises(ValueError, match=r"--resume.*--overwrite"):
+        train.train(config, resume=first["checkpoint"], overwrite=True, progress=False)
+    assert _files(out) == before
+
+    # a run that fails at its first step loses nothing: not with --overwrite, not when resuming (whose log is
+    # cut back to the checkpoint's step only once the resumed run writes)
+    real_loss = train.pair_loss_sum
+    monkeypatch.setattr(train, "pair_loss_sum", lambda logits, labels: real_loss(logits, labels) * float("nan"))
+    with pytest.raises(FloatingPointError):
+        train.train(dataclasses.replace(config, steps=3), overwrite=True, progress=False)
+    assert _files(out) == before
+    with pytest.raises(FloatingPointError):
+        train.train(config, resume=os.fspath(step1), progress=False)
+    assert _files(out) == before
+    monkeypatch.undo()
+
+    summary = train.train(dataclasses.replace(config, steps=3, seed=1, save_every=100), overwrite=True,
+                          progress=False)
+    rows = _rows(out / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in rows] == [("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
+    assert [r["loss"] for r in rows if r["kind"] == "train"] == summary["losses"]
+    assert checkpoint.load_checkpoint(out / "checkpoint.pt")["config"]["seed"] == 1
+
+
+def test_settings_are_checked_before_the_output_dir_is_touched(tmp_path, monkeypatch, capsys):
+    from af2_ext import cli
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine\n")
+    with pytest.raises(ValueError, match=r"a_file' exists and is not a directory"):
+        train.train(_tiny_config(a_file), progress=False)
+    with pytest.raises(ValueError, match=r"a_file' is not a directory"):
+        train.train(_tiny_config(a_file / "run"), progress=False)
+    assert cli.main(["train", "--output-dir", os.fspath(a_file), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("af2-ext train: error:") and "a_file" in err[0], err
+    assert a_file.read_text() == "mine\n"
+
+    out = tmp_path / "run"
+    for overrides, error, pattern in ((dict(block_size=48), ValueError, "block_size"),
+                                      (dict(device="tpu9"), ValueError, "'tpu9'"),
+                                      (dict(data=os.fspath(tmp_path / "absent.pkl")), FileNotFoundError,
+                                       "absent.pkl")):
+        with pytest.raises(error, match=pattern):
+            train.train(_tiny_config(out, **overrides), progress=False)
+        assert not out.exists()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train.train(_tiny_config(out, device="cuda"), progress=False)
+
+    def fails_when_run(self, *args, **kwargs):  # anything the model rejects only at its first forward
+        raise RuntimeError("this kernel does not support that")
+
+    monkeypatch.setattr(Alphafold2, "forward", fails_when_run)
+    with pytest.raises(ValueError, match="this kernel does not support that"):
+        train.train(_tiny_config(out), progress=False)
+    assert not out.exists()
+
+
+def test_demo_keeps_an_existing_run(tmp_path, capsys):
+    from af2_ext import cli
+
+    log = tmp_path / "demo" / "train" / "metrics.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text('{"kind": "train", "step": 1, "loss": 3.0}\n')
+    assert cli.main(["demo", "-o", os.fspath(tmp_path / "demo"), "--steps", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0], err
+    assert log.read_text() == '{"kind": "train", "step": 1, "loss": 3.0}\n'
+    assert cli.main(["demo", "-o", os.fspath(tmp_path / "other"), "--device", "tpu9"]) == 2
+    assert "'tpu9'" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
