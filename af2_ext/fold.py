@@ -8,7 +8,8 @@ distances and confidences (:func:`af2_ext.utils.center_distogram_torch`) go to w
 trace's Cα virtual torsions (:func:`choose_handedness`). Written to ``--output-dir``: ``NAME.pdb`` (the Cα
 trace), ``NAME_distogram.png``, ``NAME_contacts.png``, ``NAME_metrics.json`` and, with ``--relax``,
 ``NAME_relaxed.pdb`` (backbone rebuilt, side chains added, Amber-minimised; needs ``af2_ext[relax]``). With
-``--reference`` (PDB or mmCIF of the same sequence) the metrics are RMSD after superposition, GDT-TS, TM-score,
+``--reference`` (PDB or mmCIF of the same sequence) the metrics are RMSD after the RMSD-optimal superposition,
+the standard GDT-TS and TM-score (each under the superposition that maximises it: :mod:`af2_ext.structure_scores`),
 lDDT-Cα and distogram accuracy.
 
 Tokens are the training vocabulary: 0..19 the amino acids in ``AA_ORDER``, 20 anything else (X, the ambiguity
@@ -32,7 +33,9 @@ import torch
 from tqdm.auto import tqdm
 
 from af2_ext import utils
-from af2_ext.fileio import atomic_open, save_figure_atomic, write_json_atomic
+from af2_ext.devices import resolve_device
+from af2_ext.fileio import atomic_open, check_input_file, save_figure_atomic, write_json_atomic
+from af2_ext.structure_scores import GDT_TS_DEFINITION, TM_SCORE_DEFINITION
 
 PathLike = Union[str, os.PathLike]
 
@@ -87,9 +90,7 @@ def _read_text(path: str, kind: str) -> str:
 
 def _read_records(path: PathLike, kind: str) -> list[tuple[str, str, int]]:
     """(name, raw sequence text, header line) of each '>' record of a FASTA-like file (``.gz`` too)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{kind} file {path!r} does not exist")
+    path = check_input_file(path, f"{kind} file")
     lines = _read_text(path, kind).splitlines()
     records: list[tuple[str, list[str], int]] = []
     for number, line in enumerate(lines, start=1):
@@ -375,9 +376,7 @@ def read_reference(path: PathLike) -> list[ReferenceChain]:
     from Bio.PDB import MMCIFParser, PDBParser
     from Bio.PDB.Polypeptide import is_aa
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"reference structure {path!r} does not exist")
+    path = check_input_file(path, "reference structure")
     stem = path[:-3] if path.lower().endswith(".gz") else path
     parser = MMCIFParser(QUIET=True) if stem.lower().endswith((".cif", ".mmcif")) else PDBParser(QUIET=True)
     text = _read_text(path, "reference structure")
@@ -448,10 +447,19 @@ def _check_alignable(reference: ReferenceChain, path: PathLike) -> ReferenceChai
     return reference
 
 
+# What the report's superposition-based scores are; written into every metrics file and under the table.
+SCORE_DEFINITIONS = {
+    "rmsd": "RMSD after the RMSD-optimal (Kabsch) superposition",
+    "gdt_ts": GDT_TS_DEFINITION,
+    "tm_score": TM_SCORE_DEFINITION,
+}
+
+
 def _compare(result: FoldResult, reference: ReferenceChain, path: PathLike) -> dict:
     present = _check_alignable(reference, path).present
     pred = result.coords.double()
-    aligned, truth = utils.Kabsch(pred[present].T, reference.ca[present].T)  # [3, k] each
+    model, truth = pred[present].T, reference.ca[present].T  # [3, k] each: the residues the reference has
+    aligned, centred = utils.Kabsch(model, truth)
     labels = utils.get_bucketed_distance_matrix(reference.ca[None], present[None])[0]  # [n, n]
     labels.fill_diagonal_(-100)  # i == j carries no information (the trainer ignores it too)
     return {
@@ -459,11 +467,14 @@ def _compare(result: FoldResult, reference: ReferenceChain, path: PathLike) -> d
         "chain": reference.chain,
         "residues": len(reference.sequence),
         "aligned_residues": int(present.sum()),
-        "rmsd": float(utils.RMSD(aligned, truth)[0]),
-        "gdt_ts": float(utils.GDT(aligned, truth, mode="TS")[0]),
-        "tm_score": float(utils.TMscore(aligned, truth)[0]),
+        "rmsd": float(utils.RMSD(aligned, centred)[0]),
+        # The standard scores, not the seed's utils.GDT / utils.TMscore after Kabsch: that superposition is
+        # pulled by a model's wrong parts and understates everything but near-perfect models.
+        "gdt_ts": float(utils.gdt_ts(model, truth)),
+        "tm_score": float(utils.tm_score(model, truth)),
         "lddt_ca": float(utils.lddt_ca(pred, reference.ca, present)),
         "distogram_accuracy": float(utils.distogram_accuracy(result.logits, labels)),
+        **{f"{key}_definition": text for key, text in SCORE_DEFINITIONS.items()},
     }
 
 
@@ -474,8 +485,11 @@ def compare_to_reference(result: FoldResult, reference_path: PathLike, chain: Op
     otherwise a ValueError names the file and its chains. Residues without a Cα are left out.
 
     Returns:
-        dict: reference, chain, residues, aligned_residues, rmsd (Å, after Kabsch), gdt_ts, tm_score, lddt_ca,
-        distogram_accuracy (argmax class vs the true Cα distance's, i != j).
+        dict: reference, chain, residues, aligned_residues, rmsd (Å, after Kabsch), gdt_ts and tm_score (the
+        standard scores, each under the superposition that maximises it: :func:`utils.gdt_ts`,
+        :func:`utils.tm_score`; TM-score normalised by the aligned residues), lddt_ca, distogram_accuracy
+        (argmax class vs the true Cα distance's, i != j), and ``rmsd_definition`` / ``gdt_ts_definition`` /
+        ``tm_score_definition`` saying which definition each number is.
     """
     chains = read_reference(reference_path)
     return _compare(result, _match_chain(chains, reference_path, result.name, result.sequence, chain), reference_path)
@@ -699,9 +713,7 @@ class FoldOutput:
 
 
 def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return resolve_device(device)  # a ValueError naming a device that is not there, before the checkpoint
 
 
 def _records(sequences) -> list[tuple[str, str]]:
@@ -727,6 +739,17 @@ def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "sequence"
 
 
+def _output_paths(output_dir: PathLike, stem: str, relax: bool) -> list[str]:
+    """The files fold_from_checkpoint writes for one sequence."""
+    suffixes = (".pdb", "_distogram.png", "_contacts.png", "_metrics.json") + (("_relaxed.pdb",) if relax else ())
+    return [os.path.join(os.fspath(output_dir), stem + suffix) for suffix in suffixes]
+
+
+def _list_paths(paths: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(p) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
 def _finite(value):
     """JSON-safe: NaN/inf -> None, recursively."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -740,7 +763,7 @@ def fold_from_checkpoint(checkpoint: PathLike, sequences, output_dir: PathLike =
                          msa: Union[PathLike, torch.Tensor, None] = None, reference: Optional[PathLike] = None,
                          chain: Optional[str] = None, device: Union[str, torch.device, None] = "auto",
                          mds_iters: int = DEFAULT_MDS_ITERS, relax: bool = False, seed: int = 0,
-                         progress: bool = True) -> list[FoldOutput]:
+                         progress: bool = True, overwrite: bool = True) -> list[FoldOutput]:
     """Fold sequences with a checkpoint and write NAME.pdb, NAME_distogram.png, NAME_contacts.png,
     NAME_metrics.json (and NAME_relaxed.pdb with ``relax``) into ``output_dir``.
 
@@ -755,6 +778,8 @@ def fold_from_checkpoint(checkpoint: PathLike, sequences, output_dir: PathLike =
         mds_iters, seed: as :func:`fold_sequence`.
         relax: also write the Amber-relaxed all-atom model (needs ``af2_ext[relax]``).
         progress: a tqdm bar when there is more than one sequence.
+        overwrite: replace files of the same names in ``output_dir``; False (the command line's default)
+            refuses, before anything is read, when any of them exists.
     """
     from af2_ext.checkpoint import load_model
 
@@ -764,6 +789,12 @@ def fold_from_checkpoint(checkpoint: PathLike, sequences, output_dir: PathLike =
     duplicates = sorted({s for s in written if written.count(s) > 1})
     if duplicates:
         raise ValueError(f"sequence names must give distinct file names, got duplicates {duplicates}")
+    if not overwrite:
+        existing = [path for stem in stems for path in _output_paths(output_dir, stem, relax)
+                    if os.path.lexists(path)]
+        if existing:
+            raise ValueError(f"{_list_paths(existing)} already exist(s); replace with --overwrite, or choose "
+                             "another --output-dir")
     if msa is not None:
         if len(records) > 1:
             raise ValueError(f"an MSA goes with one sequence, got {len(records)} sequences")
@@ -853,6 +884,8 @@ def add_fold_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write NAME_relaxed.pdb: backbone rebuilt, side chains added, Amber-minimised "
                              "(needs af2_ext[relax]: openmm, pdbfixer)")
     parser.add_argument("--seed", type=int, default=0, help="torch seed of the forward pass (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output files of the same names (default: refuse when any exists)")
 
 
 def _metrics_table(outputs: Sequence[FoldOutput]) -> str:
@@ -865,6 +898,7 @@ def _metrics_table(outputs: Sequence[FoldOutput]) -> str:
         cells = ["-" if ref.get(key) is None else fmt.format(ref[key]) for _, key, fmt in columns]
         lines.append(f"{output.result.name:<{width}}  {len(output.result.sequence):>4}  "
                      + "  ".join(f"{c:>10}" for c in cells))
+    lines += [f"{title}: {SCORE_DEFINITIONS[key]}" for title, key, _ in columns if key in SCORE_DEFINITIONS]
     return "\n".join(lines)
 
 
@@ -876,7 +910,8 @@ def run_fold(args: argparse.Namespace) -> int:
     try:
         outputs = fold_from_checkpoint(args.checkpoint, records, args.output_dir, msa=args.msa,
                                        reference=args.reference, chain=args.chain, device=args.device,
-                                       mds_iters=args.mds_iters, relax=args.relax, seed=args.seed)
+                                       mds_iters=args.mds_iters, relax=args.relax, seed=args.seed,
+                                       overwrite=args.overwrite)
     except ImportError as error:  # the relax extra: one clear line from the CLI
         raise ValueError(str(error)) from error
     for output in outputs:

@@ -20,6 +20,11 @@ Deliberate differences from the seed, each said again where it applies:
 - ``GDT`` with ``weights`` is a weighted mean (the seed divided the weighted sum by the number of cutoffs).
 - ``TMscore`` clamps ``d0`` at 0.5 Å for short chains as TM-score does (the seed's ``d0`` was <= 0 for L <= 19).
 - Unknown mode strings, NaNs and bad shapes raise ``ValueError`` / ``TypeError`` naming the argument.
+
+``TMscore`` and ``GDT`` keep the seed's definitions: the score of the coordinates as given (after ``Kabsch``,
+the RMSD-optimal superposition, which understates any model that is not near-perfect). The standard scores,
+each under the superposition that maximises it, are ``tm_score`` and ``gdt_ts`` (from
+:mod:`af2_ext.structure_scores`).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import torch
 from einops import rearrange, repeat
 
 from af2_ext.fileio import atomic_open
+from af2_ext.structure_scores import gdt_ts, tm_score, tm_score_d0
 
 _WARNED: set = set()
 
@@ -60,6 +66,9 @@ __all__ = [
     "RMSD",
     "GDT",
     "TMscore",
+    "tm_score",
+    "tm_score_d0",
+    "gdt_ts",
     "lddt_ca",
     "distogram_accuracy",
     "scn_backbone_mask",
@@ -343,7 +352,7 @@ def _classical_mds(dist: torch.Tensor) -> torch.Tensor:
 
 
 def _smacof(delta: torch.Tensor, weights: torch.Tensor, coords: torch.Tensor, iters: int, tol: float,
-            verbose: int) -> tuple[torch.Tensor, torch.Tensor]:
+            verbose: int, stress_unit: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted SMACOF (de Leeuw; Borg & Groenen, Modern Multidimensional Scaling, ch. 8).
 
     Minimises ``stress(X) = 1/2 sum_ij w_ij (|x_i - x_j| - delta_ij)^2`` by Guttman transforms
@@ -353,6 +362,7 @@ def _smacof(delta: torch.Tensor, weights: torch.Tensor, coords: torch.Tensor, it
 
     Args:
         delta, weights: (B, N, N). coords: (B, N, 3) start.
+        stress_unit: optional (B,) float64 factor that turns a stress into the caller's units (for ``verbose``).
 
     Returns:
         coords (B, N, 3) and the stress of each iterate, (B, steps); the last column is the returned coords'.
@@ -373,13 +383,14 @@ def _smacof(delta: torch.Tensor, weights: torch.Tensor, coords: torch.Tensor, it
         dist = _pairwise_distances(coords)
         stress = 0.5 * (weights * (dist - delta).square()).sum(dim=(-1, -2))
         history.append(stress)
+        reported = stress.detach().double() * (1.0 if stress_unit is None else stress_unit)
         if verbose >= 2:
-            print(f"MDScaling it {step}: stress {stress.tolist()}")
+            print(f"MDScaling it {step}: stress {reported.tolist()}")
         if previous is not None:
             decrease = (previous - stress) / previous.clamp_min(torch.finfo(stress.dtype).tiny)
             if bool((decrease <= tol).all()):
                 if verbose:
-                    print(f"MDScaling: converged at iteration {step}, stress {stress.tolist()}")
+                    print(f"MDScaling: converged at iteration {step}, stress {reported.tolist()}")
                 break
         if step == iters:
             break
@@ -418,6 +429,12 @@ def MDScaling(pre_dist_mat, weights=None, iters: int = 10, tol: float = 1e-5, fi
     Seed differences: the weighted Guttman transform ``V^+ B(X) X`` (the seed's ``B(X) X / N`` is only right for
     unit weights and shrinks the structure under distogram weights), a deterministic classical-MDS start instead
     of a random one, and degenerate input (all-zero distances or weights, a single point) gives finite output.
+
+    Any finite distances work: each structure is fitted with its distances scaled by a power of two into
+    [0.5, 1) (exact; the fit is scale-equivariant) and scaled back, so squares neither overflow nor underflow.
+    Only when the coordinates or stresses in the input's units are beyond its dtype (stresses are squared
+    distances: float32 distances of 1e17 Å and more that no structure fits exactly, say) does a ValueError name
+    ``pre_dist_mat`` and ask for float64.
     """
     backend = _check_backend(backend)
     dist, was_numpy = _as_tensor("pre_dist_mat", pre_dist_mat)
@@ -452,9 +469,20 @@ def MDScaling(pre_dist_mat, weights=None, iters: int = 10, tol: float = 1e-5, fi
     if fix_mirror and (N_mask is None or CA_mask is None):
         raise ValueError("N_mask and CA_mask are required when fix_mirror > 0")
 
+    # Fit in units where each structure's largest distance is in [0.5, 1): 2^-exponent scales exactly.
+    largest = dist.detach().amax(dim=(-1, -2)).double()  # [b]
+    exponent = torch.where(largest > 0, torch.frexp(largest).exponent, torch.zeros_like(largest, dtype=torch.int32))
+    unit = torch.pow(2.0, exponent.double())  # [b] float64: 2^exponent is exact there for every float32/64 input
+    scaled = (dist.double() / unit[:, None, None]).to(dist.dtype)
     with torch.no_grad():
-        start = _classical_mds(dist)  # [b, n, 3]
-    coords, stresses = _smacof(dist, w, start, iters, float(tol), verbose)
+        start = _classical_mds(scaled)  # [b, n, 3]
+    coords, stresses = _smacof(scaled, w, start, iters, float(tol), verbose, stress_unit=unit.square())
+    coords = (coords.double() * unit[:, None, None]).to(dist.dtype)
+    stresses = (stresses.double() * unit[:, None].square()).to(dist.dtype)
+    if not (bool(torch.isfinite(coords).all()) and bool(torch.isfinite(stresses).all())):
+        raise ValueError(f"pre_dist_mat: distances up to {float(largest.max()):.3g} give coordinates or stresses "
+                         f"(squared distances) beyond {dist.dtype}'s range; pass float64 distances (or rescale "
+                         f"them)")
     coords = rearrange(coords, "b n d -> b d n")  # [b, 3, n]
     if fix_mirror:
         negative_share = calc_phis_torch(coords, N_mask, CA_mask, C_mask, prop=True)  # [b]
@@ -917,12 +945,46 @@ def distogram_to_coords(logits: torch.Tensor, mask: Optional[torch.Tensor] = Non
 # ----------------------------------------------------------------------------------------------------------
 
 _DEFAULT_ATOM_NAMES = {1: ("CA",), 3: ("N", "CA", "C"), 4: ("N", "CA", "C", "O")}
+# A PDB coordinate is 8 columns written "%8.3f": it must round to within [-999.999, 9999.999]. Anything printing
+# wider shifts every later column and no parser reads the line.
+_PDB_COORD_FORMAT = "%8.3f"
+_PDB_COORD_WIDTH = 8
+
+
+def _first_unwritable_coordinate(points: np.ndarray) -> Optional[tuple]:
+    """Index of the first coordinate of ``points`` (any shape) that is not finite or prints wider than a PDB
+    coordinate's 8 columns, with the value and its text; None when all fit. Judged on the text itself, so the
+    rounding is exactly the writer's."""
+    points = np.asarray(points, dtype=np.float64)
+    # Only values at or past -999.999 / 9999.999 can print wider; the rest need no formatting.
+    suspects = np.argwhere(~np.isfinite(points) | (points >= 9999.999) | (points <= -999.999))
+    for index in suspects:
+        value = float(points[tuple(index)])
+        text = _PDB_COORD_FORMAT % value
+        if not math.isfinite(value) or len(text) > _PDB_COORD_WIDTH:
+            return tuple(int(i) for i in index), value, text.strip()
+    return None
+
+
+def _pdb_range_error(where: str, value: float, text: str) -> ValueError:
+    if not math.isfinite(value):
+        return ValueError(f"{where} = {value!r} is not a coordinate a PDB file can hold")
+    return ValueError(f"{where} = {value!r} prints as {text!r}, wider than a PDB coordinate's "
+                      f"{_PDB_COORD_WIDTH} columns: coordinates must round to within [-999.999, 9999.999] Å "
+                      f"(3 decimals); move or scale the structure")
 
 
 def pdb_chain_text(residues: Sequence[str], atoms: Sequence[Mapping[str, np.ndarray]], *, chain_id: str = "A",
                    b_factors: Optional[Sequence[float]] = None) -> str:
     """PDB text of one chain, built with Biopython (``Bio.PDB`` StructureBuilder + PDBIO): residue ``i`` is
-    ``residues[i]`` (three-letter name), numbered ``i + 1``, with the atoms ``atoms[i]`` (name -> (3,) Å)."""
+    ``residues[i]`` (three-letter name), numbered ``i + 1``, with the atoms ``atoms[i]`` (name -> (3,) Å).
+    A ValueError names the first atom whose coordinate the format cannot hold (see :func:`write_pdb`)."""
+    for i, (name3, residue) in enumerate(zip(residues, atoms)):
+        for name, xyz in residue.items():
+            bad = _first_unwritable_coordinate(xyz)
+            if bad is not None:
+                (axis,), value, text = bad
+                raise _pdb_range_error(f"residue {i + 1} ({name3}), atom {name}, {'xyz'[axis]}", value, text)
     try:
         from Bio.PDB.PDBIO import PDBIO
         from Bio.PDB.StructureBuilder import StructureBuilder
@@ -955,7 +1017,9 @@ def write_pdb(path: Union[str, os.PathLike], coords, sequence: str, *, atom_name
         path: output file.
         coords: (N, 3) Cα coordinates, or (N, K, 3) K atoms per residue: K = 3 is N, CA, C; K = 4 adds O;
             K = 14 is the sidechainnet layout (each residue writes its own atoms; other slots are skipped);
-            other K need ``atom_names``. In Å; torch or numpy. (Transpose the seed's (3, N) layout first.)
+            other K need ``atom_names``. In Å; torch or numpy. (Transpose the seed's (3, N) layout first.) Each
+            value must print in the PDB format's 8 columns with 3 decimals: within [-999.999, 9999.999] after
+            rounding, else a ValueError names the atom.
         sequence: N one-letter codes of the 20 standard amino acids (any case).
         atom_names: K atom names, overriding the defaults above.
         chain_id: one character.
@@ -966,6 +1030,7 @@ def write_pdb(path: Union[str, os.PathLike], coords, sequence: str, *, atom_name
     """
     xyz, _ = _as_tensor("coords", coords)
     xyz = xyz.detach().cpu().to(torch.float64)
+    coords_dim = xyz.dim()
     if xyz.dim() == 2:
         if xyz.shape[0] == 3 and xyz.shape[1] != 3:
             raise ValueError(f"coords must be (N, 3) or (N, K, 3), got {tuple(xyz.shape)}; transpose the seed's "
@@ -974,8 +1039,6 @@ def write_pdb(path: Union[str, os.PathLike], coords, sequence: str, *, atom_name
     if xyz.dim() != 3 or xyz.shape[-1] != 3 or xyz.shape[0] == 0:
         raise ValueError(f"coords must be (N, 3) or (N, K, 3) with N >= 1, got {tuple(xyz.shape)}")
     _check_finite("coords", xyz)
-    if bool((xyz <= -1000).any()) or bool((xyz >= 10000).any()):
-        raise ValueError("coords must lie within the PDB format's (-1000, 10000) Å")
     n, k, _ = xyz.shape
     if not isinstance(sequence, str):
         raise TypeError(f"sequence must be a str of one-letter codes, got {type(sequence).__name__}")
@@ -1016,6 +1079,13 @@ def write_pdb(path: Union[str, os.PathLike], coords, sequence: str, *, atom_name
 
     points = xyz.numpy()
     residues = [ONE_TO_THREE_LETTER_MAP[letter] for letter in sequence]
+    written = np.arange(k) < np.array([len(names) for names in names_per_residue])[:, None]  # [n, k]
+    bad = _first_unwritable_coordinate(np.where(written[..., None], points, 0.0))  # unwritten slots don't count
+    if bad is not None:
+        (i, atom, axis), value, text = bad
+        index = f"[{i}, {axis}]" if coords_dim == 2 else f"[{i}, {atom}, {axis}]"
+        where = f"coords{index} (residue {i + 1} ({residues[i]}), atom {names_per_residue[i][atom]}, {'xyz'[axis]})"
+        raise _pdb_range_error(where, value, text)
     atoms = [dict(zip(names_per_residue[i], points[i])) for i in range(n)]
     text = pdb_chain_text(residues, atoms, chain_id=chain_id, b_factors=bf.tolist())
     path = os.fspath(path)

