@@ -140,7 +140,9 @@ def _cuda_unsupported(op: str, dtype: torch.dtype, device: torch.device, head_di
         return f"{op}: the CUDA kernels have no float64 path"
     if head_dim is None or torch.compiler.is_compiling() or not _has_kernel("block_sparse_attention_forward", device):
         return None
-    key = (dtype, head_dim, block_size, backward, device.index)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    device = torch.device("cuda", index)
+    key = (dtype, head_dim, block_size, backward, index)
     if key not in _SMEM_VERDICTS:
         _SMEM_VERDICTS[key] = _smem_verdict(op, dtype, head_dim, block_size, backward, device)
     return _SMEM_VERDICTS[key]
@@ -151,7 +153,7 @@ _SMEM_VERDICTS: dict = {}
 
 def _smem_verdict(op, dtype, head_dim, block_size, backward, device) -> Optional[str]:
     need = torch.ops.af2_ext.block_sparse_attention_cuda_smem_bytes(dtype, head_dim, block_size, backward)
-    props = torch.cuda.get_device_properties(device if device.index is not None else torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(device)
     limit = getattr(props, "shared_memory_per_block_optin", None)
     if need < 0 or limit is None or need <= limit:
         return None  # the binding still checks, with a clear error
@@ -356,6 +358,13 @@ def block_sparse_attention(
 
     Returns:
         (B, H, Nq, D) in q's dtype. A query row with no visible key is zero, with zero gradients.
+
+    Non-finite values (kernel = reference): a pair removed by the layout, the key padding mask or the ends of
+    the sequences is absent, so nothing its q, k, v or bias hold reaches any output or gradient. A NaN or +inf
+    among a row's visible logits (from q, k, the bias or ``scale``) makes that row NaN; a non-finite v at a
+    visible key makes the outputs it touches non-finite. A -inf logit (a -inf bias) gives the pair probability 0
+    and an exactly zero bias gradient, but its term still enters the products: to exclude keys whose values may
+    be non-finite, mask them with ``key_padding_mask`` or the layout.
     """
     _check_block_sparse(q, k, v, layout, block_size, key_padding_mask, bias)
     dropout_p = _check_dropout(dropout_p)
@@ -568,8 +577,9 @@ def compressed_attention(
         ratio: compression ratio >= 1; 1 is plain attention (no convolution; weight and bias must be None).
             The context is treated as zero-padded at the end to a multiple of ratio, without a copy.
         weight: (H*D, D, ratio) convolution weight, shared by keys and values; bias: (H*D,) or None.
-        key_padding_mask: bool (B, Nk), True = keep. A compressed position is kept when any of its ``ratio``
-            inputs is kept; one with no kept input is masked.
+        key_padding_mask: bool (B, Nk), True = keep. Padded inputs are zeroed before the compression (they never
+            contribute, whatever they hold); a compressed position is kept when any of its ``ratio`` inputs is
+            kept, and one with no kept input is masked.
         layout: bool (H or 1, ceil(Nq / block_size), ceil(ceil(Nk / ratio) / block_size)) over query blocks x
             compressed key blocks (block-sparse cross-attention), or None for dense attention.
         block_size: the block size of ``layout`` (16, 32, 64 or 128). Without a layout the op tiles with
@@ -594,6 +604,8 @@ def compressed_attention(
     if ratio == 1:
         kc, vc, mask = k, v, key_padding_mask
     else:
+        if key_padding_mask is not None:  # padded inputs never reach the compression, whatever they hold
+            k, v = reference.zero_padded(k, key_padding_mask), reference.zero_padded(v, key_padding_mask)
         kc, vc = torch.ops.af2_ext.kv_compress_forward.default(k, v, weight, bias, ratio)
         mask = None if key_padding_mask is None else compress_key_padding_mask(key_padding_mask, ratio)
     if layout is None:

@@ -5,6 +5,7 @@ full Nq x Nk attention matrix, so they are only for small problems.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -15,6 +16,71 @@ from af2_ext import layouts
 def _expand_bias(bias: torch.Tensor, batch: int) -> torch.Tensor:
     """(Bb, Hb, Nq, Nk) -> (B, Hb, Nq, Nk): batch row b uses bias row b // (B // Bb)."""
     return bias.repeat_interleave(batch // bias.shape[0], dim=0)
+
+
+def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
+def _masked_matmul_values(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """sum over j with keep[..., i, j] of a[..., i, j] * b[..., j, d]. A term outside ``keep`` is absent (not a
+    product with zero); a kept term with a non-finite factor makes its output NaN (where IEEE arithmetic would give
+    NaN or +-inf)."""
+    out = torch.matmul(torch.where(keep, _finite_or_zero(a), 0.0), _finite_or_zero(b))
+    touched = (keep & ~torch.isfinite(a)).any(-1, keepdim=True)
+    touched = touched | (torch.matmul(keep.to(a.dtype), (~torch.isfinite(b)).to(a.dtype)) > 0)
+    return out.masked_fill(touched, float("nan"))
+
+
+class _MaskedMatmul(torch.autograd.Function):
+    """(a, b, keep) -> sum_j [keep_ij] a_ij b_jd, batched: a (..., I, J), b (..., J, D), keep bool broadcastable to
+    a. The gradients are the same kind of products, so nothing an absent term holds reaches any of them."""
+
+    @staticmethod
+    def forward(a, b, keep):
+        return _masked_matmul_values(a, b, keep)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, keep = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = _SampledMatmul.apply(grad, b, keep, 1.0)
+        if ctx.needs_input_grad[1]:
+            grad_b = _MaskedMatmul.apply(a.transpose(-1, -2), grad, keep.transpose(-1, -2))
+        return grad_a, grad_b, None
+
+
+class _SampledMatmul(torch.autograd.Function):
+    """(x, y, keep, scale) -> scale * sum_d x_id y_jd where keep_ij, else 0, batched: x (..., I, D), y (..., J, D).
+    Its gradients are masked products over the kept pairs only; a zero gradient stays zero whatever the scale (an
+    infinite scale must not turn the zero gradient of a masked logit into NaN)."""
+
+    @staticmethod
+    def forward(x, y, keep, scale):
+        return torch.where(keep, torch.matmul(x, y.transpose(-1, -2)) * scale, 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, keep, scale = inputs
+        ctx.save_for_backward(x, y, keep)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, keep = ctx.saved_tensors
+        scale = ctx.scale
+        grad = grad * scale if math.isfinite(scale) else torch.where(grad == 0, 0.0, grad * scale)
+        grad_x = grad_y = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _MaskedMatmul.apply(grad, y, keep)
+        if ctx.needs_input_grad[1]:
+            grad_y = _MaskedMatmul.apply(grad.transpose(-1, -2), x, keep.transpose(-1, -2))
+        return grad_x, grad_y, None, None
 
 
 def block_sparse_attention_ref(
@@ -32,6 +98,14 @@ def block_sparse_attention_ref(
     """Block-sparse attention by expanding ``layout`` to a dense mask; same contract as
     :func:`af2_ext.ops.block_sparse_attention`. ``dropout_p`` > 0 drops attention probabilities (training).
 
+    Non-finite values (the kernels' contract too). A pair outside the layout, at a padded key or past the sequence
+    ends is absent: nothing its q, k, v or bias hold (NaN, inf) reaches any output or gradient. A NaN among a row's
+    logits (from q, k, the bias or the scale; +inf too) makes that row's output NaN, as a softmax does. A logit of
+    -inf (a -inf bias) masks its pair: probability and logit gradient exactly 0 — though, unlike an absent pair, its
+    terms still meet in the products, so a non-finite v (or k, q) there still reaches the row. A query row with no
+    visible key is zero with zero gradients, whatever it holds. Otherwise a non-finite input reaches exactly the
+    outputs and gradients it touches; where exactly NaN or +-inf appears may differ from the kernels.
+
     Args:
         q: (B, H, Nq, D). k, v: (B, H, Nk, D).
         layout: bool (H or 1, ceil(Nq / block_size), ceil(Nk / block_size)).
@@ -45,20 +119,22 @@ def block_sparse_attention_ref(
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, nq, nk = q.shape[0], q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    visible = layouts.to_mask(layout.to(q.device), block_size, nq, nk).unsqueeze(0)  # [1, Hl, Nq, Nk]
+    keep = layouts.to_mask(layout.to(q.device), block_size, nq, nk).unsqueeze(0)  # [1, Hl, Nq, Nk]
     if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]  # [B, Hl, Nq, Nk]
-    logits = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale  # [B, H, Nq, Nk]
+        keep = keep & key_padding_mask[:, None, None, :]  # [B, Hl, Nq, Nk]
+    # Products over the kept pairs only (_SampledMatmul, _MaskedMatmul): a dense matmul would multiply what a masked
+    # key holds by zero, and 0 * NaN is NaN, in the forward and in every gradient.
+    logits = _SampledMatmul.apply(q.to(compute), k.to(compute), keep, float(scale))  # [B, H, Nq, Nk]
     if bias is not None:
         logits = logits + _expand_bias(bias.to(compute), batch)
-    # -inf from the bias counts as masked too; masked logits become the most negative finite value so that
-    # an empty row yields a finite softmax that is then zeroed (no NaN in values or gradients).
-    visible = visible & ~torch.isneginf(logits)
-    logits = logits.masked_fill(~visible, torch.finfo(compute).min)
-    probs = torch.softmax(logits, dim=-1).masked_fill(~visible, 0.0)
+    # -inf from the bias counts as masked too. Masked logits become the most negative finite value: an empty row
+    # yields a finite softmax (zeroed below), and masked_fill gives masked logits an exactly-zero gradient.
+    visible = keep & ~torch.isneginf(logits)
+    probs = torch.softmax(logits.masked_fill(~visible, torch.finfo(compute).min), dim=-1)
     if dropout_p > 0:
         probs = torch.nn.functional.dropout(probs, dropout_p)
-    return torch.matmul(probs, v.to(compute)).to(q.dtype)
+    out = _MaskedMatmul.apply(probs, v.to(compute), keep)  # [B, H, Nq, D]
+    return out.masked_fill(~visible.any(-1, keepdim=True), 0.0).to(q.dtype)
 
 
 def kv_compress_ref(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -85,6 +161,12 @@ def kv_compress_ref(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias
         return y.reshape(batch, heads, dim, -1).permute(0, 1, 3, 2)  # [b, h, Nc, d]
 
     return compress(k), compress(v)
+
+
+def zero_padded(x: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """x (B, H, N, D) with the rows of padded positions (key_padding_mask (B, N) False) set to zero, whatever they
+    held (NaN included): padded inputs never reach a compressed key or value, nor the weight's gradient."""
+    return torch.where(key_padding_mask[:, None, :, None], x, x.new_zeros(()))
 
 
 def compressed_key_padding_mask_ref(key_padding_mask: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -126,6 +208,8 @@ def compressed_attention_ref(
     if ratio == 1:
         kc, vc, mask = k, v, key_padding_mask
     else:
+        if key_padding_mask is not None:
+            k, v = zero_padded(k, key_padding_mask), zero_padded(v, key_padding_mask)
         kc, vc = kv_compress_ref(k, v, weight, bias, ratio)
         mask = None if key_padding_mask is None else compressed_key_padding_mask_ref(key_padding_mask, ratio)
     if layout is None:

@@ -701,4 +701,141 @@ TEST_CASE(invalid_arguments) {
   CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
+// ---- non-finite values: a NaN reaches exactly what it touches; nothing a masked key holds reaches anything ----
+
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kInfF = std::numeric_limits<float>::infinity();
+
+// Whether query i of (b, h) sees key j: its layout block and the key padding mask.
+bool sees(const Problem& pr, const Inputs& in, int b, int h, int i, int j) {
+  const int hl = pr.Hl == 1 ? 0 : h;
+  return in.layout[(size_t(hl) * pr.nqb() + i / pr.bs) * pr.nkb() + j / pr.bs] &&
+         (in.mask.empty() || in.mask[size_t(b) * pr.Nk + j]);
+}
+
+// got is non-finite exactly where `bad` is set and elsewhere bit for bit the clean run's value.
+void expect_only_at(const std::vector<float>& got, const std::vector<float>& clean, const std::vector<char>& bad,
+                    const std::string& what) {
+  if (got.size() != clean.size() || got.size() != bad.size()) {
+    af2_test::report_failure(__FILE__, __LINE__,
+                             what + ": sizes " + std::to_string(got.size()) + ", " + std::to_string(clean.size()) +
+                                 ", " + std::to_string(bad.size()));
+    return;
+  }
+  size_t wrong = 0, first = 0;
+  for (size_t e = 0; e < got.size(); ++e) {
+    const bool ok = bad[e] ? !std::isfinite(got[e]) : std::memcmp(&got[e], &clean[e], sizeof(float)) == 0;
+    if (!ok && wrong++ == 0) first = e;
+  }
+  if (wrong == 0) return;
+  std::ostringstream os;
+  os << what << ": " << wrong << "/" << got.size() << " wrong, first at [" << first << "]: got " << got[first]
+     << ", clean run " << clean[first] << ", expected " << (bad[first] ? "non-finite" : "the clean value");
+  af2_test::report_failure(__FILE__, __LINE__, os.str());
+}
+
+Result run_checked(const Problem& pr, const Inputs& in) {
+  Result r = run_cuda(pr, in);
+  if (r.forward_err != 0 || r.backward_err != 0)
+    af2_test::report_failure(__FILE__, __LINE__,
+                             pr.name() + ": launch failed: forward " + std::to_string(r.forward_err) + ", backward " +
+                                 std::to_string(r.backward_err));
+  return r;
+}
+
+}  // namespace
+
+// A NaN in one element of one query row: that row's output and lse, its grad_q row, the grad_k and grad_v rows of
+// the keys it sees and its bias-gradient entries at those keys are non-finite; everything else is the clean run's,
+// bit for bit (the kernels used to return zeros for the row: a NaN-dropping max and a `sum > 0` test).
+TEST_CASE(nan_in_a_query_row) {
+  for (ScalarKind dtype : kDtypes) {
+    Problem pr;
+    pr.dtype = dtype;
+    pr.seed = 600 + int(dtype);
+    const Inputs clean_in = make_inputs(pr);
+    const int b = 1, h = 1;
+    int i = -1;
+    for (int r = pr.bs; r < pr.Nq && i < 0; ++r)
+      for (int j = 0; j < pr.Nk && i < 0; ++j)
+        if (sees(pr, clean_in, b, h, r, j)) i = r;
+    CHECK(i >= 0);
+    Inputs in = clean_in;
+    in.q[((size_t(b) * pr.H + h) * pr.Nq + i) * pr.D + 3] = kNaN;
+    const Result clean = run_checked(pr, clean_in), got = run_checked(pr, in);
+    if (clean.forward_err != 0 || clean.backward_err != 0 || got.forward_err != 0 || got.backward_err != 0) continue;
+    const size_t row = (size_t(b) * pr.H + h) * pr.Nq + i;
+    std::vector<char> out_bad(got.out.size(), 0), lse_bad(got.lse.size(), 0);
+    std::vector<char> key_bad(got.dk.size(), 0), bias_bad(got.dbias.size(), 0);
+    for (int d = 0; d < pr.D; ++d) out_bad[row * pr.D + d] = 1;
+    lse_bad[row] = 1;
+    for (int j = 0; j < pr.Nk; ++j) {
+      if (!sees(pr, in, b, h, i, j)) continue;
+      for (int d = 0; d < pr.D; ++d) key_bad[((size_t(b) * pr.H + h) * pr.Nk + j) * pr.D + d] = 1;
+      bias_bad[size_t(i) * pr.Nk + j] = 1;  // the (1, 1) bias is shared by every batch row and head
+    }
+    const std::string name = pr.name() + ", NaN in q row " + std::to_string(i);
+    expect_only_at(got.out, clean.out, out_bad, name + ": out");
+    expect_only_at(got.lse, clean.lse, lse_bad, name + ": lse");
+    expect_only_at(got.dq, clean.dq, out_bad, name + ": grad_q");
+    expect_only_at(got.dk, clean.dk, key_bad, name + ": grad_k");
+    expect_only_at(got.dv, clean.dv, key_bad, name + ": grad_v");
+    expect_only_at(got.dbias, clean.dbias, bias_bad, name + ": grad_bias");
+  }
+}
+
+// NaN and inf in the k and v rows of padded keys (inside visited blocks) and in the bias at their columns and
+// outside the layout: every output and gradient is the clean run's, bit for bit, and the padded keys' gradients are
+// zero (a padded v row used to enter P·V as 0 * NaN, poisoning the block's rows).
+TEST_CASE(nan_in_masked_keys) {
+  for (ScalarKind dtype : kDtypes) {
+    Problem pr;
+    pr.dtype = dtype;
+    pr.Bb = pr.B;  // a bias per batch row and head: a padded key's column can be poisoned in its row alone
+    pr.Hb = pr.H;
+    pr.seed = 610 + int(dtype);
+    const Inputs clean_in = make_inputs(pr);
+    Inputs in = clean_in;
+    int padded = 0;
+    std::vector<char> no_bad_q(clean_in.q.size(), 0), no_bad_k(clean_in.k.size(), 0);
+    std::vector<char> no_bad_lse(size_t(pr.B) * pr.H * pr.Nq, 0), no_bad_bias(clean_in.bias.size(), 0);
+    for (int b = 0; b < pr.B; ++b)
+      for (int h = 0; h < pr.H; ++h)
+        for (int i = 0; i < pr.Nq; ++i)
+          for (int j = 0; j < pr.Nk; ++j) {
+            const bool kept = in.mask[size_t(b) * pr.Nk + j] != 0;
+            const size_t bias_at = ((size_t(b) * pr.H + h) * pr.Nq + i) * pr.Nk + j;
+            if (!kept || !sees(pr, in, b, h, i, j)) in.bias[bias_at] = kNaN;
+            if (kept || i > 0) continue;
+            ++padded;
+            for (int d = 0; d < pr.D; ++d) {
+              const size_t at = ((size_t(b) * pr.H + h) * pr.Nk + j) * pr.D + d;
+              in.k[at] = d == 0 ? kInfF : kNaN;
+              in.v[at] = d == 1 ? kNaN : (d == 2 ? -kInfF : kInfF);
+            }
+          }
+    CHECK(padded > 0);
+    const Result clean = run_checked(pr, clean_in), got = run_checked(pr, in);
+    if (clean.forward_err != 0 || clean.backward_err != 0 || got.forward_err != 0 || got.backward_err != 0) continue;
+    const std::string name = pr.name() + ", NaN / inf at masked keys";
+    expect_only_at(got.out, clean.out, no_bad_q, name + ": out");
+    expect_only_at(got.lse, clean.lse, no_bad_lse, name + ": lse");
+    expect_only_at(got.dq, clean.dq, no_bad_q, name + ": grad_q");
+    expect_only_at(got.dk, clean.dk, no_bad_k, name + ": grad_k");
+    expect_only_at(got.dv, clean.dv, no_bad_k, name + ": grad_v");
+    expect_only_at(got.dbias, clean.dbias, no_bad_bias, name + ": grad_bias");
+    for (int b = 0; b < pr.B; ++b)
+      for (int j = 0; j < pr.Nk; ++j) {
+        if (in.mask[size_t(b) * pr.Nk + j]) continue;
+        for (int h = 0; h < pr.H; ++h)
+          for (int d = 0; d < pr.D; ++d) {
+            const size_t at = ((size_t(b) * pr.H + h) * pr.Nk + j) * pr.D + d;
+            EXPECT_TRUE(got.dk[at] == 0.f && got.dv[at] == 0.f);
+          }
+      }
+  }
+}
+
 AF2_TEST_MAIN()

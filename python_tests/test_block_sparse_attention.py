@@ -839,10 +839,20 @@ def test_corrupt_row_index_cpu(case):
     _check_corrupt_row_index("cpu", case)
 
 
+# On CUDA the raw op trusts its index: validating it would cost a host sync on every call, and the public op
+# builds the index itself (ops.layout_index). The kernels still never read through an entry out of range: such
+# calls complete without a memory error (compute-sanitizer's memcheck checks the same in cuda_tests).
+MEMORY_SAFE_CASES = ["count_negative", "count_above_blocks", "index_out_of_range", "index_negative", "index_huge"]
+
+
 @cuda_test
-@pytest.mark.parametrize("case", list(CORRUPT_ROW_INDEX))
-def test_corrupt_row_index_cuda(case):
-    _check_corrupt_row_index("cuda", case)
+@pytest.mark.parametrize("case", MEMORY_SAFE_CASES)
+def test_corrupt_row_index_memory_safe_cuda(case):
+    args = _corrupt_base("cuda")
+    CORRUPT_ROW_INDEX[case](args)
+    out, lse = torch.ops.af2_ext.block_sparse_attention_forward.default(**args)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all(), "a skipped entry must not bring garbage into the output"
 
 
 CORRUPT_COL_INDEX = {  # col_count is (2, 2), col_index (2, 2, 3)
@@ -868,10 +878,6 @@ def test_corrupt_col_index_backward_cpu(case):
     _check_corrupt_col_index_backward("cpu", case)
 
 
-@cuda_test
-@pytest.mark.parametrize("case", list(CORRUPT_COL_INDEX))
-def test_corrupt_col_index_backward_cuda(case):
-    _check_corrupt_col_index_backward("cuda", case)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1121,3 +1127,353 @@ def test_double_backward_refused(device):
     (grad_q,) = torch.autograd.grad(ref.square().sum(), diff["q"], create_graph=True)
     (second,) = torch.autograd.grad(grad_q.sum(), diff["k"])
     assert second.abs().sum() > 0, "the reference's second-order gradient is not zero"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Non-finite values: a NaN or inf reaches exactly the outputs and gradients it touches (kernel = reference);
+# whatever a masked pair or padded position holds never reaches anything
+# ----------------------------------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _nonfinite_base(device, dtype=torch.float32, seed=60) -> dict:
+    """B=2, H=2, Nq=45, Nk=37 in blocks of 16 (partial tails), a key padding mask, a (1, 2) bias; query block 2
+    (rows 32..44) sees nothing, so that some rows stay empty whatever the scale."""
+    return _inputs(device, dtype, B=2, H=2, Nq=45, Nk=37, D=16, mask=True, bias=(1, 2), empty_rows=(2,), seed=seed)
+
+
+def _visible(inputs: dict) -> torch.Tensor:
+    """(B, H, Nq, Nk) bool on the CPU: the pairs the layout computes and the key padding mask keeps."""
+    q, k = inputs["q"], inputs["k"]
+    B, H, Nq, _ = q.shape
+    vis = layouts.to_mask(inputs["layout"].cpu(), inputs["block_size"], Nq, k.shape[2]).unsqueeze(0)
+    if inputs["key_padding_mask"] is not None:
+        vis = vis & inputs["key_padding_mask"].cpu()[:, None, None, :]
+    return vis.expand(B, H, -1, -1)
+
+
+def _edited(inputs: dict, **edits) -> dict:
+    """A copy of ``inputs`` whose tensors ``name`` are detached clones changed in place by ``edits[name](t)``."""
+    new = dict(inputs)
+    for name, edit in edits.items():
+        t = inputs[name].detach().clone()
+        edit(t)
+        new[name] = t.requires_grad_(inputs[name].requires_grad)
+    return new
+
+
+def _put(index, value):
+    """An edit for :func:`_edited`: t[index] = value."""
+    return lambda t: t.__setitem__(index, value)
+
+
+def _reference_run(inputs: dict, scale=None) -> tuple[torch.Tensor, dict]:
+    diff, rest = _split(inputs)
+    return helpers.forward_backward(reference.block_sparse_attention_ref, diff, _grad_out(inputs),
+                                    dtype=helpers.oracle_dtype(inputs["q"].dtype), **rest, scale=scale)
+
+
+def _assert_nonfinite_at(name: str, got: torch.Tensor, where: torch.Tensor) -> None:
+    """got is non-finite exactly where ``where`` is True."""
+    bad = ~torch.isfinite(got).cpu()
+    wrong = bad != where.cpu()
+    assert not wrong.any(), (
+        f"{name}: non-finite at {int(bad.sum())} places, expected {int(where.sum())}; "
+        f"{int((bad & ~where.cpu()).sum())} unexpected, {int((~bad & where.cpu()).sum())} missing, first wrong at "
+        f"{tuple(wrong.nonzero()[0].tolist())}")
+
+
+def _assert_finite_equal(name: str, got: torch.Tensor, clean: torch.Tensor) -> None:
+    """Where got is finite it equals the run without the non-finite inputs, bit for bit."""
+    finite = torch.isfinite(got)
+    assert torch.equal(got[finite], clean[finite]), (
+        f"{name}: finite entries differ from the run without the non-finite inputs by up to "
+        f"{helpers.max_abs_err(got[finite], clean[finite]):.3g}")
+
+
+def _assert_nonfinite_like_reference(inputs: dict, out: torch.Tensor, grads: dict, *, scale=None, clean=None,
+                                     expect=None, label: str = "") -> None:
+    """The kernel's (out, grads) on ``inputs``, which hold NaN/inf somewhere, against the reference: the same
+    non-finite pattern for the output and every gradient (where exactly NaN or +-inf appears may differ), the
+    places ``expect`` (name -> bool mask, "out" or a gradient name) pins; where finite, the values match the
+    reference's (fp32 / fp64) and, given ``clean`` (the kernel's (out, grads) without the non-finite inputs, for
+    cases where they touch nothing else), equal those bit for bit."""
+    ref, ref_grads = _reference_run(inputs, scale)
+    results = {"out": (out, ref), **{name: (grads[name], ref_grads[name]) for name in grads}}
+    assert set(grads) == set(ref_grads), f"{label}gradients {sorted(grads)} != reference {sorted(ref_grads)}"
+    for name, (got, want) in results.items():
+        _assert_nonfinite_at(f"{label}{name} (the reference's pattern)", got, ~torch.isfinite(want))
+        if expect is not None and name in expect:
+            _assert_nonfinite_at(f"{label}{name} (expected pattern)", got, expect[name])
+        if got.dtype not in helpers.LOW_PRECISION:
+            finite = torch.isfinite(got)
+            helpers.assert_matches(f"{label}{name} where finite", torch.where(finite, got, 0),
+                                   torch.where(finite.to(want.device), want, 0).to(got.device),
+                                   kind="out" if name == "out" else "grad")
+    if clean is not None:
+        clean_out, clean_grads = clean
+        _assert_finite_equal(f"{label}out", out, clean_out)
+        for name in grads:
+            _assert_finite_equal(f"{label}grad {name}", grads[name], clean_grads[name])
+
+
+def _rows_expect(inputs: dict, rows: torch.Tensor) -> torch.Tensor:
+    """(B, H, Nq, D) bool: whole query rows (a (B, H, Nq) mask)."""
+    return rows[..., None].expand(*inputs["q"].shape)
+
+
+def _case_nan_q_row(inputs):
+    b, h, i = 0, 1, 5
+    vis = _visible(inputs)
+    assert vis[b, h, i].any(), "query row 5 must see a key (test is vacuous)"
+    rows = torch.zeros(vis.shape[:3], dtype=torch.bool)
+    rows[b, h, i] = True
+    keys = torch.zeros(inputs["k"].shape, dtype=torch.bool)
+    keys[b, h] = vis[b, h, i][:, None]
+    bias = torch.zeros(inputs["bias"].shape, dtype=torch.bool)
+    bias[0, h, i] = vis[b, h, i]  # the (1, 2) bias is shared by both batch rows
+    expect = {"out": _rows_expect(inputs, rows), "q": _rows_expect(inputs, rows), "k": keys, "v": keys, "bias": bias}
+    return _edited(inputs, q=_put((b, h, i, 3), NAN)), None, expect
+
+
+def _key_rows(inputs, b, h, j):
+    """Query rows of (b, h) that see key j (a (B, H, Nq) mask)."""
+    vis = _visible(inputs)
+    assert vis[b, h, :, j].any() and not vis[b, h, :, j].all(), "key j must be seen by some rows, not all"
+    rows = torch.zeros(vis.shape[:3], dtype=torch.bool)
+    rows[b, h] = vis[b, h, :, j]
+    return rows
+
+
+def _case_k(value):
+    def case(inputs):
+        b, h, j = 1, 0, 0  # key 0 is never padded
+        # NaN: every row that sees the key; +-inf: the rows where q·k is +inf (those where it is -inf mask the key)
+        expect = {"out": _rows_expect(inputs, _key_rows(inputs, b, h, j))} if value != value else None
+        return _edited(inputs, k=_put((b, h, j, 2), value)), None, expect
+    return case
+
+
+def _case_v(value):
+    def case(inputs):
+        b, h, j, d = 0, 0, 0, 4
+        out = torch.zeros(inputs["q"].shape, dtype=torch.bool)
+        out[..., d] = _key_rows(inputs, b, h, j)
+        return _edited(inputs, v=_put((b, h, j, d), value)), None, {"out": out}
+    return case
+
+
+def _case_nan_bias(inputs):
+    h = 1
+    vis = _visible(inputs)
+    i, j = vis[:, h].all(0).nonzero()[0].tolist()  # a pair both batch rows see: the (1, 2) bias serves both
+    rows = torch.zeros(vis.shape[:3], dtype=torch.bool)
+    rows[:, h, i] = True
+    return _edited(inputs, bias=_put((0, h, i, j), NAN)), None, {"out": _rows_expect(inputs, rows)}
+
+
+def _case_neg_inf_bias_nan_v(inputs):
+    """A pair masked by a -inf bias whose key's v holds a NaN: the pair's probability and logit gradient are 0, but
+    (unlike a pair the layout or the key padding mask removes) its terms still meet in the products: 0 * NaN."""
+    h, j = 1, 0
+    vis = _visible(inputs)
+    i = int(vis[:, h, :, j].all(0).nonzero()[0])
+    inputs = _edited(inputs, bias=_put((0, h, i, j), -INF))
+    return _edited(inputs, v=_put((slice(None), h, j, 2), NAN)), None, None
+
+
+def _case_scale(value):
+    def case(inputs):
+        seen = _visible(inputs).any(-1)
+        assert seen.any() and not seen.all(), "some rows must see keys, some none"
+        expect = {"out": _rows_expect(inputs, seen)} if value != INF else None
+        return inputs, value, expect
+    return case
+
+
+# name -> inputs -> (inputs with non-finite entries, scale, expected non-finite places or None)
+NONFINITE_CASES = {
+    "nan_q_row": _case_nan_q_row,
+    "nan_k": _case_k(NAN),
+    "inf_k": _case_k(INF),
+    "neg_inf_k": _case_k(-INF),
+    "nan_v": _case_v(NAN),
+    "inf_v": _case_v(INF),
+    "nan_bias": _case_nan_bias,
+    "neg_inf_bias_nan_v": _case_neg_inf_bias_nan_v,
+    "nan_scale": _case_scale(NAN),
+    "inf_scale": _case_scale(INF),
+}
+# Whose non-finite inputs touch nothing but what goes non-finite: elsewhere the run equals the clean one.
+NONFINITE_LOCAL = ("nan_q_row", "nan_k", "nan_v", "inf_v", "nan_bias")
+
+
+def _check_nonfinite(device, dtype, case):
+    base = _nonfinite_base(device, dtype)
+    inputs, scale, expect = NONFINITE_CASES[case](base)
+    out, grads = _run_kernel(inputs, scale=scale)
+    clean = _run_kernel(base) if case in NONFINITE_LOCAL else None
+    assert not torch.isfinite(out).all(), "the non-finite input must reach the output (test is vacuous)"
+    _assert_nonfinite_like_reference(inputs, out, grads, scale=scale, clean=clean, expect=expect,
+                                      label=f"[{case}, {dtype}] ")
+    empty = ~_visible(inputs).any(-1)  # rows with no visible key stay exactly zero whatever else is NaN
+    assert torch.count_nonzero(out.cpu()[empty]) == 0 and torch.count_nonzero(grads["q"].cpu()[empty]) == 0
+    # The bias gradient of a masked pair is exactly zero, also in a NaN row: masked in both batch rows the (1, 2)
+    # bias serves, by the layout, the key padding mask or a -inf bias.
+    masked = (~_visible(inputs) | torch.isneginf(inputs["bias"].detach().cpu())).all(0, keepdim=True)
+    assert torch.count_nonzero(grads["bias"].cpu()[masked]) == 0, "grad bias of masked pairs must be exactly zero"
+
+
+# bf16: the NaN cases (inf in a key or the scale depends on the sign of q·k, which bf16 rounding may flip).
+NONFINITE_PARAMS = [(torch.float32, case) for case in NONFINITE_CASES] + \
+                   [(torch.bfloat16, case) for case in NONFINITE_CASES if case.startswith("nan")]
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtype, case", NONFINITE_PARAMS, ids=lambda x: str(x).replace("torch.", ""))
+def test_nonfinite_reaches_what_it_touches(device, dtype, case):
+    helpers.require_device(device, "block_sparse_attention_forward")
+    _check_nonfinite(device, dtype, case)
+
+
+def _poison_masked(inputs: dict) -> dict:
+    """NaN / inf in everything a masked pair or padded key holds: k, v and the bias of key-padded keys (inside
+    visited blocks), of the keys of a block no query block visits, and the bias outside the layout."""
+    kpm = inputs["key_padding_mask"].cpu()
+    layout = inputs["layout"].cpu()
+    Nq, Nk, bs = inputs["q"].shape[2], inputs["k"].shape[2], inputs["block_size"]
+    inside = layouts.to_mask(layout, bs, Nq, Nk)  # [H, Nq, Nk]
+    unvisited = ~layout.any(0).any(0)  # key blocks no query block of any head visits
+    assert unvisited.any() and (~kpm).any(), "the layout must leave a key block unvisited and the mask pad a key"
+    dead = ~kpm.clone()  # [B, Nk] keys nobody sees
+    for blk in unvisited.nonzero().flatten().tolist():
+        dead[:, blk * bs:(blk + 1) * bs] = True
+    dev = inputs["q"].device
+    dead_keys = dead.to(dev)[:, None, :, None]  # [B, 1, Nk, 1]
+
+    def poison(value, column_values):
+        def edit(t):
+            t.masked_fill_(dead_keys, value)
+            for d, other in column_values:  # a few columns of other non-finite values
+                t[..., d].masked_fill_(dead_keys[..., 0], other)
+        return edit
+
+    def poison_bias(t):
+        t.masked_fill_((~inside).unsqueeze(0).to(dev), NAN)
+        t.masked_fill_(dead.all(0)[None, None, None, :].to(dev), INF)  # the (1, H) bias serves both batch rows
+    return _edited(inputs, k=poison(NAN, [(0, INF), (1, -INF)]), v=poison(INF, [(1, NAN), (2, -INF)]),
+                   bias=poison_bias)
+
+
+def _masked_base(device, dtype):
+    layout = helpers.random_layout(2, 3, 3, seed=62)
+    layout[:, :, 1] = False  # key block 1 (keys 16..31) is never visited
+    layout[:, :, 0] = True
+    inputs = _inputs(device, dtype, B=2, H=2, Nq=45, Nk=37, D=16, mask=True, bias=(1, 2), layout=layout, seed=62)
+    kpm = inputs["key_padding_mask"].clone()
+    kpm[:, 3] = False  # padded keys inside visited blocks 0 and 2 ...
+    kpm[:, 35] = False
+    kpm[1, 33:] = False  # ... and a shorter second sequence: its padded tail
+    inputs["key_padding_mask"] = kpm
+    return inputs
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_nonfinite_changes_nothing(device, dtype):
+    """NaN / inf in the k, v and bias of masked keys (padded inside a visited block, or in a block nobody visits)
+    and in the bias outside the layout: the output and every gradient are finite and equal, bit for bit, to the
+    run without them; the masked entries' gradients are exactly zero."""
+    helpers.require_device(device, "block_sparse_attention_forward")
+    base = _masked_base(device, dtype)
+    inputs = _poison_masked(base)
+    out, grads = _run_kernel(inputs)
+    clean_out, clean_grads = _run_kernel(base)
+    assert torch.equal(out, clean_out), f"out changed by up to {helpers.max_abs_err(out, clean_out):.3g}"
+    for name in grads:
+        assert torch.equal(grads[name], clean_grads[name]), \
+            f"grad {name} changed by up to {helpers.max_abs_err(grads[name], clean_grads[name]):.3g}"
+    ref, ref_grads = _reference_run(inputs)
+    clean_ref, clean_ref_grads = _reference_run(base)
+    torch.testing.assert_close(ref, clean_ref, atol=0, rtol=0, msg=lambda m: f"reference out: {m}")
+    for name in ref_grads:
+        torch.testing.assert_close(ref_grads[name], clean_ref_grads[name], atol=0, rtol=0,
+                                   msg=lambda m, n=name: f"reference grad {n}: {m}")
+    _assert_like_reference(base, clean_out, clean_grads)
+    dead = ~_visible(inputs).any(2)  # [B, H, Nk]: keys no query sees
+    assert dead.any()
+    for name in ("k", "v"):
+        assert torch.count_nonzero(grads[name].cpu()[dead]) == 0, f"grad {name} of masked keys must be exactly zero"
+    hidden = ~_visible(inputs)[:1]  # the (1, 2) bias: pairs batch row 0 cannot see ...
+    hidden = hidden & ~_visible(inputs)[1:]  # ... nor batch row 1
+    assert torch.count_nonzero(grads["bias"].cpu()[hidden]) == 0, "grad bias of masked pairs must be exactly zero"
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_storage_past_the_ends_is_never_read(device, dtype):
+    """q, k, v and grad_out as views into NaN-filled storage (rows past Nq / Nk, columns past D): nothing of it
+    reaches the output or a gradient; the results equal the contiguous run bit for bit."""
+    helpers.require_device(device, "block_sparse_attention_forward")
+    base = _nonfinite_base(device, dtype, seed=63)
+    inputs = dict(base)
+    for name in ("q", "k", "v"):
+        t = base[name].detach()
+        B, H, N, D = t.shape
+        storage = torch.full((B, N + 9, H, D + 8), NAN, dtype=dtype, device=device)
+        view = storage.transpose(1, 2)[:, :, :N, :D]
+        view.copy_(t)
+        inputs[name] = view.requires_grad_()
+    out, grads = _run_kernel(inputs)
+    clean_out, clean_grads = _run_kernel(base)
+    assert torch.equal(out, clean_out), f"out differs by up to {helpers.max_abs_err(out, clean_out):.3g}"
+    for name in grads:
+        assert torch.equal(grads[name], clean_grads[name]), f"grad {name} differs"
+
+
+ISA_NONFINITE_CHILD = r"""
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import test_block_sparse_attention as t
+results = {}
+for case in ("nan_q_row", "nan_v", "inf_k", "nan_scale"):
+    base = t._nonfinite_base("cpu")
+    inputs, scale, expect = t.NONFINITE_CASES[case](base)
+    results[case] = (inputs, scale, expect, t._run_kernel(inputs, scale=scale), t._run_kernel(base))
+masked = t._masked_base("cpu", torch.float32)
+poisoned = t._poison_masked(masked)
+results["masked"] = (poisoned, None, None, t._run_kernel(poisoned), t._run_kernel(masked))
+torch.save({"isa": torch.ops.af2_ext.cpu_isa(), "results": results}, sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_isa_variants_nonfinite_cpu(tmp_path):
+    """The non-finite semantics under every instruction set the CPU kernels dispatch to (AF2_EXT_CPU_ISA)."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    children = {}
+    for isa in ("avx2", "generic"):
+        env = {**os.environ, "AF2_EXT_CPU_ISA": isa, "OMP_NUM_THREADS": "1"}
+        path = tmp_path / f"{isa}.pt"
+        proc = subprocess.Popen([sys.executable, "-c", ISA_NONFINITE_CHILD, tests_dir, str(path)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        children[isa] = (proc, path)
+    runs = {}
+    for isa, (proc, path) in children.items():
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"AF2_EXT_CPU_ISA={isa} child failed (rc {proc.returncode}):\n{output}"
+        saved = torch.load(path, weights_only=False)
+        assert ISA_RANK[saved["isa"]] <= ISA_RANK[isa], f"asked for {isa}, cpu_isa() reports {saved['isa']}"
+        runs[isa] = saved["results"]
+    for isa, results in runs.items():
+        for case, (inputs, scale, expect, (out, grads), (clean_out, clean_grads)) in results.items():
+            label = f"[AF2_EXT_CPU_ISA={isa}, {case}] "
+            if case == "masked":
+                assert torch.equal(out, clean_out), f"{label}out changed"
+                for name in grads:
+                    assert torch.equal(grads[name], clean_grads[name]), f"{label}grad {name} changed"
+                continue
+            clean = (clean_out, clean_grads) if case in NONFINITE_LOCAL else None
+            _assert_nonfinite_like_reference(inputs, out, grads, scale=scale, clean=clean, expect=expect, label=label)

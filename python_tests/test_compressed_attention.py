@@ -603,3 +603,144 @@ def test_double_backward_refused(device):
     out = _call(ops.compressed_attention)(**diff, **rest, impl="kernel")
     with pytest.raises(RuntimeError, match="second-order gradients"):
         torch.autograd.grad(out.square().sum(), diff["weight"], create_graph=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Non-finite values: a NaN in the weight, bias, k or v before compression reaches exactly what it touches (kernel =
+# reference); a compressed position whose inputs are all padding is masked, whatever they hold
+# ----------------------------------------------------------------------------------------------------------
+
+NAN = float("nan")
+
+
+def _edited(inputs: dict, name: str, index, value) -> dict:
+    new = dict(inputs)
+    t = inputs[name].detach().clone()
+    t[index] = value
+    new[name] = t.requires_grad_(inputs[name].requires_grad)
+    return new
+
+
+def _heads(B, H, Nq, D, *cells) -> torch.Tensor:
+    """(B, H, Nq, D) bool: True in the (b, h) cells given."""
+    where = torch.zeros(B, H, Nq, D, dtype=torch.bool)
+    for b, h in cells:
+        where[b, h] = True
+    return where
+
+
+# name -> (tensor, index, expected non-finite (b, h) of the output). Nk = 37, ratio 3: the last window holds one
+# key and two zero-padding positions, so tap 1 of the weight multiplies padding there (0 * NaN is NaN, as conv1d).
+NONFINITE_COMPRESSED = {
+    "nan_weight": ("weight", (0 * 16 + 2, 5, 1), [(0, 0), (1, 0)]),
+    "nan_conv_bias": ("bias", 1 * 16 + 3, [(0, 1), (1, 1)]),
+    "nan_k": ("k", (1, 1, 0, 4), [(1, 1)]),  # key 0 is never padded
+    "nan_v": ("v", (1, 0, 0, 4), [(1, 0)]),
+}
+
+
+def _assert_nonfinite_pattern(name, got, ref):
+    bad, want = ~torch.isfinite(got).cpu(), ~torch.isfinite(ref).cpu()
+    wrong = bad != want
+    assert not wrong.any(), (f"{name}: non-finite at {int(bad.sum())} places, the reference at {int(want.sum())}; "
+                             f"first difference at {tuple(wrong.nonzero()[0].tolist())}")
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", sorted(NONFINITE_COMPRESSED))
+def test_nonfinite_before_compression(device, dtype, case):
+    """kc, vc, the output and every gradient are non-finite exactly where the reference's are; where finite, the
+    values match it (fp32). The compression kernels used to be followed by attention kernels that dropped a NaN key
+    (its row came out finite)."""
+    helpers.require_device(device, OP)
+    base = _inputs(device, dtype, B=2, H=2, Nq=40, Nk=37, D=16, ratio=3, mask=True, seed=70)
+    name, index, cells = NONFINITE_COMPRESSED[case]
+    inputs = _edited(base, name, index, NAN)
+    diff, rest = _split(inputs)
+    kc, vc = ops.kv_compress(inputs["k"], inputs["v"], inputs["weight"], inputs["bias"], 3, impl="kernel")
+    ref_kc, ref_vc = reference.kv_compress_ref(*(inputs[n].detach().to(helpers.oracle_dtype(dtype))
+                                                 for n in ("k", "v", "weight", "bias")), 3)
+    _assert_nonfinite_pattern(f"[{case}] kc", kc, ref_kc)
+    _assert_nonfinite_pattern(f"[{case}] vc", vc, ref_vc)
+    out, grads = _run_kernel(inputs)
+    ref, ref_grads = helpers.forward_backward(_call(reference.compressed_attention_ref), diff, _grad_out(inputs),
+                                              dtype=helpers.oracle_dtype(dtype), **rest)
+    expect = _heads(2, 2, 40, 16, *cells)
+    _assert_nonfinite_pattern(f"[{case}] out (expected)", out, expect.float().masked_fill(expect, NAN))
+    for label, got, want in [("out", out, ref), *((f"grad {n}", grads[n], ref_grads[n]) for n in grads)]:
+        _assert_nonfinite_pattern(f"[{case}] {label}", got, want)
+        if dtype not in helpers.LOW_PRECISION:
+            finite = torch.isfinite(got)
+            helpers.assert_matches(f"[{case}] {label} where finite", torch.where(finite, got, 0),
+                                   torch.where(finite, want.to(got.device), 0).to(got.dtype),
+                                   kind="out" if label == "out" else "grad")
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fully_padded_window_content_does_not_matter(device, dtype):
+    """NaN / inf in k and v at padded keys whose whole compression window is padding (window 3 of batch row 0, and
+    the last, partial window of batch row 1): the compressed position is masked, and the output and the gradients
+    of q, k, v and the convolution bias equal the clean run's bit for bit. (The weight gradient is not compared: the
+    convolution's gradient multiplies those inputs by the masked position's zero gradient.)"""
+    helpers.require_device(device, OP)
+    base = _inputs(device, dtype, B=2, H=2, Nq=40, Nk=37, D=16, ratio=3, mask=True, seed=71)
+    kpm = base["key_padding_mask"].clone()
+    kpm[0, 9:12] = False
+    kpm[1, 36] = False
+    base["key_padding_mask"] = kpm
+    base["weight"] = base["weight"].detach()  # no weight gradient (see above)
+    inputs = dict(base)
+    for name, value in (("k", NAN), ("v", float("inf"))):
+        t = base[name].detach().clone()
+        t[0, :, 9:12] = value
+        t[1, :, 36] = -value
+        inputs[name] = t.requires_grad_()
+    out, grads = _run_kernel(inputs)
+    clean_out, clean_grads = _run_kernel(base)
+    assert torch.equal(out, clean_out), f"out changed by up to {helpers.max_abs_err(out, clean_out):.3g}"
+    assert set(grads) == {"q", "k", "v", "bias"}
+    for name in grads:
+        assert torch.equal(grads[name], clean_grads[name]), f"grad {name} changed"
+    diff, rest = _split(inputs)
+    ref, _ = helpers.forward_backward(_call(reference.compressed_attention_ref), diff, None, **rest)
+    clean_diff, _ = _split(base)
+    clean_ref, _ = helpers.forward_backward(_call(reference.compressed_attention_ref), clean_diff, None, **rest)
+    assert torch.equal(ref, clean_ref), "the reference's output changed"
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_padded_inputs_never_reach_the_compression(device):
+    """A padded input inside a partly kept window (and one in a fully padded window) holding NaN / inf changes
+    nothing: the output and every gradient, the convolution's weight included, equal the run with it zeroed."""
+    helpers.require_device(device, "kv_compress_forward")
+    inputs = _inputs(device, B=2, H=2, Nq=20, Nk=24, D=16, ratio=3, seed=61)
+    kpm = torch.ones(2, 24, dtype=torch.bool, device=device)
+    kpm[0, 4] = False          # inside the kept window 3..5
+    kpm[1, 18:21] = False      # the whole window 18..20
+    inputs["key_padding_mask"] = kpm
+    clean = {name: (t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) and t.requires_grad else t)
+             for name, t in inputs.items()}
+    poisoned = {name: (t.detach().clone() if isinstance(t, torch.Tensor) and t.requires_grad else t)
+                for name, t in inputs.items()}
+    for name, value in (("k", float("nan")), ("v", float("inf"))):
+        poisoned[name][0, :, 4] = value
+        poisoned[name][1, :, 18:21] = value
+        clean[name].data[0, :, 4] = 0.0
+        clean[name].data[1, :, 18:21] = 0.0
+    for t in poisoned.values():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            t.requires_grad_()
+    for impl in ("kernel", "reference"):
+        out, grads = _run_kernel(poisoned, impl=impl)
+        want, want_grads = _run_kernel(clean, impl=impl)
+        assert torch.equal(out, want), f"{impl}: the padded inputs changed the output"
+        for name in grads:
+            g, w = grads[name], want_grads[name]
+            if name in ("k", "v"):  # the padded rows get no gradient at all
+                assert torch.equal(g[0, :, 4], torch.zeros_like(g[0, :, 4])), f"{impl}: grad {name} at padding"
+                g, w = g.clone(), w.clone()
+                g[0, :, 4] = w[0, :, 4] = 0
+                g[1, :, 18:21] = w[1, :, 18:21] = 0
+            assert torch.equal(g, w), f"{impl}: grad {name} differs from the run with the padding zeroed"

@@ -320,3 +320,51 @@ def test_torch_compile_forward():
         eager = model(**batch)
         compiled = torch.compile(model)(**batch)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Non-finite inputs: a NaN in a real residue's embedding reaches the whole distogram of its protein under the kernels
+# as under the reference (the kernels used to drop it); one in a padded residue changes nothing for the real ones
+# ----------------------------------------------------------------------------------------------------------
+
+NONFINITE_CONFIGS = ["embedds", "reversible_sparse_embedds"]
+
+
+def _embedds_model(device, name):
+    config = dict(CONFIGS[name])
+    batch = _batch(device, **config.pop("_batch"))
+    torch.manual_seed(0)
+    return Alphafold2(**SMALL, **config).to(device).eval(), batch
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("name", NONFINITE_CONFIGS)
+def test_nan_embedding_poisons_its_protein(device, impl, name):
+    helpers.require_device(device, "kv_compress_forward")
+    model, batch = _embedds_model(device, name)
+    model.set_impl(impl)
+    with torch.no_grad():
+        clean = model(**batch)
+        batch["embedds"][0, 3, 5] = float("nan")  # residue 3 of protein 0 is real
+        logits = model(**batch)
+    assert torch.isnan(logits[0]).all(), f"{int(torch.isfinite(logits[0]).sum())} finite logits of protein 0"
+    assert torch.equal(logits[1], clean[1]), "protein 1 changed"
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("name", NONFINITE_CONFIGS)
+def test_nan_in_a_padded_residue_changes_nothing_real(device, impl, name):
+    helpers.require_device(device, "kv_compress_forward")
+    model, batch = _embedds_model(device, name)
+    model.set_impl(impl)
+    mask = batch["mask"]
+    assert not mask[1, -2], "residue n - 2 of protein 1 is padding"
+    with torch.no_grad():
+        clean = model(**batch)
+        batch["embedds"][1, -2] = float("nan")
+        logits = model(**batch)
+    real = (mask[:, :, None] & mask[:, None, :])  # [b, i, j]
+    helpers.assert_finite("logits of real residue pairs", logits[real])
+    torch.testing.assert_close(logits[real], clean[real], atol=0, rtol=0)

@@ -21,7 +21,8 @@ struct BlockSparseShape {
 };
 
 // CPU kernels work in T = float (fp32/fp16/bf16 inputs, upcast by the binding) or double.
-// mask_add is (B, Nk): 0 for a visible key, -inf for a padded one; nullptr without a key padding mask.
+// mask_add is (B, Nk): 0 for a visible key, -inf for a padded one (read as a flag: the kernels set a padded key's
+// logit to -inf by a select, never by adding it to a score that may be NaN); nullptr without a key padding mask.
 // q, k, v (and grad_out) are read at any {batch, head, row} strides in elements with a contiguous head dim (the
 // (B, N, H, D) storage attention modules produce needs no copy); outputs and workspaces are contiguous.
 template <typename T>
@@ -202,7 +203,7 @@ struct BlockSparseCudaParams {
 inline int64_t block_sparse_bias_grad_splits(const BlockSparseShape& s) {
   if (s.bias_batch <= 0 || s.bias_heads <= 0 || s.num_q_blocks <= 0) return 1;
   constexpr int64_t kTargetCtas = 1024;                        // a few waves on the largest GPUs
-  constexpr int64_t kMaxSplits = 32;                           // bounds the second pass's reads
+  constexpr int64_t kMaxSplits = 128;                          // bounds the second pass's reads
   constexpr int64_t kMaxWorkspaceFloats = int64_t(32) << 20;   // 128 MiB of fp32 copies at most
   const int64_t members = (s.batch / s.bias_batch) * (s.heads / s.bias_heads);
   const int64_t ctas = s.num_q_blocks * s.bias_batch * s.bias_heads;

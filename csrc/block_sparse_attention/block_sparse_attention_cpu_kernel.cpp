@@ -30,7 +30,7 @@ const char* isa_name() {
 int64_t forward_num_tasks(const BlockSparseShape& s) { return s.batch * s.heads * s.num_q_blocks; }
 
 int64_t forward_workspace_elems(const BlockSparseShape& s) {
-  return int64_t(s.block_size) * s.block_size + 2 * s.block_size * s.head_dim + 4 * s.block_size;
+  return int64_t(s.block_size) * s.block_size + 3 * s.block_size * s.head_dim + 4 * s.block_size;
 }
 
 int64_t backward_prepare_num_tasks(const BlockSparseShape& s) { return s.batch * s.heads * s.num_q_blocks; }
@@ -42,7 +42,7 @@ int64_t backward_rows_num_tasks(const BlockSparseShape& s, bool with_grad_bias) 
 int64_t backward_cols_num_tasks(const BlockSparseShape& s) { return s.batch * s.heads * s.num_k_blocks; }
 
 int64_t backward_workspace_elems(const BlockSparseShape& s) {
-  return 2 * int64_t(s.block_size) * s.block_size + 2 * s.block_size * s.head_dim + 2 * s.block_size;
+  return 2 * int64_t(s.block_size) * s.block_size + 3 * s.block_size * s.head_dim + 2 * s.block_size;
 }
 
 template <typename T>

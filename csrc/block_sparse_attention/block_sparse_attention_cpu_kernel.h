@@ -6,6 +6,12 @@
 // lane-wise reduction down the rows of St, vectorised across queries. The only transposes are of the query
 // block (and grad_out block), into the thread's workspace; every product is the `gemm` of cpu_simd.h, whose
 // broadcast operand may be read transposed for free.
+//
+// Non-finite values (the contract of block_sparse_attention_ref): a masked pair (layout, key padding, past the
+// sequence ends) is absent. Padded keys get the logit -inf by a select (an added -inf would keep a NaN), and where a
+// block holds one, the products that would multiply its k or v rows by a zero probability read a copy with those
+// rows zeroed; their own gradients are written as zero. A NaN logit poisons its row: the running max propagates
+// NaN, exp keeps it, and a row counts as empty only when its max is still -inf (never from `sum > 0`).
 
 template <typename T>
 struct Lanes {
@@ -41,7 +47,56 @@ static inline void transpose_block(const T* __restrict src, int64_t ld, int n, i
     for (int d = 0; d < D; ++d) std::fill(dst + d * bs + n, dst + (d + 1) * bs, T(0));
 }
 
-// x[0:n] = exp(x[0:n]) (n a multiple of VL); exp(-inf) = 0.
+// Lane-wise max that propagates a NaN from either operand (V::max returns b when a is NaN): a NaN logit must
+// poison its row's softmax, not vanish from the running max.
+template <typename T, int VL>
+static inline typename Vec<T, VL>::type max_nan(typename Vec<T, VL>::type a, typename Vec<T, VL>::type b) {
+  return Vec<T, VL>::select((a > b) | (a != a), a, b);
+}
+
+// exp lane-wise; exp(-inf) = 0, exp(NaN) = NaN.
+template <typename T, int VL>
+static inline typename Vec<T, VL>::type exp_lanes(typename Vec<T, VL>::type x) {
+  if constexpr (sizeof(T) == 4) {
+    return vexp<VL>(x);
+  } else {
+    for (int l = 0; l < VL; ++l) x[l] = std::exp(x[l]);
+    return x;
+  }
+}
+
+// Gradient of a scaled product: a zero stays zero whatever the scale (an infinite scale must not turn the zero
+// gradient of a row with no visible key into NaN).
+template <typename T>
+static inline T scaled_grad(T g, T scale) {
+  return g == T(0) ? T(0) : g * scale;
+}
+
+// The logit scale is folded into the query block when finite; an infinite one is applied to the scores after the
+// product, as (q·k) * scale (folded, inf * q_d terms of both signs would add up to NaN).
+template <typename T>
+static inline bool fold_scale(T scale) {
+  return std::isfinite(scale);
+}
+
+// dst (n x D, contiguous) = the n rows of src (row stride ld), rows whose key is padded (mask_add != 0) zeroed.
+// Returns false, copying nothing, when none of the n keys is padded.
+template <typename T>
+static inline bool stage_unpadded_rows(const T* src, int64_t ld, int n, int D, const T* mask_add, T* dst) {
+  if (mask_add == nullptr) return false;
+  bool any = false;
+  for (int j = 0; j < n; ++j) any |= mask_add[j] != T(0);
+  if (!any) return false;
+  for (int j = 0; j < n; ++j) {
+    if (mask_add[j] != T(0))
+      std::fill(dst + j * D, dst + (j + 1) * D, T(0));
+    else
+      std::copy(src + j * ld, src + j * ld + D, dst + j * D);
+  }
+  return true;
+}
+
+// x[0:n] = exp(x[0:n]) (n a multiple of VL); exp(-inf) = 0, exp(NaN) = NaN.
 template <typename T, int VL>
 static inline void exp_inplace(T* x, int n) {
   if constexpr (sizeof(T) == 4) {
@@ -58,32 +113,20 @@ static inline void scale_row(T* x, int n, T a) {
   for (int j = 0; j < n; j += VL) V::store(x + j, V::load(x + j) * a);
 }
 
-// St (cols x bs, keys x queries) += bias and the key padding mask; rows of the query block past its end are
-// left alone (their probabilities are discarded or forced to 0 by lse = +inf).
+// St (cols x bs, keys x queries) *= scale where it was not folded into Q, += bias, and = -inf (a select: whatever
+// the score) for padded keys; rows of the query block past its end get no bias (their probabilities are
+// discarded or forced to 0 by lse = +inf).
 template <typename T, int VL>
-static inline void add_bias_mask(T* St, int cols, int rows, int bs, const T* bias, int64_t ld_bias,
+static inline void finish_logits(T* St, int cols, int rows, int bs, T scale, const T* bias, int64_t ld_bias,
                                  const T* mask_add) {
-  typedef Vec<T, VL> V;
+  if (!fold_scale(scale))
+    for (int j = 0; j < cols; ++j) scale_row<T, VL>(St + j * bs, bs, scale);
   if (bias != nullptr)
     for (int i = 0; i < rows; ++i)
       for (int j = 0; j < cols; ++j) St[j * bs + i] += bias[i * ld_bias + j];
   if (mask_add != nullptr)
-    for (int j = 0; j < cols; ++j) {
-      if (mask_add[j] == T(0)) continue;
-      const typename V::type mv = V::broadcast(mask_add[j]);
-      for (int i = 0; i < bs; i += VL) V::store(St + j * bs + i, V::load(St + j * bs + i) + mv);
-    }
-}
-
-// P = exp(St - lse) in place, lse per query (column).
-template <typename T, int VL>
-static inline void probabilities(T* St, int cols, int bs, const T* lse) {
-  typedef Vec<T, VL> V;
-  for (int j = 0; j < cols; ++j) {
-    T* sj = St + j * bs;
-    for (int i = 0; i < bs; i += VL) V::store(sj + i, V::load(sj + i) - V::load(lse + i));
-    exp_inplace<T, VL>(sj, bs);
-  }
+    for (int j = 0; j < cols; ++j)
+      if (mask_add[j] != T(0)) std::fill(St + j * bs, St + (j + 1) * bs, neg_inf<T>());
 }
 
 // Keys per step of the forward's online softmax: block_size 128 takes two steps per block, keeping its scores
@@ -106,6 +149,8 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
   T* l = m + bs;           // running sum per query
   T* alpha = l + bs;       // rescale of the running state per query
   T* block_sum = alpha + bs;
+  T* Vs = block_sum + bs;  // kKeyChunk x D: a chunk of V with the rows of padded keys zeroed, when it has some
+  const T fold = fold_scale(p.scale) ? p.scale : T(1);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t qb = t % nqb, bh = t / nqb, b = bh / s.heads, h = bh % s.heads;
     const int64_t hl = s.layout_heads == 1 ? 0 : h;
@@ -117,7 +162,7 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
     const T* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
     const T* bias = bias_block(s, p.bias, b, h);
     if (bias != nullptr) bias += r0 * s.seq_k;
-    transpose_block(head_rows(p.q, p.q_stride, b, h) + r0 * p.q_stride[2], p.q_stride[2], rows, D, p.scale, Qt, bs);
+    transpose_block(head_rows(p.q, p.q_stride, b, h) + r0 * p.q_stride[2], p.q_stride[2], rows, D, fold, Qt, bs);
     std::fill(m, m + bs, neg_inf<T>());
     std::fill(l, l + bs, T(0));
     std::fill(acc, acc + bs * D, T(0));
@@ -131,24 +176,26 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
         const int64_t c0 = block_start + chunk;
         const int cols = std::min(kKeyChunk, block_cols - chunk);
         gemm<T, VL>(cols, bs, D, Kn + c0 * ldk, ldk, 1, Qt, bs, St, bs, false);
-        add_bias_mask<T, VL>(St, cols, rows, bs, bias ? bias + c0 : nullptr, s.seq_k, mask ? mask + c0 : nullptr);
+        finish_logits<T, VL>(St, cols, rows, bs, p.scale, bias ? bias + c0 : nullptr, s.seq_k,
+                             mask ? mask + c0 : nullptr);
         const vec ninf = V::broadcast(neg_inf<T>()), zero = V::broadcast(T(0));
         for (int i = 0; i < bs; i += VL) {
           // Four independent chains down the column strip hide the latency of max and add.
           vec mx0 = V::load(St + i), mx1 = mx0, mx2 = mx0, mx3 = mx0;
           int j = 1;
           for (; j + 4 <= cols; j += 4) {
-            mx0 = V::max(mx0, V::load(St + j * bs + i));
-            mx1 = V::max(mx1, V::load(St + (j + 1) * bs + i));
-            mx2 = V::max(mx2, V::load(St + (j + 2) * bs + i));
-            mx3 = V::max(mx3, V::load(St + (j + 3) * bs + i));
+            mx0 = max_nan<T, VL>(mx0, V::load(St + j * bs + i));
+            mx1 = max_nan<T, VL>(mx1, V::load(St + (j + 1) * bs + i));
+            mx2 = max_nan<T, VL>(mx2, V::load(St + (j + 2) * bs + i));
+            mx3 = max_nan<T, VL>(mx3, V::load(St + (j + 3) * bs + i));
           }
-          for (; j < cols; ++j) mx0 = V::max(mx0, V::load(St + j * bs + i));
-          const vec mx = V::max(V::max(mx0, mx1), V::max(mx2, mx3));
+          for (; j < cols; ++j) mx0 = max_nan<T, VL>(mx0, V::load(St + j * bs + i));
+          const vec mx = max_nan<T, VL>(max_nan<T, VL>(mx0, mx1), max_nan<T, VL>(mx2, mx3));
           const vec m_old = V::load(m + i);
-          vec m_new = V::max(m_old, mx);
+          vec m_new = max_nan<T, VL>(m_old, mx);
           V::store(m + i, m_new);
-          // A query with nothing visible yet subtracts 0 instead of -inf: its probabilities stay exactly 0.
+          // A query with nothing visible yet subtracts 0 instead of -inf: its probabilities stay exactly 0. A NaN
+          // max stays NaN: alpha and every probability of the row become NaN.
           m_new = V::select(m_new == ninf, zero, m_new);
           V::store(alpha + i, m_old - m_new);
           if constexpr (sizeof(T) == 4) {  // exp, store and sum in one pass over the column strip
@@ -183,17 +230,25 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
           V::store(l + i, V::load(l + i) * V::load(alpha + i) + V::load(block_sum + i));
         for (int i = 0; i < rows; ++i)
           if (alpha[i] != T(1)) scale_row<T, VL>(acc + i * D, D, alpha[i]);
-        // acc (rows x D) += P (rows x cols) * V (cols x D); P is read out of St transposed.
-        gemm<T, VL>(rows, D, cols, St, 1, bs, Vn + c0 * ldv, ldv, acc, D, true);
+        // acc (rows x D) += P (rows x cols) * V (cols x D); P is read out of St transposed. A padded key's
+        // probability is 0, but 0 * (a NaN or inf in its v) would not be: such chunks read V with those rows zeroed.
+        const T* Vc = Vn + c0 * ldv;
+        int64_t ldvc = ldv;
+        if (stage_unpadded_rows(Vc, ldv, cols, D, mask ? mask + c0 : nullptr, Vs)) {
+          Vc = Vs;
+          ldvc = D;
+        }
+        gemm<T, VL>(rows, D, cols, St, 1, bs, Vc, ldvc, acc, D, true);
       }
     }
     T* O = p.out + (bh * s.seq_q + r0) * D;
     T* lse = p.lse + bh * s.seq_q + r0;
     for (int i = 0; i < rows; ++i) {
-      if (l[i] > T(0)) {
+      // A row is empty when its max is still -inf (not when l > 0 fails: a NaN row has l = NaN).
+      if (m[i] != neg_inf<T>()) {
         const T inv = T(1) / l[i];
         for (int d = 0; d < D; d += VL) V::store(O + i * D + d, V::load(acc + i * D + d) * inv);
-        lse[i] = m[i] + std::log(l[i]);  // (a vectorised log measured no faster: once per row, not per block)
+        lse[i] = m[i] + std::log(l[i]);  // NaN for a NaN row (a vectorised log measured no faster: once per row)
       } else {  // no visible key: zeros out, and +inf makes every recomputed probability 0 in the backward
         std::fill(O + i * D, O + (i + 1) * D, T(0));
         lse[i] = std::numeric_limits<T>::infinity();
@@ -210,8 +265,8 @@ void backward_prepare_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, in
     const int64_t qb = t % s.num_q_blocks, bh = t / s.num_q_blocks, r0 = qb * bs;
     const int64_t b = bh / s.heads, h = bh % s.heads;
     const int rows = int(std::min<int64_t>(bs, s.seq_q - r0));
-    transpose_block(head_rows(p.q, p.q_stride, b, h) + r0 * p.q_stride[2], p.q_stride[2], rows, D, p.scale,
-                    p.q_t_blocks + t * D * bs, bs);
+    transpose_block(head_rows(p.q, p.q_stride, b, h) + r0 * p.q_stride[2], p.q_stride[2], rows, D,
+                    fold_scale(p.scale) ? p.scale : T(1), p.q_t_blocks + t * D * bs, bs);
     transpose_block(head_rows(p.grad_out, p.grad_out_stride, b, h) + r0 * p.grad_out_stride[2],
                     p.grad_out_stride[2], rows, D, T(1), p.grad_out_t_blocks + t * D * bs, bs);
   }
@@ -233,21 +288,29 @@ static inline void load_query_block(const BlockSparseCpuBackward<T>& p, int64_t 
   }
 }
 
-// Recomputes Pᵀ into St and turns dPt into dSᵀ = Pᵀ * (dPᵀ - delta) for one (key block, query block) pair.
+// Recomputes Pᵀ into St and turns dPt into dSᵀ = Pᵀ * (dPᵀ - delta) for one (key block, query block) pair. A
+// masked logit (-inf) gets P = dS = 0 by a select: exp(-inf - lse) is NaN for a NaN row's lse, and dPᵀ is NaN at a
+// padded key holding a NaN v.
 template <typename T>
-static inline void recompute_block(const BlockSparseCpuBackward<T>& p, const T* Kb, const T* Vb, int cols,
-                                   int rows, const T* bias, const T* mask, const T* Qt, const T* dOt, const T* lse,
-                                   const T* delta, T* St, T* dPt) {
+static inline void recompute_block(const BlockSparseCpuBackward<T>& p, const T* Kb, int64_t ldk, const T* Vb,
+                                   int64_t ldv, int cols, int rows, const T* bias, const T* mask, const T* Qt,
+                                   const T* dOt, const T* lse, const T* delta, T* St, T* dPt) {
   constexpr int VL = Lanes<T>::value;
   typedef Vec<T, VL> V;
+  typedef typename V::type vec;
   const int bs = p.s.block_size, D = int(p.s.head_dim);
-  gemm<T, VL>(cols, bs, D, Kb, p.k_stride[2], 1, Qt, bs, St, bs, false);
-  add_bias_mask<T, VL>(St, cols, rows, bs, bias, p.s.seq_k, mask);
-  probabilities<T, VL>(St, cols, bs, lse);
-  gemm<T, VL>(cols, bs, D, Vb, p.v_stride[2], 1, dOt, bs, dPt, bs, false);
+  gemm<T, VL>(cols, bs, D, Kb, ldk, 1, Qt, bs, St, bs, false);
+  finish_logits<T, VL>(St, cols, rows, bs, p.scale, bias, p.s.seq_k, mask);
+  gemm<T, VL>(cols, bs, D, Vb, ldv, 1, dOt, bs, dPt, bs, false);
+  const vec ninf = V::broadcast(neg_inf<T>()), zero = V::broadcast(T(0));
   for (int j = 0; j < cols; ++j)
-    for (int i = 0; i < bs; i += VL)
-      V::store(dPt + j * bs + i, V::load(St + j * bs + i) * (V::load(dPt + j * bs + i) - V::load(delta + i)));
+    for (int i = 0; i < bs; i += VL) {
+      const vec x = V::load(St + j * bs + i);
+      const vec e = exp_lanes<T, VL>(x - V::load(lse + i));
+      const auto masked = x == ninf;
+      V::store(St + j * bs + i, V::select(masked, zero, e));
+      V::store(dPt + j * bs + i, V::select(masked, zero, e * (V::load(dPt + j * bs + i) - V::load(delta + i))));
+    }
 }
 
 template <typename T>
@@ -266,6 +329,7 @@ void backward_rows_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
   T* dQ = dSt + bs * bs;  // bs x D
   T* lse = dQ + bs * D;
   T* delta = lse + bs;
+  T* Ks = delta + bs;  // bs x D: a key block with the rows of padded keys zeroed, when it has some
   const T* Qt = nullptr;
   const T* dOt = nullptr;
   for (int64_t t = begin; t < end; ++t) {
@@ -291,17 +355,22 @@ void backward_rows_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
         for (int32_t e = 0; e < count; ++e) {
           const int64_t c0 = int64_t(idx[e]) * bs;
           const int cols = int(std::min<int64_t>(bs, s.seq_k - c0));
-          recompute_block(p, Kn + c0 * ldk, Vn + c0 * ldv, cols, rows, bias ? bias + c0 : nullptr,
-                          mask ? mask + c0 : nullptr, Qt, dOt, lse, delta, St, dSt);
+          const T* mask_c = mask ? mask + c0 : nullptr;
+          recompute_block(p, Kn + c0 * ldk, ldk, Vn + c0 * ldv, ldv, cols, rows, bias ? bias + c0 : nullptr, mask_c,
+                          Qt, dOt, lse, delta, St, dSt);
           if (grad_bias != nullptr)
             for (int i = 0; i < rows; ++i)
               for (int j = 0; j < cols; ++j) grad_bias[i * s.seq_k + c0 + j] += dSt[j * bs + i];
-          // dQ (rows x D) += dS (rows x cols) * K (cols x D); dS is read out of dSt transposed.
-          if (p.grad_q != nullptr) gemm<T, VL>(rows, D, cols, dSt, 1, bs, Kn + c0 * ldk, ldk, dQ, D, true);
+          // dQ (rows x D) += dS (rows x cols) * K (cols x D); dS is read out of dSt transposed. As in the forward's
+          // P V, padded keys' rows of K are read as zero.
+          if (p.grad_q != nullptr) {
+            const bool staged = stage_unpadded_rows(Kn + c0 * ldk, ldk, cols, D, mask_c, Ks);
+            gemm<T, VL>(rows, D, cols, dSt, 1, bs, staged ? Ks : Kn + c0 * ldk, staged ? D : ldk, dQ, D, true);
+          }
         }
         if (p.grad_q != nullptr) {
           T* gq = p.grad_q + (bh * s.seq_q + r0) * D;
-          for (int i = 0; i < rows * D; ++i) gq[i] = dQ[i] * p.scale;
+          for (int i = 0; i < rows * D; ++i) gq[i] = scaled_grad(dQ[i], p.scale);
         }
       }
     }
@@ -343,16 +412,23 @@ void backward_cols_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
       const int64_t qb = idx[e], r0 = qb * bs;
       const int rows = int(std::min<int64_t>(bs, s.seq_q - r0));
       load_query_block(p, bh, qb, rows, Qt, dOt, lse, delta);
-      recompute_block(p, Kb, Vb, cols, rows, bias ? bias + r0 * s.seq_k + c0 : nullptr, mask, Qt, dOt, lse, delta,
-                      St, dSt);
+      recompute_block(p, Kb, p.k_stride[2], Vb, p.v_stride[2], cols, rows, bias ? bias + r0 * s.seq_k + c0 : nullptr,
+                      mask, Qt, dOt, lse, delta, St, dSt);
       gemm<T, VL>(cols, D, rows, St, bs, 1, dOn + r0 * ldo, ldo, dV, D, true);  // dV += Pᵀ dO
       gemm<T, VL>(cols, D, rows, dSt, bs, 1, Qn + r0 * ldq, ldq, dK, D, true);  // dK += dSᵀ Q (scaled below)
     }
     T* gk = p.grad_k + (bh * s.seq_k + c0) * D;
     T* gv = p.grad_v + (bh * s.seq_k + c0) * D;
     for (int i = 0; i < cols * D; ++i) {
-      gk[i] = dK[i] * p.scale;
+      gk[i] = scaled_grad(dK[i], p.scale);
       gv[i] = dV[i];
     }
+    // A padded key's gradients are zero (its P and dS are, but 0 times a NaN q or grad_out row would not be).
+    if (mask != nullptr)
+      for (int j = 0; j < cols; ++j)
+        if (mask[j] != T(0)) {
+          std::fill(gk + j * D, gk + (j + 1) * D, T(0));
+          std::fill(gv + j * D, gv + (j + 1) * D, T(0));
+        }
   }
 }

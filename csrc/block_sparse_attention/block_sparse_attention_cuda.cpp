@@ -109,8 +109,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   auto gq = want_q ? at::empty(q.sizes(), contiguous) : at::Tensor();
   auto gk = want_kv ? at::empty(k.sizes(), contiguous) : at::Tensor();
   auto gv = want_kv ? at::empty(v.sizes(), contiguous) : at::Tensor();
-  auto gb = want_bias ? at::zeros(bias_c.sizes(), bias_c.options().dtype(at::kFloat)) : at::Tensor();
   const int64_t workspace_floats = block_sparse_backward_workspace_floats(s, want_bias);
+  // Without a split the row pass adds into grad_bias itself (zeroed); with one, the last pass writes all of it.
+  const auto bias_grad_options = bias_c.defined() ? bias_c.options().dtype(at::kFloat) : q.options();
+  auto gb = !want_bias ? at::Tensor()
+            : workspace_floats > 0 ? at::empty(bias_c.sizes(), bias_grad_options)
+                                   : at::zeros(bias_c.sizes(), bias_grad_options);
   auto workspace = workspace_floats > 0 ? at::empty({workspace_floats}, q.options().dtype(at::kFloat)) : at::Tensor();
   BlockSparseCudaParams p;
   p.s = s;

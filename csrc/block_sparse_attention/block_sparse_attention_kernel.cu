@@ -20,6 +20,14 @@
 // masked key (layout, key padding, past the end of the sequence) is -inf; a row whose maximum is still -inf
 // subtracts 0 instead, so exp2f never sees (-inf) - (-inf).
 //
+// Non-finite values (the contract of af2_ext/reference.py's block_sparse_attention_ref): a masked pair is absent.
+// Its logit is -inf by a select (whatever q, k or the bias hold), its P and dS are 0 by a select (never exp2f(-inf -
+// NaN) or 0 * NaN), padded keys' rows of K and V are zero in shared memory (a product with a zero probability must
+// not meet a NaN there) and their own gradients are written as zero. A NaN logit poisons its row: the running max
+// propagates NaN (warp_reduce_max_nan), and a row counts as empty only when its max is still -inf (never from
+// `sum > 0`: NaN > 0 is false). Gradients of a scaled product keep an exact zero zero (scaled_grad), so that an
+// infinite scale does not turn the zero gradient of an empty row into NaN.
+//
 // Dispatch: dtype x head dim x block size are template parameters (48 combinations per kernel); the bias, its
 // dtype and the key padding mask are uniform run-time branches, which keeps the instantiation count (and the
 // build) at a third of what compile-time flags would cost.
@@ -47,6 +55,9 @@ template <typename T>
 __device__ __forceinline__ const T* bh_ptr(const void* base, const int64_t (&stride)[3], int64_t b, int64_t h) {
   return static_cast<const T*>(base) + b * stride[0] + h * stride[1];
 }
+
+// g * scale, keeping an exact zero zero whatever the scale (0 * inf is NaN).
+__device__ __forceinline__ float scaled_grad(float g, float scale) { return g == 0.f ? 0.f : g * scale; }
 
 // Bias rows of (batch b, head h): element (query i, key j) at [i * Nk + j]; nullptr without a bias.
 __device__ __forceinline__ int64_t bias_offset(const BlockSparseShape& s, int64_t b, int64_t h) {
@@ -136,8 +147,11 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
       if (key0 >= s.seq_k) break;
       const int cols = int(min(int64_t(kChunk), s.seq_k - key0));
       __syncthreads();  // every warp is done with the previous chunk (and sQ is written, on the first one)
-      load_rows<T, kD, Tr::kThreads>(sK, kLd, kg + key0 * p.k_stride[2], p.k_stride[2], cols, kChunk, vec & kVecK);
-      load_rows<T, kD, Tr::kThreads>(sV, kLd, vg + key0 * p.v_stride[2], p.v_stride[2], cols, kChunk, vec & kVecV);
+      const bool* keep = mask != nullptr ? mask + key0 : nullptr;
+      load_rows<T, kD, Tr::kThreads>(sK, kLd, kg + key0 * p.k_stride[2], p.k_stride[2], cols, kChunk, vec & kVecK,
+                                     keep);
+      load_rows<T, kD, Tr::kThreads>(sV, kLd, vg + key0 * p.v_stride[2], p.v_stride[2], cols, kChunk, vec & kVecV,
+                                     keep);
       __syncthreads();
 
       float sc[kNT][4];
@@ -148,11 +162,12 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
       for (int rr = 0; rr < 2; ++rr) {
         float mx = -kInf;
 #pragma unroll
-        for (int j = 0; j < kNT; ++j) mx = fmaxf(mx, fmaxf(sc[j][2 * rr], sc[j][2 * rr + 1]));
-        mx = warp_reduce_max<4>(mx);  // the quad holds the whole row
-        const float m_new = fmaxf(m[rr], mx);
+        for (int j = 0; j < kNT; ++j) mx = fmax_nan(mx, fmax_nan(sc[j][2 * rr], sc[j][2 * rr + 1]));
+        mx = warp_reduce_max_nan<4>(mx);  // the quad holds the whole row
+        const float m_new = fmax_nan(m[rr], mx);
         const float m_use = m_new == -kInf ? 0.f : m_new;  // nothing visible yet: probabilities stay exactly 0
-        const float alpha = exp2f(m[rr] - m_use);          // m[rr] = -inf gives 0, never NaN (m_use is finite)
+        // m[rr] = -inf gives 0 for a finite m_use; a NaN max makes alpha and every probability of the row NaN.
+        const float alpha = exp2f(m[rr] - m_use);
         m[rr] = m_new;
         float sum = 0.f;
 #pragma unroll
@@ -177,14 +192,16 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
     const float sum = warp_reduce_sum<4>(l[rr]);
     const int64_t q = q_lo + 8 * rr;
     if (q >= s.seq_q) continue;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    // Empty when the max is still -inf (m is the same in the four threads of the quad); a NaN row has sum = NaN.
+    const bool seen = m[rr] != -kInf;
+    const float inv = seen ? 1.f / sum : 0.f;
     T* orow = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + q * p.out_stride[2];
 #pragma unroll
     for (int d = 0; d < kDT; ++d) {
-      orow[8 * d + 2 * t] = from_float<T>(sum > 0.f ? o[d][2 * rr] * inv : 0.f);
-      orow[8 * d + 2 * t + 1] = from_float<T>(sum > 0.f ? o[d][2 * rr + 1] * inv : 0.f);
+      orow[8 * d + 2 * t] = from_float<T>(seen ? o[d][2 * rr] * inv : 0.f);
+      orow[8 * d + 2 * t + 1] = from_float<T>(seen ? o[d][2 * rr + 1] * inv : 0.f);
     }
-    if (t == 0) p.lse[(b * s.heads + h) * s.seq_q + q] = sum > 0.f ? (m[rr] + log2f(sum)) * kLn2 : kInf;
+    if (t == 0) p.lse[(b * s.heads + h) * s.seq_q + q] = seen ? (m[rr] + log2f(sum)) * kLn2 : kInf;
   }
 }
 
@@ -251,10 +268,11 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
   const int64_t bias_off = p.bias != nullptr ? bias_offset(s, b, h) : 0;
   const float scale2 = p.scale * kLog2e;
 
+  const bool* keep = p.key_padding_mask != nullptr ? p.key_padding_mask + b * s.seq_k + c0 : nullptr;
   load_rows<T, kD, Tr::kThreads>(sK, kLd, bh_ptr<T>(p.k, p.k_stride, b, h) + c0 * p.k_stride[2], p.k_stride[2], cols,
-                                 kBlock, vec & kVecK);
+                                 kBlock, vec & kVecK, keep);
   load_rows<T, kD, Tr::kThreads>(sV, kLd, bh_ptr<T>(p.v, p.v_stride, b, h) + c0 * p.v_stride[2], p.v_stride[2], cols,
-                                 kBlock, vec & kVecV);
+                                 kBlock, vec & kVecV, keep);
   const T* sKw = sK + warp * 16 * kLd;
   const T* sVw = sV + warp * 16 * kLd;
   // This thread's keys (rows of the transposed score tile): block-local rows warp*16 + g and + 8.
@@ -308,10 +326,12 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
             float x = pt[j][r] * scale2;
             if (visible && p.bias != nullptr)
               x = fmaf(load_bias(p.bias, p.bias_dtype, bias_off + q * s.seq_k + key[rr]), kLog2e, x);
-            // lse = +inf (a query with no visible key) gives 0; x = -inf (a -inf bias) gives 0.
-            const float prob = visible ? exp2f(x - lse) : 0.f;
+            // Selects, not products: x = -inf (a -inf bias) with lse = NaN (a NaN row) gives exp2f(NaN), and
+            // dst (dP) is NaN where a masked pair's v is. lse = +inf (a query with no visible key) gives 0.
+            const bool live = visible && x != -kInf;
+            const float prob = live ? exp2f(x - lse) : 0.f;
             pt[j][r] = prob;
-            dst[j][r] = prob * (dst[j][r] - delta);
+            dst[j][r] = live ? prob * (dst[j][r] - delta) : 0.f;
           }
         }
       }
@@ -325,12 +345,14 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
     if (key[rr] >= s.seq_k) continue;
     T* gk = static_cast<T*>(p.grad_k) + (bh * s.seq_k + key[rr]) * s.head_dim;
     T* gv = static_cast<T*>(p.grad_v) + (bh * s.seq_k + key[rr]) * s.head_dim;
+    // A padded key's gradients are zero (its P and dS are, but 0 times a NaN q or grad_out row would not be).
+    const bool kept = key_visible[rr];
 #pragma unroll
     for (int d = 0; d < kDT; ++d) {
-      gk[8 * d + 2 * t] = from_float<T>(dk[d][2 * rr] * p.scale);
-      gk[8 * d + 2 * t + 1] = from_float<T>(dk[d][2 * rr + 1] * p.scale);
-      gv[8 * d + 2 * t] = from_float<T>(dv[d][2 * rr]);
-      gv[8 * d + 2 * t + 1] = from_float<T>(dv[d][2 * rr + 1]);
+      gk[8 * d + 2 * t] = from_float<T>(kept ? scaled_grad(dk[d][2 * rr], p.scale) : 0.f);
+      gk[8 * d + 2 * t + 1] = from_float<T>(kept ? scaled_grad(dk[d][2 * rr + 1], p.scale) : 0.f);
+      gv[8 * d + 2 * t] = from_float<T>(kept ? dv[d][2 * rr] : 0.f);
+      gv[8 * d + 2 * t + 1] = from_float<T>(kept ? dv[d][2 * rr + 1] : 0.f);
     }
   }
 }
@@ -421,10 +443,11 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
         if (key0 >= s.seq_k) break;
         const int cols = int(min(int64_t(kChunk), s.seq_k - key0));
         __syncthreads();
+        const bool* keep = mask != nullptr ? mask + key0 : nullptr;
         load_rows<T, kD, Tr::kThreads>(sK, kLd, kg + key0 * p.k_stride[2], p.k_stride[2], cols, kChunk,
-                                       vec & kVecK);
+                                       vec & kVecK, keep);
         load_rows<T, kD, Tr::kThreads>(sV, kLd, vg + key0 * p.v_stride[2], p.v_stride[2], cols, kChunk,
-                                       vec & kVecV);
+                                       vec & kVecV, keep);
         __syncthreads();
 
         float ds[kNT][4];  // logits, then P, then dS
@@ -439,8 +462,10 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
             const int rr = r >> 1;
-            // x = -inf (masked) gives 0; lse = +inf (no visible key in the row) gives 0.
-            ds[j][r] = exp2f(ds[j][r] - lse[rr]) * (dp[j][r] - delta[rr]);
+            // x = -inf (masked) gives 0 by a select: exp2f(-inf - lse) is NaN for a NaN row's lse. lse = +inf (no
+            // visible key in the row) gives 0.
+            const float x = ds[j][r];
+            ds[j][r] = x == -kInf ? 0.f : exp2f(x - lse[rr]) * (dp[j][r] - delta[rr]);
           }
         }
         if (grad_bias != nullptr) {
@@ -466,8 +491,8 @@ __global__ void __launch_bounds__(Traits<T, kD, kBlock>::kThreads, 1)
         T* gq = static_cast<T*>(p.grad_q) + (bh * s.seq_q + q) * s.head_dim;
 #pragma unroll
         for (int d = 0; d < kDT; ++d) {
-          gq[8 * d + 2 * t] = from_float<T>(dq[d][2 * rr] * p.scale);
-          gq[8 * d + 2 * t + 1] = from_float<T>(dq[d][2 * rr + 1] * p.scale);
+          gq[8 * d + 2 * t] = from_float<T>(scaled_grad(dq[d][2 * rr], p.scale));
+          gq[8 * d + 2 * t + 1] = from_float<T>(scaled_grad(dq[d][2 * rr + 1], p.scale));
         }
       }
     }

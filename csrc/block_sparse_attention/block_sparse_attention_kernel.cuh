@@ -56,18 +56,19 @@ struct Traits {
 
 // ---- global -> shared ----
 
-// dst[r][0:kD] = src[r * src_ld + 0:kD] for r < valid, zero for valid <= r < total. Zero rows matter: a padded
-// key's probability is 0, and 0 * (uninitialised NaN) would still be NaN. `vec`: src and src_ld allow 16-byte
-// loads; otherwise element loads (a strided view with an odd offset, say).
+// dst[r][0:kD] = src[r * src_ld + 0:kD] for r < valid whose key is kept (keep == nullptr or keep[r]), zero for
+// the others and for valid <= r < total. Zero rows matter: a padded key's (or a row past the end's) probability is
+// 0, and 0 * (a NaN or inf it holds, or uninitialised memory) would still be NaN. `vec`: src and src_ld allow
+// 16-byte loads; otherwise element loads (a strided view with an odd offset, say).
 template <typename T, int kD, int kThreads>
 __device__ __forceinline__ void load_rows(T* __restrict__ dst, int ld, const T* __restrict__ src, int64_t src_ld,
-                                          int valid, int total, bool vec) {
+                                          int valid, int total, bool vec, const bool* __restrict__ keep = nullptr) {
   constexpr int kVec = 16 / int(sizeof(T));
   constexpr int kPerRow = kD / kVec;
   for (int i = threadIdx.x; i < total * kPerRow; i += kThreads) {
     const int r = i / kPerRow, c = (i % kPerRow) * kVec;
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (r < valid) {
+    if (r < valid && (keep == nullptr || keep[r])) {
       const T* sp = src + r * src_ld + c;
       if (vec) {
         v = *reinterpret_cast<const uint4*>(sp);

@@ -40,15 +40,15 @@ struct Vec {
 // The rounding of x * log2(e) to an integer uses the 1.5 * 2^23 "magic number": adding it leaves the
 // rounded integer in the low mantissa bits, which also become the exponent of 2^n, with no conversions.
 // Inputs below the underflow threshold (including -inf) give exactly 0, which the attention kernels rely on
-// for masked logits. Precondition: x <= 88.37 (no overflow clamp; the kernels only take exp of a logit minus
-// a running maximum or the log-sum-exp).
+// for masked logits; NaN gives NaN. Precondition: x <= 88.37 or NaN (no overflow clamp; the kernels only take
+// exp of a logit minus a running maximum or the log-sum-exp).
 template <int VL>
 static inline typename Vec<float, VL>::type vexp(typename Vec<float, VL>::type x) {
   typedef Vec<float, VL> V;
   typedef typename V::type vf;
   typedef typename V::itype vi;
   const float magic = 12582912.0f;  // 1.5 * 2^23
-  const vi keep = x >= -87.3365478515625f;  // exp of that is the smallest normal float; false for NaN
+  const vi keep = ~(x < -87.3365478515625f);  // exp of that is the smallest normal float; true for NaN
   const vf y = x * 1.44269504088896341f + magic;
   const vf fx = y - magic;
   const vf r = x - fx * 0.693359375f + fx * 2.12194440e-4f;

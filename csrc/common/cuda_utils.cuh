@@ -31,6 +31,22 @@ __device__ __forceinline__ float warp_reduce_max(float v) {
   return v;
 }
 
+// max that propagates a NaN from either operand (fmaxf returns the other one).
+__device__ __forceinline__ float fmax_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// warp_reduce_max_nan: as warp_reduce_max, but a NaN in any lane of the group gives NaN in every lane (the
+// softmax's running max: a NaN logit must poison its row, not vanish).
+template <int kWidth = 32>
+__device__ __forceinline__ float warp_reduce_max_nan(float v) {
+  static_assert(kWidth >= 1 && kWidth <= 32 && (kWidth & (kWidth - 1)) == 0,
+                "kWidth must be a power of two in [1, 32]");
+#pragma unroll
+  for (int offset = kWidth / 2; offset > 0; offset /= 2) {
+    v = fmax_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
 template <int kWidth = 32>
 __device__ __forceinline__ float warp_reduce_sum(float v) {
   static_assert(kWidth >= 1 && kWidth <= 32 && (kWidth & (kWidth - 1)) == 0,

@@ -7,6 +7,10 @@
 //   grad K_t  = grad_kc[:rows(t)] * W_tᵀ           (each input row belongs to exactly one tap)
 //   grad W_tᵀ = sum_b grad_kc[:rows(t)]ᵀ * K_t     (+ the same for v)
 // all three are the register-tiled `gemm` of cpu_simd.h, which reads its broadcast operand at any stride.
+//
+// The zero padding past Nk is never read, but its products are not dropped: 0 * W_t (forward) and grad_kc * 0 (grad of
+// W_t) are 0 unless the other factor is NaN or inf, and then NaN, as the zero-padded convolution of the reference
+// (conv1d) and the CUDA kernels give.
 
 template <typename T>
 struct CompressLanes {
@@ -42,9 +46,18 @@ void kv_compress_forward_impl(const KvCompressCpuParams<T>& p, int64_t begin, in
     T* out = (which == 0 ? p.kc : p.vc) + bh * Nc * D;
     for (int64_t j = 0; j < Nc; ++j)
       for (int64_t e = 0; e < D; ++e) out[j * D + e] = p.bias != nullptr ? p.bias[h * D + e] : T(0);
-    for (int64_t t = 0; t < r; ++t)
-      gemm<T, VL>(int(tap_rows(s, t)), int(D), int(D), x + t * row, r * row, 1, p.weight_in_out + (h * r + t) * D * D,
-                  D, out, D, /*accumulate=*/true);
+    for (int64_t t = 0; t < r; ++t) {
+      const int64_t rows = tap_rows(s, t);
+      const T* w = p.weight_in_out + (h * r + t) * D * D;  // [d][e]
+      gemm<T, VL>(int(rows), int(D), int(D), x + t * row, r * row, 1, w, D, out, D, /*accumulate=*/true);
+      if (rows < Nc)  // the rows whose tap t is padding: + 0 * W_t, NaN in the columns e where W_t is not finite
+        for (int64_t e = 0; e < D; ++e) {
+          T zero_times_w = 0;
+          for (int64_t d = 0; d < D; ++d) zero_times_w += T(0) * w[d * D + e];
+          if (zero_times_w != zero_times_w)
+            for (int64_t j = rows; j < Nc; ++j) out[j * D + e] += zero_times_w;
+        }
+    }
   }
 }
 
@@ -84,6 +97,12 @@ void kv_compress_backward_weight_impl(const KvCompressCpuParams<T>& p, int64_t b
           // gw[e][d] += sum_j grad_c[j][e] * x[j*r + t][d]: A = grad_cᵀ read transposed, B = the tap's rows.
           gemm<T, VL>(int(D), int(D), int(rows), grad_c, 1, D, kv_input(p, which, b, h) + t * row, r * row, gw, D,
                       /*accumulate=*/true);
+          for (int64_t j = rows; j < Nc; ++j)  // the rows whose tap t is padding: + grad_c * 0
+            for (int64_t e = 0; e < D; ++e) {
+              const T zero_times_g = grad_c[j * D + e] * T(0);
+              if (zero_times_g != zero_times_g)
+                for (int64_t d = 0; d < D; ++d) gw[e * D + d] += zero_times_g;
+            }
         }
     }
     if (t == 0 && p.grad_bias != nullptr) {

@@ -350,9 +350,10 @@ __global__ void __launch_bounds__(WeightTraits<kD>::kThreads)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
   }
-  // With t >= Nk every input row of the tap is padding: the weight tile is zero and there is nothing to sum. A split
-  // past the last chunk (none with the launcher's S) walks nothing and writes a zero partial.
-  const bool walk = with_bias || (with_weight && t < s.seq_k);
+  // With t >= Nk every input row of the tap is zero padding, still walked: 0 * grad_kc is 0, or NaN where grad_kc is
+  // not finite (the zero-padded convolution's gradient; the reference's conv1d agrees). A split past the last chunk
+  // (none with the launcher's S) walks nothing and writes a zero partial.
+  const bool walk = with_bias || with_weight;
   const int64_t chunk_begin = split * w.chunks_per_split;
   const int64_t chunk_end =
       walk ? min(ceil_div<int64_t>(s.batch * s.seq_c, kRows), chunk_begin + w.chunks_per_split) : chunk_begin;
