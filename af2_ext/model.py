@@ -15,6 +15,8 @@ Deliberate differences from the seed, each a bug fix with a test (python_tests/t
 
 - the pair mask is mask_i AND mask_j (the seed: OR, so a padded residue's row still attended);
 - compression applies whatever Nk is (the seed skipped it when Nk was divisible by the ratio);
+- padded context positions are zeroed before the key/value compression (the seed convolved them, so a padded
+  token's embedding leaked into the kept compressed keys and values: padding must be invisible);
 - ``inter_msa_self_attn=True`` attends across the whole MSA, ``False`` within each MSA row (the issue reports
   that the seed's True made each token attend only to itself; the installed 0.0.19's non-reversible path did
   attend across the MSA when we checked, so the test pins the behaviour rather than a difference);
