@@ -690,7 +690,7 @@ TEST_CASE(invalid_arguments) {
   bad = p;
   bad.grad_bias = lse.get();  // grad_bias without a bias shape
   EXPECT_EQ(af2_ext::cuda::backward(bad, stream), int(cudaErrorInvalidValue));
-  bad = p;  // a bias shared by B * H = 4 members over one query-block row group: split, so a workspace is needed
+  bad = p;  // a bias shared by all B * H = 4 members, 3 query blocks: split, so a workspace is needed
   bad.s.bias_batch = 1;
   bad.s.bias_heads = 1;
   bad.bias = lse.get();

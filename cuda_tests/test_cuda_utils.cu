@@ -81,6 +81,49 @@ __global__ void warp_reduce_kernel(const float* in, float* out_max, float* out_s
 }
 
 template <int kWidth>
+__global__ void warp_reduce_max_nan_kernel(const float* in, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  out[i] = af2_ext::warp_reduce_max_nan<kWidth>(in[i]);
+}
+
+// The NaN-propagating max: a group with a NaN gives NaN in every lane, wherever the NaN sits; otherwise the plain
+// max, -inf for a fully masked group.
+template <int kWidth>
+void check_warp_reduce_max_nan(unsigned seed) {
+  std::vector<float> in = af2_test::random_normal(kN, seed, 10.0f);
+  std::mt19937 gen(seed + 1);
+  std::uniform_int_distribution<int> pick(0, kN - 1);
+  for (int k = 0; k < kN / 50; ++k) in[pick(gen)] = NAN;
+  for (int j = 0; j < kWidth; ++j) in[2 * kWidth + j] = -kInf;
+  in[4 * kWidth + kWidth - 1] = NAN;  // the last lane of a group
+  in[6 * kWidth] = NAN;               // the first lane of a group
+  af2_test::DeviceBuffer<float> d_in(in), d_out(kN);
+  warp_reduce_max_nan_kernel<kWidth><<<kBlocks, kThreads>>>(d_in.get(), d_out.get());
+  CUDA_CHECK_LAUNCH();
+  const std::vector<float> got = d_out.to_host();
+  int bad = 0;
+  for (int g = 0; g < kN / kWidth; ++g) {
+    bool nan = false;
+    float m = -kInf;
+    for (int j = 0; j < kWidth; ++j) {
+      const float v = in[g * kWidth + j];
+      nan = nan || std::isnan(v);
+      m = std::max(m, v);
+    }
+    for (int j = 0; j < kWidth; ++j) {
+      const float x = got[g * kWidth + j];
+      if (nan ? !std::isnan(x) : float_bits(x) != float_bits(m)) ++bad;
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+TEST_CASE(warp_reduce_max_nan_propagates) {
+  check_warp_reduce_max_nan<4>(71);
+  check_warp_reduce_max_nan<32>(72);
+}
+
+template <int kWidth>
 void check_warp_reduce(unsigned seed) {
   std::vector<float> in = af2_test::random_normal(kN, seed, 10.0f);
   std::mt19937 gen(seed + 1);

@@ -16,46 +16,39 @@ __host__ __device__ constexpr T ceil_div(T a, T b) {
   return (a + b - 1) / b;
 }
 
-// Butterfly reductions over groups of kWidth consecutive lanes (lanes [g*kWidth, (g+1)*kWidth)).
+// max that propagates a NaN from either operand (fmaxf returns the other one).
+__device__ __forceinline__ float fmax_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// Butterfly reduction with `op` over groups of kWidth consecutive lanes (lanes [g*kWidth, (g+1)*kWidth)).
 // Contract: all 32 lanes of the warp must reach the call (full mask), even for kWidth < 32;
 // every lane of a group gets the group's result.
-// warp_reduce_max uses fmaxf: -inf is the identity, a NaN input is ignored rather than propagated.
-template <int kWidth = 32>
-__device__ __forceinline__ float warp_reduce_max(float v) {
+template <int kWidth, typename Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
   static_assert(kWidth >= 1 && kWidth <= 32 && (kWidth & (kWidth - 1)) == 0,
                 "kWidth must be a power of two in [1, 32]");
 #pragma unroll
   for (int offset = kWidth / 2; offset > 0; offset /= 2) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
   }
   return v;
 }
 
-// max that propagates a NaN from either operand (fmaxf returns the other one).
-__device__ __forceinline__ float fmax_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+// fmaxf: -inf is the identity, a NaN input is ignored rather than propagated.
+template <int kWidth = 32>
+__device__ __forceinline__ float warp_reduce_max(float v) {
+  return warp_reduce<kWidth>(v, [](float a, float b) { return fmaxf(a, b); });
+}
 
-// warp_reduce_max_nan: as warp_reduce_max, but a NaN in any lane of the group gives NaN in every lane (the
-// softmax's running max: a NaN logit must poison its row, not vanish).
+// As warp_reduce_max, but a NaN in any lane of the group gives NaN in every lane (the softmax's running max: a
+// NaN logit must poison its row, not vanish).
 template <int kWidth = 32>
 __device__ __forceinline__ float warp_reduce_max_nan(float v) {
-  static_assert(kWidth >= 1 && kWidth <= 32 && (kWidth & (kWidth - 1)) == 0,
-                "kWidth must be a power of two in [1, 32]");
-#pragma unroll
-  for (int offset = kWidth / 2; offset > 0; offset /= 2) {
-    v = fmax_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  }
-  return v;
+  return warp_reduce<kWidth>(v, [](float a, float b) { return fmax_nan(a, b); });
 }
 
 template <int kWidth = 32>
 __device__ __forceinline__ float warp_reduce_sum(float v) {
-  static_assert(kWidth >= 1 && kWidth <= 32 && (kWidth & (kWidth - 1)) == 0,
-                "kWidth must be a power of two in [1, 32]");
-#pragma unroll
-  for (int offset = kWidth / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  return v;
+  return warp_reduce<kWidth>(v, [](float a, float b) { return a + b; });
 }
 
 // Storage-type <-> fp32 compute-type conversions; narrowing rounds to nearest even.
