@@ -35,6 +35,7 @@ struct Problem {
   int layout_mode = 0;  // q, k, v, out, grad_out: 0 contiguous, 1 (B, N, H, D + pad), 2 the same 1 element off
   unsigned seed = 1;
   bool want_q = true, want_kv = true, want_bias = true;
+  int64_t max_blocks_per_launch = 0;  // > 0: every pass in several launches of at most this many CTAs
 
   int nqb() const { return (Nq + bs - 1) / bs; }
   int nkb() const { return (Nk + bs - 1) / bs; }
@@ -353,6 +354,7 @@ Result run_cuda(const Problem& pr, const Inputs& in) {
   af2_test::DeviceBuffer<float> workspace(
       std::vector<float>(size_t(std::max<int64_t>(workspace_floats, 1)), std::numeric_limits<float>::quiet_NaN()));
   p.workspace = workspace_floats > 0 ? workspace.get() : nullptr;
+  p.max_blocks_per_launch = pr.max_blocks_per_launch;
 
   cudaStream_t stream;
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -607,6 +609,26 @@ TEST_CASE(batch_beyond_grid_limit) {
     EXPECT_TRUE(af2_ext::block_sparse_bias_grad_splits(s) > 1);
     check_problem(pr);
   }
+}
+
+// Every pass split into several launches (the path past 2^31 - 1 CTAs), at odd launch sizes that cut through
+// query blocks, heads, batch rows and bias splits: the same results as one launch.
+TEST_CASE(several_launches_per_pass) {
+  unsigned seed = 520;
+  for (ScalarKind dtype : kDtypes)
+    for (int64_t per_launch : {1, 5, 7}) {
+      Problem pr;
+      pr.dtype = dtype;
+      pr.B = 3;
+      pr.H = 2;
+      pr.Nq = 70;
+      pr.Nk = 53;
+      pr.Bb = 1;
+      pr.Hb = 1;
+      pr.max_blocks_per_launch = per_launch;
+      pr.seed = ++seed;
+      check_problem(pr);
+    }
 }
 
 // Heads past 65,535 (grid.y before), per-head layouts, a bias shared by all heads: its gradient sums 65,537

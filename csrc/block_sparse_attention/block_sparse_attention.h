@@ -193,6 +193,9 @@ struct BlockSparseCudaParams {
   // With grad_bias: block_sparse_backward_workspace_floats(s, true) floats (any content; the launcher clears
   // it), or nullptr when that is 0.
   float* workspace = nullptr;
+  // Flattened work items per kernel launch: 0 = the hardware's 2^31 - 1. Tests set a small value so that the
+  // multi-launch path (work item offsets) runs on ordinary shapes.
+  int64_t max_blocks_per_launch = 0;
 };
 
 // The bias gradient sums dS over the (B / Bb) * (H / Hb) batch rows and heads that share a bias block. The row

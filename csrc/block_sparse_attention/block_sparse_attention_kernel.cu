@@ -551,11 +551,13 @@ cudaError_t set_smem(const void* kernel, size_t bytes, SmemOptIn& state) {
   return err;
 }
 
-// Launches `launch(blocks, first_block)` over `total` flattened work items, at most 2^31 - 1 per launch.
+// Launches `launch(blocks, first_block)` over `total` flattened work items, at most 2^31 - 1 per launch (or the
+// params' max_blocks_per_launch, which tests lower to exercise the offsets).
 template <typename Launch>
-cudaError_t launch_flat(int64_t total, Launch&& launch) {
-  for (int64_t first = 0; first < total; first += kMaxGridX) {
-    launch(unsigned(std::min(kMaxGridX, total - first)), first);
+cudaError_t launch_flat(const BlockSparseCudaParams& p, int64_t total, Launch&& launch) {
+  const int64_t limit = p.max_blocks_per_launch > 0 ? std::min(p.max_blocks_per_launch, kMaxGridX) : kMaxGridX;
+  for (int64_t first = 0; first < total; first += limit) {
+    launch(unsigned(std::min(limit, total - first)), first);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -608,7 +610,7 @@ cudaError_t run_forward(const BlockSparseCudaParams& p, cudaStream_t stream) {
   const cudaError_t err = set_smem(reinterpret_cast<const void*>(kernel), smem, opt_in);
   if (err != cudaSuccess) return err;
   const int vec = vec_bits(p, sizeof(T), false);
-  return launch_flat(p.s.num_q_blocks * p.s.heads * p.s.batch, [&](unsigned blocks, int64_t first) {
+  return launch_flat(p, p.s.num_q_blocks * p.s.heads * p.s.batch, [&](unsigned blocks, int64_t first) {
     kernel<<<blocks, Traits<T, kD, kBlock>::kThreads, smem, stream>>>(p, vec, first);
   });
 }
@@ -641,12 +643,12 @@ cudaError_t run_backward(const BlockSparseCudaParams& p, cudaStream_t stream) {
   constexpr int kThreads = Traits<T, kD, kBlock>::kThreads;
 
   constexpr int64_t kDeltaRows = kDeltaThreads / 8;
-  err = launch_flat((s.batch * s.heads * s.seq_q + kDeltaRows - 1) / kDeltaRows, [&](unsigned blocks, int64_t first) {
+  err = launch_flat(p, (s.batch * s.heads * s.seq_q + kDeltaRows - 1) / kDeltaRows, [&](unsigned blocks, int64_t first) {
     delta_kernel<T><<<blocks, kDeltaThreads, 0, stream>>>(p, first);
   });
   if (err != cudaSuccess) return err;
   if (want_kv) {
-    err = launch_flat(s.num_k_blocks * s.heads * s.batch, [&](unsigned blocks, int64_t first) {
+    err = launch_flat(p, s.num_k_blocks * s.heads * s.batch, [&](unsigned blocks, int64_t first) {
       cols_kernel<<<blocks, kThreads, cols_smem, stream>>>(p, vec, first);
     });
     if (err != cudaSuccess) return err;
@@ -656,7 +658,7 @@ cudaError_t run_backward(const BlockSparseCudaParams& p, cudaStream_t stream) {
         (err = cudaMemsetAsync(p.workspace, 0, size_t(workspace_floats) * sizeof(float), stream)) != cudaSuccess)
       return err;
     const int64_t groups = with_grad_bias ? s.bias_batch * s.bias_heads : s.batch * s.heads;
-    err = launch_flat(s.num_q_blocks * splits * groups, [&](unsigned blocks, int64_t first) {
+    err = launch_flat(p, s.num_q_blocks * splits * groups, [&](unsigned blocks, int64_t first) {
       rows_kernel<<<blocks, kThreads, rows_smem, stream>>>(p, vec, first, splits);
     });
     if (err != cudaSuccess) return err;
