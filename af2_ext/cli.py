@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from typing import Optional, Sequence
 
@@ -28,6 +29,25 @@ SUBCOMMANDS = {
 }
 
 
+# Packages of the "app" extra (pyproject.toml) that every command uses; a command run without them says how to
+# install them instead of failing halfway with a traceback.
+APP_PACKAGES = ("tqdm", "Bio", "matplotlib")
+
+
+def _import_command(name: str, module_name: str):
+    missing = [p for p in APP_PACKAGES if importlib.util.find_spec(p) is None]
+    if not missing:
+        try:
+            return importlib.import_module(module_name)
+        except ImportError as error:  # an application dependency beyond the common ones (sidechainnet, ...)
+            if error.name is None or error.name.split(".")[0] in ("af2_ext", "torch", "numpy", "einops"):
+                raise
+            missing = [error.name]
+    print(f"af2-ext {name}: error: the protein application is not installed (missing: {', '.join(missing)}); "
+          "install it with: python -m pip install 'af2_ext[app]'", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="af2-ext", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +56,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     for name, (module_name, suffix, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == chosen:  # import only the module that runs
-            module = importlib.import_module(module_name)
+            module = _import_command(name, module_name)
             sub.description = module.__doc__
             getattr(module, f"add_{suffix}_arguments")(sub)
             sub.set_defaults(run=getattr(module, f"run_{suffix}"))
