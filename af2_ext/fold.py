@@ -578,10 +578,12 @@ def rebuild_backbone(ca) -> torch.Tensor:
     backbone[:-1, 3] = place(ca[:-1], o_local)
     backbone[1:, 0] = place(ca[1:], n_local - ca_next_local)
     # First N: psi(0) = N(0)-CA(0)-C(0)-N(1) of an extended strand; last C: phi = C(n-2)-N-CA-C, last O.
-    backbone[0, 0] = utils.nerf_torch(backbone[1, 0], backbone[0, 2], ca[0], _N_CA, _ANGLE_N_CA_C, math.radians(130))
-    backbone[-1, 2] = utils.nerf_torch(backbone[-2, 2], backbone[-1, 0], ca[-1], _CA_C, _ANGLE_N_CA_C,
+    # nerf_torch's theta (the seed's convention) is the supplement of the bond angle.
+    backbone[0, 0] = utils.nerf_torch(backbone[1, 0], backbone[0, 2], ca[0], _N_CA, math.pi - _ANGLE_N_CA_C,
+                                      math.radians(130))
+    backbone[-1, 2] = utils.nerf_torch(backbone[-2, 2], backbone[-1, 0], ca[-1], _CA_C, math.pi - _ANGLE_N_CA_C,
                                        math.radians(-120))
-    backbone[-1, 3] = utils.nerf_torch(backbone[-1, 0], ca[-1], backbone[-1, 2], _C_O, _ANGLE_CA_C_O,
+    backbone[-1, 3] = utils.nerf_torch(backbone[-1, 0], ca[-1], backbone[-1, 2], _C_O, math.pi - _ANGLE_CA_C_O,
                                        math.radians(-50))
     return backbone
 

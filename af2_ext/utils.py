@@ -19,6 +19,12 @@ Deliberate differences from the seed, each said again where it applies:
 - ``RMSD`` is ``sqrt(mean_i |a_i - b_i|^2)``; the seed averaged over the 3 coordinates too (``/ sqrt(3)`` low).
 - ``GDT`` with ``weights`` is a weighted mean (the seed divided the weighted sum by the number of cutoffs).
 - ``TMscore`` clamps ``d0`` at 0.5 Å for short chains as TM-score does (the seed's ``d0`` was <= 0 for L <= 19).
+- ``sidechain_container(place_oxygen=True)`` puts O at the CA-C-O bond angle 2.0944 rad; the seed passed that angle
+  as its NeRF theta (the supplement), which put O at 60 degrees from CA.
+- ``MDScaling`` always returns ``(B, 3, N)``; the seed's returned ``(3, N)`` with ``fix_mirror=0``, which
+  ``mdscaling_torch`` / ``mdscaling_numpy`` still do.
+- ``custom2pdb`` converts Å to mdtraj's nm (the seed wrote coordinates 10x too large); ``download_pdb`` raises
+  ConnectionError offline (the seed's ``curl`` wrote an empty file).
 - Unknown mode strings, NaNs and bad shapes raise ``ValueError`` / ``TypeError`` naming the argument.
 
 ``TMscore`` and ``GDT`` keep the seed's definitions: the score of the coordinates as given (after ``Kabsch``,
@@ -28,6 +34,7 @@ each under the superposition that maximises it, are ``tm_score`` and ``gdt_ts`` 
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -77,6 +84,29 @@ __all__ = [
     "distogram_to_coords",
     "pdb_chain_text",
     "write_pdb",
+    # the seed's backend-specific names, decorators and network helpers
+    "expand_dims_to",
+    "set_backend_kwarg",
+    "expand_arg_dims",
+    "invoke_torch_or_numpy",
+    "mds_torch",
+    "mds_numpy",
+    "mdscaling_torch",
+    "mdscaling_numpy",
+    "fix_mirrors_torch",
+    "fix_mirrors_numpy",
+    "get_dihedral_numpy",
+    "kabsch_torch",
+    "kabsch_numpy",
+    "rmsd_torch",
+    "rmsd_numpy",
+    "gdt_torch",
+    "gdt_numpy",
+    "tmscore_torch",
+    "tmscore_numpy",
+    "download_pdb",
+    "clean_pdb",
+    "custom2pdb",
 ]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -417,7 +447,7 @@ def MDScaling(pre_dist_mat, weights=None, iters: int = 10, tol: float = 1e-5, fi
             backbone phi angles (from ``N_mask`` / ``CA_mask`` / ``C_mask``) come out positive, the z axis is
             flipped (real proteins have mostly negative phi). Seed semantics.
         N_mask, CA_mask: bool (N,) or (B, N) masks of the backbone N / CA points; required when fix_mirror > 0.
-        C_mask: same for C; default: the points that are neither N nor CA (``scn_backbone_mask(n_aa=3)`` order).
+        C_mask: same for C; default: the points that are neither N nor CA (``scn_backbone_mask(l_aa=3)`` order).
         verbose: 1 reports convergence, 2 every iteration.
         backend: "auto" (same kind as ``pre_dist_mat``), "torch" or "numpy" for the outputs.
 
@@ -425,6 +455,9 @@ def MDScaling(pre_dist_mat, weights=None, iters: int = 10, tol: float = 1e-5, fi
         coords: (B, 3, N) (the seed's layout), centered at the origin.
         stresses: (B, steps) the stress after each step, ``stresses[:, -1]`` being the returned coords'.
             Seed difference: the seed returned a flat history of its normalised stress.
+
+    Seed difference: coords are (B, 3, N) for every ``fix_mirror``; the seed returned (3, N) with
+    ``fix_mirror=0`` (:func:`mdscaling_torch` keeps that shape).
 
     Seed differences: the weighted Guttman transform ``V^+ B(X) X`` (the seed's ``B(X) X / N`` is only right for
     unit weights and shrinks the structure under distogram weights), a deterministic classical-MDS start instead
@@ -528,13 +561,16 @@ def get_dihedral_torch(c1, c2, c3, c4):
 
 
 def nerf_torch(a, b, c, l, theta, chi):
-    """Natural Extension of Reference Frame (Parsons et al. 2005): the point ``d`` bonded to ``c`` with
-    ``|d - c| = l``, bond angle ``b-c-d = theta`` and dihedral ``a-b-c-d = chi`` (``get_dihedral_torch``'s sign).
+    """Natural Extension of Reference Frame (Parsons et al. 2005) in the seed's convention: the point
+    ``d = c + l * R @ [cos(theta), sin(theta) cos(chi), sin(theta) sin(chi)]``, R's first column along ``c - b``.
+
+    So ``|d - c| = l``, ``theta`` is the angle between ``c - b`` and ``d - c`` (the supplement of the b-c-d bond
+    angle: pass ``pi - bond_angle``) and ``chi`` the dihedral ``a-b-c-d`` (``get_dihedral_torch``'s sign).
 
     Args:
         a, b, c: (..., 3) the three previous points.
         l: bond length(s), float or (...) tensor.
-        theta: bond angle(s) in radians, within [-pi, pi] (the seed's check), float or (...) tensor.
+        theta: angle(s) in radians, every one within [-pi, pi] (else ValueError, as the seed), float or tensor.
         chi: dihedral(s) in radians, float or (...) tensor.
 
     Returns:
@@ -558,7 +594,7 @@ def nerf_torch(a, b, c, l, theta, chi):
     bc = torch.nn.functional.normalize(c - b, dim=-1)
     normal = torch.nn.functional.normalize(torch.linalg.cross(b - a, bc, dim=-1), dim=-1)
     frame = torch.stack([bc, torch.linalg.cross(normal, bc, dim=-1), normal], dim=-1)  # [..., 3, 3] columns
-    local = torch.stack([-l * torch.cos(theta),
+    local = torch.stack([l * torch.cos(theta),
                          l * torch.sin(theta) * torch.cos(chi),
                          l * torch.sin(theta) * torch.sin(chi)], dim=-1)  # [..., 3]
     return c + (frame @ local.unsqueeze(-1)).squeeze(-1)
@@ -689,14 +725,19 @@ def RMSD(A, B, *, backend: str = "auto"):
     return _out(rmsd, _wants_numpy(backend, was_numpy), np_dtype)
 
 
-def GDT(A, B, *, mode: str = "TS", cutoffs=None, weights=None, backend: str = "auto"):
+# The seed's default list; GDT tells "not given" (mode decides) from an explicit list by identity.
+_SEED_GDT_CUTOFFS = [1, 2, 4, 8]
+
+
+def GDT(A, B, *, mode: str = "TS", cutoffs=_SEED_GDT_CUTOFFS, weights=None, backend: str = "auto"):
     """Global distance test of already aligned coordinates: the (weighted) mean over cutoffs of the share of
     points within the cutoff (no superposition search, as the seed).
 
     Args:
         A, B: (3, N) or (B, 3, N).
         mode: "TS" (cutoffs 1, 2, 4, 8 Å) or "HA" (0.5, 1, 2, 4 Å).
-        cutoffs: optional explicit cutoffs in Å, overriding ``mode`` (the seed accepted and ignored them).
+        cutoffs: explicit cutoffs in Å, overriding ``mode``; the default (the seed's ``[1, 2, 4, 8]`` object) or
+            None lets ``mode`` decide (the seed always let ``mode`` decide).
         weights: optional weight per cutoff (a scalar applies to all).
 
     Returns:
@@ -708,7 +749,7 @@ def GDT(A, B, *, mode: str = "TS", cutoffs=None, weights=None, backend: str = "a
     if not isinstance(mode, str) or mode.upper() not in _GDT_CUTOFFS:
         raise ValueError(f"mode must be 'TS' or 'HA', got {mode!r}")
     a, b, was_numpy, np_dtype = _pair(A, B, batched=True)
-    cutoffs = _GDT_CUTOFFS[mode.upper()] if cutoffs is None else cutoffs
+    cutoffs = _GDT_CUTOFFS[mode.upper()] if cutoffs is None or cutoffs is _SEED_GDT_CUTOFFS else cutoffs
     cutoffs = torch.as_tensor(cutoffs, dtype=a.dtype, device=a.device).flatten()
     if cutoffs.numel() == 0 or not bool((cutoffs > 0).all()):
         raise ValueError("cutoffs must be a non-empty sequence of positive distances")
@@ -772,39 +813,46 @@ def _int_tokens(name: str, value) -> torch.Tensor:
     return t.long()
 
 
-def scn_backbone_mask(scn_seq, boolean: bool = True, n_aa: int = 3):
-    """Masks of the N, CA and C points in a flattened ``n_aa``-atoms-per-residue backbone.
+def scn_backbone_mask(scn_seq, boolean: bool = True, l_aa: int = NUM_COORDS_PER_RES, *, c_mask: bool = False):
+    """Masks of the backbone N and CA points in a flattened ``l_aa``-atoms-per-residue cloud (the seed's call).
 
-    Atoms are ordered [N, CA, C, ...] in each residue (``n_aa = 3`` for N/CA/C backbones, 4 with CB, 14 for the
-    sidechainnet layout).
+    Atoms are ordered [N, CA, C, ...] in each residue: N is slot 0, CA slot 1, C slot 2 (``l_aa = 14`` for the
+    sidechainnet layout, the default; 3 for N/CA/C backbones, 4 with CB).
 
     Args:
-        scn_seq: (L,) or (B, L) integer sequence (only its shape is used).
+        scn_seq: (L,) or (B, L) sequence, tensor or array; only its shape is used (as the seed).
         boolean: return bool masks (else ``torch.nonzero`` indices of each mask).
-        n_aa: atoms per residue, >= 3.
+        l_aa: atoms per residue, >= 2 (>= 3 with ``c_mask``).
+        c_mask: keyword-only, not in the seed: also return the C mask, as a third element.
 
     Returns:
-        (N_mask, CA_mask, C_mask), each (..., L * n_aa) bool (or the nonzero indices).
+        (N_mask, CA_mask) (or (N_mask, CA_mask, C_mask)), each (..., L * l_aa) bool, or the nonzero indices.
     """
-    seq = _int_tokens("scn_seq", scn_seq)
-    n_aa = _check_int("n_aa", n_aa, minimum=3)
-    if seq.dim() not in (1, 2):
-        raise ValueError(f"scn_seq must be (L,) or (B, L), got {tuple(seq.shape)}")
-    slot = torch.arange(n_aa, device=seq.device).expand(*seq.shape, n_aa)  # [..., l, n_aa]
-    slot = rearrange(slot, "... l c -> ... (l c)")  # [..., l*n_aa]
-    masks = (slot == 0, slot == 1, slot == 2)
+    if isinstance(scn_seq, torch.Tensor):
+        shape, device = tuple(scn_seq.shape), scn_seq.device
+    elif isinstance(scn_seq, np.ndarray):
+        shape, device = scn_seq.shape, torch.device("cpu")
+    else:
+        raise TypeError(f"scn_seq must be a torch.Tensor or numpy.ndarray, got {type(scn_seq).__name__}")
+    l_aa = _check_int("l_aa", l_aa, minimum=3 if c_mask else 2)
+    if len(shape) not in (1, 2):
+        raise ValueError(f"scn_seq must be (L,) or (B, L), got {shape}")
+    slot = torch.arange(l_aa, device=device).expand(*shape, l_aa)  # [..., l, l_aa]
+    slot = rearrange(slot, "... l c -> ... (l c)")  # [..., l*l_aa]
+    masks = (slot == 0, slot == 1, slot == 2) if c_mask else (slot == 0, slot == 1)
     if boolean:
         return masks
     return tuple(torch.nonzero(m) for m in masks)
 
 
-def scn_cloud_mask(scn_seq, boolean: bool = True, coords=None):
+def scn_cloud_mask(scn_seq, boolean: bool = True, *, coords=None):
     """Which of the 14 sidechainnet atom slots each residue has.
 
     Args:
         scn_seq: (L,) or (B, L) sidechainnet tokens (0..19 = ``AA_ORDER``, 20 pad, 21 unknown: backbone only).
         boolean: return the bool mask (else its ``torch.nonzero`` indices).
-        coords: optional (B, L*14, 3) or (B, L, 14, 3) sidechainnet coordinates: then the mask is "slot has a
+        coords: keyword-only, not in the seed: optional (B, L*14, 3) or (B, L, 14, 3) sidechainnet
+            coordinates: then the mask is "slot has a
             nonzero coordinate" (the atoms actually present) and ``scn_seq`` is not read.
 
     Returns:
@@ -833,32 +881,33 @@ def scn_cloud_mask(scn_seq, boolean: bool = True, coords=None):
     return mask if boolean else torch.nonzero(mask)
 
 
-def sidechain_container(backbones, n_aa: int, cloud_mask=None, place_oxygen: bool = False,
-                        n_atoms: int = NUM_COORDS_PER_RES, padding: float = GLOBAL_PAD_CHAR) -> torch.Tensor:
-    """Backbone -> sidechainnet-layout coordinates (differentiable).
+def sidechain_container(backbones, place_oxygen: bool = False, n_atoms: int = NUM_COORDS_PER_RES,
+                        padding: float = GLOBAL_PAD_CHAR, *, n_aa: int = 3, cloud_mask=None) -> torch.Tensor:
+    """Backbone -> sidechainnet-layout coordinates (differentiable), the seed's call.
 
     Slots 0-2 get N, CA, C; slot 3 (O) gets the carbonyl oxygen placed by NeRF from psi when ``place_oxygen``
-    (bond 1.229 Å, angle CA-C-O 2.0944, dihedral N-CA-C-O = psi - pi; psi of the last residue taken as 5pi/4, as
-    the seed), else C; the side-chain slots get CB (``n_aa = 4``) or CA.
+    (bond 1.229 Å, bond angle CA-C-O 2.0944, dihedral N-CA-C-O = psi - pi; psi of the last residue taken as
+    5pi/4, as the seed), else C; slots 4.. get C as the seed (``n_aa = 3``), or the 4th point (CB, ``n_aa = 4``).
 
     Args:
         backbones: (B, L * n_aa, 3) points per residue (N, CA, C[, CB]).
-        n_aa: 3 or 4.
-        cloud_mask: optional (B, L, n_atoms) bool; slots outside it are set to ``padding``.
         place_oxygen: compute O (else O = C).
-        n_atoms: atom slots per residue (>= 5; sidechainnet: 14).
-        padding: value of masked-out slots.
+        n_atoms: atom slots per residue (>= 4; sidechainnet: 14).
+        padding: value of slots outside ``cloud_mask``.
+        n_aa: keyword-only, not in the seed: 3 (N, CA, C) or 4 (N, CA, C, CB) points per residue.
+        cloud_mask: keyword-only, not in the seed: optional (B, L, n_atoms) bool; slots outside it are set to
+            ``padding``.
 
     Returns:
         (B, L, n_atoms, 3).
 
-    Seed difference: the seed's oxygen placement read the wrong atoms for ``n_aa = 4`` and used structure 0's
-    psi for the whole batch.
+    Seed difference (a fix): the seed passed the CA-C-O bond angle as NeRF's theta, which is its supplement, so
+    its O sat at 60 degrees from CA; here CA-C-O is 2.0944 rad (120 degrees) and each structure uses its own psi.
     """
     bb, _ = _as_tensor("backbones", backbones)
     if n_aa not in (3, 4) or isinstance(n_aa, bool):
         raise ValueError(f"n_aa must be 3 (N, CA, C) or 4 (N, CA, C, CB), got {n_aa!r}")
-    n_atoms = _check_int("n_atoms", n_atoms, minimum=5)
+    n_atoms = _check_int("n_atoms", n_atoms, minimum=4)
     if bb.dim() != 3 or bb.shape[-1] != 3 or bb.shape[1] == 0 or bb.shape[1] % n_aa:
         raise ValueError(f"backbones must be (B, L * n_aa, 3) with n_aa = {n_aa}, got {tuple(bb.shape)}")
     _check_finite("backbones", bb)
@@ -869,10 +918,10 @@ def sidechain_container(backbones, n_aa: int, cloud_mask=None, place_oxygen: boo
         psi = get_dihedral_torch(n_pos[:, :-1], ca_pos[:, :-1], c_pos[:, :-1], n_pos[:, 1:])  # [b, l-1]
         psi = torch.cat([psi, psi.new_full((psi.shape[0], 1), 5 * math.pi / 4)], dim=1)  # [b, l]
         oxygen = nerf_torch(n_pos, ca_pos, c_pos, BB_BUILD_INFO["BONDLENS"]["c-o"],
-                            BB_BUILD_INFO["BONDANGS"]["ca-c-o"], psi - math.pi)
+                            math.pi - BB_BUILD_INFO["BONDANGS"]["ca-c-o"], psi - math.pi)
     else:
         oxygen = c_pos
-    fill = residues[:, :, 3] if n_aa == 4 else ca_pos
+    fill = residues[:, :, 3] if n_aa == 4 else c_pos
     side = repeat(fill, "b l d -> b l s d", s=n_atoms - 4)  # [b, l, n_atoms-4, 3]
     coords = torch.cat([residues[:, :, :3], oxygen.unsqueeze(2), side], dim=2)  # [b, l, n_atoms, 3]
     if cloud_mask is not None:
@@ -1186,3 +1235,261 @@ def distogram_accuracy(logits, labels, ignore_index: int = -100):
     accuracy = torch.where(count > 0, correct.sum().double() / count.clamp_min(1),
                            torch.tensor(float("nan"), dtype=torch.float64, device=scores.device))
     return _out(accuracy, was_numpy)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The seed's backend-specific names and decorators (thin faces over the functions above)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def expand_dims_to(t, length: int = 3):
+    """``t`` with ``length`` leading dimensions of size 1 prepended (torch or numpy; ``length <= 0``: ``t``)."""
+    if length <= 0:
+        return t
+    return t.reshape(*((1,) * length), *t.shape)
+
+
+def set_backend_kwarg(fn):
+    """Decorator: resolves ``backend="auto"`` (the default) to "torch" when the first argument is a tensor,
+    else "numpy", and passes it to ``fn`` as ``backend=``."""
+    @functools.wraps(fn)
+    def inner(*args, backend: str = "auto", **kwargs):
+        backend = _check_backend(backend)
+        if backend == "auto":
+            backend = "torch" if isinstance(args[0], torch.Tensor) else "numpy"
+        return fn(*args, backend=backend, **kwargs)
+    return inner
+
+
+def expand_arg_dims(dim_len: int = 3):
+    """Decorator factory: pads both positional arguments ``(x, y)`` of the wrapped function with leading size-1
+    dimensions up to ``dim_len`` dimensions (``(3, N)`` -> ``(1, 3, N)``)."""
+    def outer(fn):
+        @functools.wraps(fn)
+        def inner(x, y, **kwargs):
+            if len(x.shape) != len(y.shape):
+                raise ValueError(f"the two arguments must have as many dimensions, got {tuple(x.shape)} and "
+                                 f"{tuple(y.shape)}")
+            remaining = dim_len - len(x.shape)
+            return fn(expand_dims_to(x, length=remaining), expand_dims_to(y, length=remaining), **kwargs)
+        return inner
+    return outer
+
+
+def invoke_torch_or_numpy(torch_fn, numpy_fn):
+    """Decorator factory: the wrapped function (called with a ``backend=`` keyword, see
+    :func:`set_backend_kwarg`) returns the arguments for the backend function, optionally ending with a dict of
+    keyword arguments; they are converted to tensors / arrays and passed to ``torch_fn`` or ``numpy_fn``."""
+    def outer(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            backend = kwargs.pop("backend")
+            passed = list(fn(*args, **kwargs))
+            passed_kwargs = passed.pop() if passed and isinstance(passed[-1], dict) else {}
+            if backend == "torch":
+                passed = [torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
+                          for a in passed]
+                return torch_fn(*passed, **passed_kwargs)
+            if backend == "numpy":
+                passed = [a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a for a in passed]
+                return numpy_fn(*passed, **passed_kwargs)
+            raise ValueError(f"backend must be 'torch' or 'numpy', got {backend!r}")
+        return inner
+    return outer
+
+
+def mds_torch(pre_dist_mat, weights=None, iters: int = 10, tol: float = 1e-5, verbose: int = 2):
+    """Metric MDS of (B, N, N) distances, torch out: :func:`MDScaling` without mirror fixing.
+
+    Returns:
+        coords (B, 3, N) and the stress history (B, steps).
+    """
+    return MDScaling(pre_dist_mat, weights, iters=iters, tol=tol, verbose=verbose, backend="torch")
+
+
+def mds_numpy(pre_dist_mat, weights=None, iters: int = 10, tol: float = 1e-5, verbose: int = 2):
+    """:func:`mds_torch` with numpy outputs."""
+    return MDScaling(pre_dist_mat, weights, iters=iters, tol=tol, verbose=verbose, backend="numpy")
+
+
+def _mdscaling(pre_dist_mat, weights, iters, tol, fix_mirror, N_mask, CA_mask, C_mask, verbose, backend):
+    coords, stresses = MDScaling(pre_dist_mat, weights, iters=iters, tol=tol, fix_mirror=fix_mirror,
+                                 N_mask=N_mask, CA_mask=CA_mask, C_mask=C_mask, verbose=verbose, backend=backend)
+    if not fix_mirror and coords.shape[0] == 1:
+        return coords[0], stresses[0]  # the seed's (3, N) and (steps,)
+    return coords, stresses
+
+
+def mdscaling_torch(pre_dist_mat, weights=None, iters: int = 10, tol: float = 1e-5, fix_mirror: int = 0,
+                    N_mask=None, CA_mask=None, C_mask=None, verbose: int = 2):
+    """The seed's MDS entry point, torch out (see :func:`MDScaling` for the arguments).
+
+    Returns:
+        fix_mirror = 0: coords (3, N) and stresses (steps,) for one structure ((B, 3, N), (B, steps) for B > 1).
+        fix_mirror > 0: coords (B, 3, N) of the chirality with mostly negative phi, and stresses (B, steps).
+
+    Seed difference: the embedding is deterministic, so instead of ``fix_mirror`` random restarts it runs once
+    and mirrors the result when most phi angles come out positive (the same choice among the two mirrors).
+    """
+    return _mdscaling(pre_dist_mat, weights, iters, tol, fix_mirror, N_mask, CA_mask, C_mask, verbose, "torch")
+
+
+def mdscaling_numpy(pre_dist_mat, weights=None, iters: int = 10, tol: float = 1e-5, fix_mirror: int = 0,
+                    N_mask=None, CA_mask=None, C_mask=None, verbose: int = 2):
+    """:func:`mdscaling_torch` with numpy outputs."""
+    return _mdscaling(pre_dist_mat, weights, iters, tol, fix_mirror, N_mask, CA_mask, C_mask, verbose, "numpy")
+
+
+def _fix_mirrors(preds, stresses, N_mask, CA_mask, C_mask, verbose, to_numpy):
+    p, _ = _as_tensor("preds", preds)
+    if p.dim() != 3 or p.shape[1] != 3 or p.shape[0] == 0:
+        raise ValueError(f"preds must be (n_mirrors, 3, N), got {tuple(p.shape)}")
+    shares = calc_phis_torch(p, N_mask, CA_mask, C_mask, prop=True)  # [m]
+    best = int(torch.nan_to_num(shares, nan=-1.0).argmax())
+    if verbose:
+        print(f"fix_mirrors: structure {best} has the most negative phi (share {float(shares[best]):.3f})")
+    return _out(p[best:best + 1], to_numpy), stresses[best]
+
+
+def fix_mirrors_torch(preds, stresses, N_mask, CA_mask, C_mask=None, verbose: int = 0):
+    """Of ``preds`` (n_mirrors, 3, N), the structure with the largest share of negative phi angles (real proteins'
+    chirality), as (1, 3, N), and ``stresses[i]`` of that structure."""
+    return _fix_mirrors(preds, stresses, N_mask, CA_mask, C_mask, verbose, to_numpy=False)
+
+
+def fix_mirrors_numpy(preds, stresses, N_mask, CA_mask, C_mask=None, verbose: int = 0):
+    """:func:`fix_mirrors_torch` with a numpy structure out."""
+    return _fix_mirrors(preds, stresses, N_mask, CA_mask, C_mask, verbose, to_numpy=True)
+
+
+def get_dihedral_numpy(c1, c2, c3, c4):
+    """:func:`get_dihedral_torch` with a numpy result."""
+    return _out(torch.as_tensor(get_dihedral_torch(c1, c2, c3, c4)), True)
+
+
+def kabsch_torch(X, Y):
+    """:func:`Kabsch` of (3, N) coordinates, torch out: (X centred and rotated onto Y, Y centred)."""
+    return Kabsch(X, Y, backend="torch")
+
+
+def kabsch_numpy(X, Y):
+    """:func:`Kabsch`, numpy out."""
+    return Kabsch(X, Y, backend="numpy")
+
+
+def rmsd_torch(X, Y):
+    """:func:`RMSD` of (B, 3, N) coordinates, torch out (the fixed RMSD: the seed's was ``/ sqrt(3)`` low)."""
+    return RMSD(X, Y, backend="torch")
+
+
+def rmsd_numpy(X, Y):
+    """:func:`RMSD`, numpy out (the fixed RMSD: the seed's was ``/ sqrt(3)`` low)."""
+    return RMSD(X, Y, backend="numpy")
+
+
+def gdt_torch(X, Y, cutoffs, weights=None):
+    """:func:`GDT` of (B, 3, N) coordinates at ``cutoffs`` (Å), torch out (weights: a weighted mean, a fix)."""
+    return GDT(X, Y, cutoffs=cutoffs, weights=weights, backend="torch")
+
+
+def gdt_numpy(X, Y, cutoffs, weights=None):
+    """:func:`gdt_torch`, numpy out."""
+    return GDT(X, Y, cutoffs=cutoffs, weights=weights, backend="numpy")
+
+
+def tmscore_torch(X, Y):
+    """:func:`TMscore` of (B, 3, N) coordinates, torch out (d0 clamped at 0.5 Å, a fix)."""
+    return TMscore(X, Y, backend="torch")
+
+
+def tmscore_numpy(X, Y):
+    """:func:`TMscore`, numpy out."""
+    return TMscore(X, Y, backend="numpy")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The seed's network / mdtraj helpers
+# ----------------------------------------------------------------------------------------------------------
+
+_RCSB_URL = "https://files.rcsb.org/download/{}.pdb"
+
+
+def download_pdb(name: str, route: str) -> str:
+    """Download PDB entry ``name`` (4 characters) from the RCSB to the file ``route``; returns ``route``.
+
+    Needs network access to files.rcsb.org: offline it raises ConnectionError naming the URL (the seed ran
+    ``curl`` and silently wrote an empty file).
+    """
+    import urllib.error
+    import urllib.request
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"name must be a PDB id such as '1UBQ', got {name!r}")
+    url = _RCSB_URL.format(name.strip().upper())
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            data = response.read()
+    except (urllib.error.URLError, OSError) as error:
+        raise ConnectionError(f"download_pdb could not fetch {url} ({error}); it needs network access to "
+                              f"files.rcsb.org") from error
+    with atomic_open(route, "wb") as handle:
+        handle.write(data)
+    return route
+
+
+def _import_mdtraj(caller: str):
+    try:
+        import mdtraj
+    except ImportError as error:
+        raise ImportError(f"{caller} needs mdtraj, as the seed's did: pip install mdtraj") from error
+    return mdtraj
+
+
+def clean_pdb(name: str, route: Optional[str] = None, chain_num: Optional[int] = None) -> str:
+    """Keep only the atoms of chain ``chain_num`` (0-based chain index; None: all chains) of the PDB file
+    ``name`` and write them to ``route`` (default: overwrite ``name``); returns the destination. Needs mdtraj."""
+    mdtraj = _import_mdtraj("clean_pdb")
+    destin = route if route is not None else name
+    raw = mdtraj.load_pdb(name)
+    idxs = []
+    for chain in raw.topology.chains:
+        if chain_num is not None and int(chain_num) != chain.index:
+            continue
+        idxs.extend(raw.topology.select(f"chainid == {chain.index}").tolist())
+    idxs = sorted(idxs)
+    if not idxs:
+        raise ValueError(f"{name} has no chain {chain_num}")
+    prot = mdtraj.Trajectory(xyz=raw.xyz[:, idxs], topology=raw.topology.subset(idxs))
+    prot.save(destin)
+    return destin
+
+
+def custom2pdb(coords, proteinnet_id: str, route: str) -> tuple[str, str]:
+    """Write ``coords`` onto the topology of the PDB chain named by ``proteinnet_id``
+    (``<class>#<pdb_id>_<chain_number>_<chain_id>``): downloads the entry next to ``route``, keeps the chain,
+    replaces its coordinates and saves ``route``. Returns (original file, written file). Needs mdtraj and
+    network access.
+
+    Args:
+        coords: (3, N) or (N, 3) in Å, in the PDB file's atom order; torch or numpy.
+
+    Seed differences (fixes): coordinates are converted from Å to mdtraj's nm (the seed wrote them 10x too
+    large), and a (3, N) input is transposed rather than an (N, 3) one.
+    """
+    mdtraj = _import_mdtraj("custom2pdb")
+    xyz, _ = _as_tensor("coords", coords)
+    xyz = xyz.detach().cpu().to(torch.float64)
+    if xyz.dim() != 2 or 3 not in xyz.shape:
+        raise ValueError(f"coords must be (3, N) or (N, 3), got {tuple(xyz.shape)}")
+    if xyz.shape[1] != 3:
+        xyz = xyz.T  # [n, 3]
+    pdb_name, chain_num = proteinnet_id.split("#")[-1].split("_")[:2]
+    pdb_destin = os.path.join(os.path.dirname(os.fspath(route)), f"{pdb_name}.pdb")
+    download_pdb(pdb_name, pdb_destin)
+    clean_pdb(pdb_destin, chain_num=int(chain_num) - 1)
+    scaffold = mdtraj.load(pdb_destin, top=pdb_destin)
+    if scaffold.xyz.shape[1] != xyz.shape[0]:
+        raise ValueError(f"coords has {xyz.shape[0]} atoms but chain {chain_num} of {pdb_name} has "
+                         f"{scaffold.xyz.shape[1]}")
+    scaffold.xyz = (xyz.numpy() / 10.0)[None].astype(np.float32)  # Å -> nm
+    scaffold.save(route)
+    return pdb_destin, route

@@ -269,7 +269,7 @@ def _check_mirror_fix(device, monkeypatch):
     """MDS cannot tell a backbone from its mirror image; fix_mirror must return the real (mostly negative phi)
     one whichever chirality the fit lands on. The start is forced to each chirality in turn."""
     dist = torch.cdist(NCAC, NCAC).to(device)
-    n_mask, ca_mask, c_mask = utils.scn_backbone_mask(torch.zeros(76, dtype=torch.long))
+    n_mask, ca_mask, c_mask = utils.scn_backbone_mask(torch.zeros(76, dtype=torch.long), l_aa=3, c_mask=True)
     true_share = float(utils.calc_phis_torch(NCAC.T, n_mask, ca_mask, c_mask)[0])
     assert true_share > 0.8, "ubiquitin's phi angles are mostly negative"
 
@@ -316,7 +316,7 @@ def test_dihedral_hand_built_geometry():
 
 def test_phi_of_real_helix_matches_biopython():
     vectors = pytest.importorskip("Bio.PDB.vectors")
-    n_mask, ca_mask, _ = utils.scn_backbone_mask(torch.zeros(76, dtype=torch.long))
+    n_mask, ca_mask = utils.scn_backbone_mask(torch.zeros(76, dtype=torch.long), l_aa=3)
     phis = utils.calc_phis_torch(NCAC.T, n_mask, ca_mask, prop=False)[0]  # residues 2..76
     expected = torch.tensor([vectors.calc_dihedral(*(vectors.Vector(*BACKBONE[r - 1, 2].tolist()),
                                                      *(vectors.Vector(*BACKBONE[r, a].tolist()) for a in range(3))))
@@ -337,7 +337,7 @@ def test_nerf_places_the_hand_built_point():
 def test_nerf_rebuilds_backbone_from_internal_coordinates():
     x = NCAC  # [228, 3]
     lengths = (x[3:] - x[2:-1]).norm(dim=-1)
-    u, v = x[1:-2] - x[2:-1], x[3:] - x[2:-1]
+    u, v = x[2:-1] - x[1:-2], x[3:] - x[2:-1]  # the seed's theta: angle between (c - b) and (d - c)
     angles = torch.arccos((u * v).sum(-1) / (u.norm(dim=-1) * v.norm(dim=-1)))
     torsions = utils.get_dihedral_torch(x[:-3], x[1:-2], x[2:-1], x[3:])
     rebuilt = [x[0], x[1], x[2]]
@@ -449,16 +449,16 @@ def test_tmscore_values():
 
 def test_scn_backbone_mask():
     seq = torch.zeros(2, 3, dtype=torch.long)
-    n_mask, ca_mask, c_mask = utils.scn_backbone_mask(seq)
+    n_mask, ca_mask, c_mask = utils.scn_backbone_mask(seq, l_aa=3, c_mask=True)
     assert n_mask.shape == (2, 9)
     assert n_mask[0].tolist() == [True, False, False] * 3
     assert ca_mask[1].tolist() == [False, True, False] * 3
     assert c_mask[1].tolist() == [False, False, True] * 3
-    n14, ca14, c14 = utils.scn_backbone_mask(seq[0], n_aa=14)
+    n14, ca14, c14 = utils.scn_backbone_mask(seq[0], c_mask=True)  # l_aa = 14 by default, as the seed
     assert torch.nonzero(n14).flatten().tolist() == [0, 14, 28]
     assert torch.nonzero(ca14).flatten().tolist() == [1, 15, 29]
     assert torch.nonzero(c14).flatten().tolist() == [2, 16, 30]
-    indices = utils.scn_backbone_mask(seq[0], boolean=False)
+    indices = utils.scn_backbone_mask(seq[0], boolean=False, l_aa=3)
     assert indices[1].flatten().tolist() == [1, 4, 7]
 
 
@@ -484,7 +484,7 @@ def test_sidechain_container_places_real_oxygens():
     torch.testing.assert_close(out[0, :, :3], BACKBONE[:, :3])
     oxygen_error = (out[0, :75, 3] - BACKBONE[:75, 3]).norm(dim=-1)  # the last residue's psi is unknown
     assert oxygen_error.max() < 0.25, f"O placed {oxygen_error.max():.3f} Å from the crystal's"
-    torch.testing.assert_close(out[0, :, 4:], CA[:, None].expand(76, 10, 3))
+    torch.testing.assert_close(out[0, :, 4:], BACKBONE[:, None, 2].expand(76, 10, 3))  # C, as the seed
 
     without = utils.sidechain_container(backbones, n_aa=3)
     torch.testing.assert_close(without[0, :, 3], BACKBONE[:, 2])  # O defaults to C
