@@ -414,6 +414,7 @@ if extension_available():
     def _block_sparse_attention_setup_context(ctx, inputs, output):
         q, k, v, row_count, row_index, col_count, col_index, block_size, key_padding_mask, bias, scale = inputs
         out, lse = output
+        ctx.mark_non_differentiable(lse)  # a by-product for the backward; the op has no gradient through it
         ctx.block_size, ctx.scale = block_size, scale
         ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[9]
         if any(ctx.needs_input_grad[i] for i in (0, 1, 2, 9)):

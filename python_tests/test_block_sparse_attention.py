@@ -1477,3 +1477,13 @@ def test_isa_variants_nonfinite_cpu(tmp_path):
                 continue
             clean = (clean_out, clean_grads) if case in NONFINITE_LOCAL else None
             _assert_nonfinite_like_reference(inputs, out, grads, scale=scale, clean=clean, expect=expect, label=label)
+
+
+def test_lse_is_not_differentiable():
+    """The raw op's log-sum-exp is a by-product for the backward: marked non-differentiable, so a loss through it
+    fails loudly instead of getting a silently wrong gradient."""
+    args = _forward_args(_inputs("cpu", B=1, H=1, Nq=20, Nk=20, D=16, seed=62))
+    out, lse = torch.ops.af2_ext.block_sparse_attention_forward.default(**args)
+    assert out.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        lse.sum().backward()
