@@ -295,8 +295,8 @@ _INDEX_CACHE: dict = {}
 
 def _check_index_values(count: torch.Tensor, index: torch.Tensor, name: str, limit: int) -> None:
     """Every counted entry of a block index is in [0, limit) and strictly ascending (a repeated block would be
-    counted twice). Run once, where a layout's index is built and cached: the CUDA kernels trust the index, so that
-    no call needs a host sync to validate it."""
+    counted twice). Run once, where a CPU layout's index is built and cached. The CUDA kernels trust the index
+    (checking it would be a host sync per call): on a GPU it is always the one layout_index just built."""
     width = index.shape[-1]
     used = torch.arange(width, device=index.device) < count.unsqueeze(-1)  # [Hl, rows, width]
     idx = index.long()
