@@ -37,7 +37,7 @@ from torch import nn
 
 from af2_ext import layouts, ops
 from af2_ext.blocks import AxialAttention, CrossAttention, FeedForward, MSARowAttention, SelfAttention
-from af2_ext.reversible import Coupling, ReversibleSequence, SequentialSequence
+from af2_ext.reversible import Coupling, ReversibleCouplings, SequentialCouplings
 
 NUM_AMINO_ACIDS = 21
 NUM_EMBEDDS_TR = 1280  # ESM-1b embedding width
@@ -160,9 +160,9 @@ class Alphafold2(nn.Module):
         self.layers = nn.ModuleList(layers)
         # The trunks wrap self.layers without registering it again (one state dict, whatever runs it).
         num_halves = 4 if reversible else 2
-        object.__setattr__(self, "_trunk", (ReversibleSequence if reversible else SequentialSequence)(
+        object.__setattr__(self, "_trunk", (ReversibleCouplings if reversible else SequentialCouplings)(
             self.layers, num_halves))
-        object.__setattr__(self, "_reference_trunk", SequentialSequence(self.layers, num_halves))
+        object.__setattr__(self, "_reference_trunk", SequentialCouplings(self.layers, num_halves))
 
         self.to_distogram_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, DISTOGRAM_BUCKETS))
         self.impl = None

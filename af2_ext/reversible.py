@@ -7,10 +7,10 @@ the MSA stream ``m``. A :class:`Coupling` adds a function of some halves to anot
 
     x1 += f(x2)   x2 += g(x1)   m1 += j(m2)   m2 += k(m1)          (and cross blocks whose f reads m2, ...)
 
-:class:`ReversibleSequence` runs the couplings under one autograd function that stores only the final halves
+:class:`ReversibleCouplings` runs the couplings under one autograd function that stores only the final halves
 (and each coupling's 8-byte generator seed); its backward walks the couplings in reverse: recompute ``fn`` with grad
 enabled and the forward's generator seed and autocast state replayed, rebuild the target in place, back-propagate, free. Memory is
-one set of halves plus one coupling's activations, whatever the depth. :class:`SequentialSequence` runs the
+one set of halves plus one coupling's activations, whatever the depth. :class:`SequentialCouplings` runs the
 same couplings through ordinary autograd (every activation stored); the trunk switches with one flag.
 
 The coupling arithmetic runs in the fused kernels ``af2_ext.ops.coupling_forward_`` (``y = x + f``, in place)
@@ -44,7 +44,7 @@ class Coupling(nn.Module):
             shape, and be deterministic given the RNG state (dropout is).
         target: index of the half it updates.
         inputs: indices of the halves it reads. A coupling that reads its own target is an ordinary residual
-            (``x = x + fn(x)``): fine in a :class:`SequentialSequence`, rejected by :class:`ReversibleSequence`
+            (``x = x + fn(x)``): fine in a :class:`SequentialCouplings`, rejected by :class:`ReversibleCouplings`
             because it cannot be undone.
     """
 
@@ -127,14 +127,14 @@ class _Sequence(nn.Module):
         return any(m.training for m in self.couplings.modules())
 
 
-class SequentialSequence(_Sequence):
+class SequentialCouplings(_Sequence):
     """The couplings run through ordinary autograd (every activation stored). Same interface as
-    :class:`ReversibleSequence`.
+    :class:`ReversibleCouplings`.
 
     Args:
         blocks: couplings, or lists of couplings (one list per block).
         num_halves: the number of halves of the state.
-        seed_couplings: as :class:`ReversibleSequence`; the same global seed gives the same dropout masks here
+        seed_couplings: as :class:`ReversibleCouplings`; the same global seed gives the same dropout masks here
             and there.
     """
 
@@ -153,7 +153,7 @@ class SequentialSequence(_Sequence):
 
 # ----------------------------------------------------------------------------------------------------------
 # Randomness: each coupling runs on its own generator seed, drawn from the global CPU generator before it runs
-# and replayed in its recompute (8 bytes a coupling instead of a 5 KB generator state). SequentialSequence
+# and replayed in its recompute (8 bytes a coupling instead of a 5 KB generator state). SequentialCouplings
 # draws the same seeds, so both give bit-identical dropout masks for the same global seed.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -215,7 +215,7 @@ def _running_stats_kept(fn: nn.Module):
 
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sequence: "ReversibleSequence", context: dict, present: tuple, *args):
+    def forward(ctx, sequence: "ReversibleCouplings", context: dict, present: tuple, *args):
         num = len(present)
         inputs, params = args[:num], args[num:]
         state: list = [None] * sequence.num_halves
@@ -234,8 +234,8 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         if torch.is_grad_enabled():  # create_graph=True: the recompute below is not differentiated twice
-            raise RuntimeError("ReversibleSequence: second-order gradients (create_graph=True) are not supported; "
-                               "use SequentialSequence (ordinary autograd) for double backward")
+            raise RuntimeError("ReversibleCouplings: second-order gradients (create_graph=True) are not supported; "
+                               "use SequentialCouplings (ordinary autograd) for double backward")
         sequence, context, present = ctx.sequence, ctx.context, ctx.present
         saved = ctx.saved_tensors
         state: list = [None] * sequence.num_halves
@@ -271,7 +271,7 @@ class _ReversibleFunction(torch.autograd.Function):
         return (None, None, None, *(grads[slot] for slot in present), *param_grads)
 
 
-class ReversibleSequence(_Sequence):
+class ReversibleCouplings(_Sequence):
     """Reversible couplings: activation memory independent of depth (one extra forward in the backward).
 
     Args:
@@ -292,7 +292,7 @@ class ReversibleSequence(_Sequence):
             if c.target in c.inputs:
                 raise ValueError(f"coupling {c.fn.__class__.__name__} reads its own target half {c.target} "
                                  f"(inputs {c.inputs}): a residual x = x + f(x) cannot be undone; use "
-                                 "SequentialSequence or make it read another half")
+                                 "SequentialCouplings or make it read another half")
 
     def _run(self, state: list, context: dict, devices: list[int]) -> list[Optional[int]]:
         """The forward, in place on ``state`` without autograd; returns each coupling's seed (None: skipped or

@@ -1,4 +1,4 @@
-"""Tests for af2_ext.reversible (ReversibleSequence vs the same couplings through ordinary autograd) and the
+"""Tests for af2_ext.reversible (ReversibleCouplings vs the same couplings through ordinary autograd) and the
 fused coupling ops (af2_ext.ops.coupling_forward_ / coupling_backward_) against their PyTorch expressions.
 
 The stack is the trunk's (af2_ext.blocks.trunk_couplings): pair halves (x1, x2) and MSA halves (m1, m2); per
@@ -15,7 +15,7 @@ from torch import nn
 import helpers
 from af2_ext import ops
 from af2_ext.blocks import FeedForward, trunk_couplings
-from af2_ext.reversible import Coupling, ReversibleSequence, SequentialSequence
+from af2_ext.reversible import Coupling, ReversibleCouplings, SequentialCouplings
 
 cuda_test = helpers.cuda_test("coupling_forward_")
 DIM, HEADS, DIM_HEAD = 32, 2, 16
@@ -66,8 +66,8 @@ def _run(model, halves, context, seed):
 def _check_matches_autograd(device, msa):
     torch.manual_seed(0)
     blocks = trunk_blocks(depth=3, dropout=0.1)
-    reversible = ReversibleSequence(blocks, num_halves=4).to(device)
-    sequential = SequentialSequence(blocks, num_halves=4).to(device)  # the same modules
+    reversible = ReversibleCouplings(blocks, num_halves=4).to(device)
+    sequential = SequentialCouplings(blocks, num_halves=4).to(device)  # the same modules
     halves, context = _halves(device, msa=msa)
     rev_out, rev_grads = _run(reversible, halves, context, seed=123)
     seq_out, seq_grads = _run(sequential, halves, context, seed=123)
@@ -104,7 +104,7 @@ def _check_dropout_replayed(device):
     """Dropout really is on (two seeds give different gradients), and the recompute replays it exactly."""
     torch.manual_seed(0)
     blocks = trunk_blocks(depth=2, dropout=0.5)
-    reversible = ReversibleSequence(blocks, num_halves=4).to(device)
+    reversible = ReversibleCouplings(blocks, num_halves=4).to(device)
     halves, context = _halves(device, msa=True, seed=3)
     _, a = _run(reversible, halves, context, seed=1)
     _, b = _run(reversible, halves, context, seed=2)
@@ -116,7 +116,7 @@ def _check_dropout_replayed(device):
     reversible(*halves, **context)[0].sum().backward()
     after_reversible = torch.rand(3, device=device)
     torch.manual_seed(7)
-    SequentialSequence(blocks, num_halves=4)(*halves, **context)[0].sum().backward()
+    SequentialCouplings(blocks, num_halves=4)(*halves, **context)[0].sum().backward()
     assert torch.equal(after_reversible, torch.rand(3, device=device)), "the backward disturbed the global RNG"
 
 
@@ -134,7 +134,7 @@ def test_autocast_recompute_cpu():
     torch.manual_seed(0)
     blocks = [[Coupling(FeedForward(DIM, dropout=0.1), 0, [1]), Coupling(FeedForward(DIM, dropout=0.1), 1, [0])]
               for _ in range(3)]
-    reversible, sequential = ReversibleSequence(blocks, 2), SequentialSequence(blocks, 2)
+    reversible, sequential = ReversibleCouplings(blocks, 2), SequentialCouplings(blocks, 2)
     halves = [helpers.randn(2, 8, DIM, seed=i, requires_grad=True) for i in range(2)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rev_out, rev_grads = _run(reversible, halves, {}, seed=5)
@@ -151,7 +151,7 @@ def test_autocast_recompute_cpu():
 
 def _drift(device, dtype, depth=48):
     torch.manual_seed(0)
-    model = ReversibleSequence(trunk_blocks(depth, dropout=0.0), num_halves=4).to(device=device, dtype=dtype).eval()
+    model = ReversibleCouplings(trunk_blocks(depth, dropout=0.0), num_halves=4).to(device=device, dtype=dtype).eval()
     halves, context = _halves(device, msa=True, seed=4, dtype=dtype)
     halves = [h.detach() for h in halves]
     with torch.no_grad():
@@ -194,7 +194,7 @@ def saved_bytes(model, halves, context) -> int:
 def _check_memory_flat_in_depth(device):
     halves, context = _halves(device, msa=True, seed=5)
     ratios = {}
-    for name, cls in (("reversible", ReversibleSequence), ("sequential", SequentialSequence)):
+    for name, cls in (("reversible", ReversibleCouplings), ("sequential", SequentialCouplings)):
         torch.manual_seed(0)
         shallow = saved_bytes(cls(trunk_blocks(1), 4).to(device), halves, context)
         deep = saved_bytes(cls(trunk_blocks(12), 4).to(device), halves, context)
@@ -220,7 +220,7 @@ def test_peak_memory_training_step_cuda():
     peaks = {}
     for depth in (1, 8):
         torch.manual_seed(0)
-        model = ReversibleSequence(trunk_blocks(depth), 4).to(device)
+        model = ReversibleCouplings(trunk_blocks(depth), 4).to(device)
         params_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -240,10 +240,10 @@ def test_peak_memory_training_step_cuda():
 def test_api_errors():
     ff = FeedForward(DIM)
     with pytest.raises(ValueError, match="reads its own target half 0"):
-        ReversibleSequence([Coupling(ff, 0, [0, 1])], num_halves=2)
+        ReversibleCouplings([Coupling(ff, 0, [0, 1])], num_halves=2)
     with pytest.raises(ValueError, match="refers to half 2, but there are 2 halves"):
-        ReversibleSequence([Coupling(ff, 0, [2])], num_halves=2)
-    model = ReversibleSequence([Coupling(ff, 0, [1])], num_halves=2)
+        ReversibleCouplings([Coupling(ff, 0, [2])], num_halves=2)
+    model = ReversibleCouplings([Coupling(ff, 0, [1])], num_halves=2)
     x = torch.randn(2, 3, DIM, requires_grad=True)
     with pytest.raises(ValueError, match="expected 2 halves"):
         model(x)
@@ -251,14 +251,14 @@ def test_api_errors():
         model(None, None)
     with pytest.raises(ValueError, match="context argument 'bias' requires grad"):
         model(x, x, bias=torch.ones(1, requires_grad=True))
-    bad = ReversibleSequence([Coupling(nn.Linear(DIM, 2 * DIM), 0, [1])], num_halves=2)
+    bad = ReversibleCouplings([Coupling(nn.Linear(DIM, 2 * DIM), 0, [1])], num_halves=2)
     with pytest.raises(RuntimeError, match=r"returned shape \(2, 3, 64\) for target half 0 of shape \(2, 3, 32\)"):
         bad(x, x)
 
 
 def test_no_grad_forward_matches():
     torch.manual_seed(0)
-    model = ReversibleSequence(trunk_blocks(2, dropout=0.0), 4).eval()
+    model = ReversibleCouplings(trunk_blocks(2, dropout=0.0), 4).eval()
     halves, context = _halves("cpu", msa=True, seed=8)
     with torch.no_grad():
         a = model(*halves, **context)
@@ -375,8 +375,8 @@ def test_batchnorm_running_stats_updated_once():
     step they equal those of ordinary autograd."""
     torch.manual_seed(0)
     blocks = [[Coupling(_NormedFeedForward(DIM), 0, [1]), Coupling(_NormedFeedForward(DIM), 1, [0])]]
-    seq = SequentialSequence(blocks, num_halves=2)
-    rev = ReversibleSequence(blocks, num_halves=2)
+    seq = SequentialCouplings(blocks, num_halves=2)
+    rev = ReversibleCouplings(blocks, num_halves=2)
     x1, x2 = (torch.randn(4, 6, DIM, requires_grad=True) for _ in range(2))
     state = {k: v.clone() for k, v in seq.state_dict().items()}
     torch.cat(seq(x1, x2), -1).square().sum().backward()
@@ -389,8 +389,8 @@ def test_batchnorm_running_stats_updated_once():
 
 
 def test_double_backward_refused():
-    model = ReversibleSequence([Coupling(FeedForward(DIM), 0, [1])], num_halves=2)
+    model = ReversibleCouplings([Coupling(FeedForward(DIM), 0, [1])], num_halves=2)
     x = torch.randn(2, 3, DIM, requires_grad=True)
     y1, y2 = model(x, x * 2)
-    with pytest.raises(RuntimeError, match="ReversibleSequence: second-order gradients"):
+    with pytest.raises(RuntimeError, match="ReversibleCouplings: second-order gradients"):
         torch.autograd.grad((y1 + y2).square().sum(), x, create_graph=True)

@@ -4,8 +4,8 @@ A stack of the trunk's layers (:func:`af2_ext.blocks.trunk_couplings`: pair self
 cross-attention both ways, feed-forwards; pair and MSA streams) at depths 1-24, one training step (forward and
 backward of every parameter and input) timed three ways:
 
-- ``reversible``: :class:`af2_ext.reversible.ReversibleSequence` (outputs stored, inputs rebuilt in backward);
-- ``sequential``: :class:`af2_ext.reversible.SequentialSequence` (ordinary autograd, every activation stored);
+- ``reversible``: :class:`af2_ext.reversible.ReversibleCouplings` (outputs stored, inputs rebuilt in backward);
+- ``sequential``: :class:`af2_ext.reversible.SequentialCouplings` (ordinary autograd, every activation stored);
 - ``checkpoint``: the sequential layers, each under ``torch.utils.checkpoint`` (reentrant: a layer keeps its
   inputs and recomputes its activations in backward).
 
@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from af2_ext.bench import common
 from af2_ext.blocks import trunk_couplings
-from af2_ext.reversible import ReversibleSequence, SequentialSequence
+from af2_ext.reversible import ReversibleCouplings, SequentialCouplings
 
 MODES = ("reversible", "sequential", "checkpoint")
 DEPTHS = (1, 2, 4, 8, 12, 24)
@@ -55,7 +55,7 @@ class CheckpointSequence(nn.Module):
 
     def __init__(self, layers: Sequence[Sequence[nn.Module]], num_halves: int):
         super().__init__()
-        self.layers = nn.ModuleList(SequentialSequence([layer], num_halves) for layer in layers)
+        self.layers = nn.ModuleList(SequentialCouplings([layer], num_halves) for layer in layers)
 
     def forward(self, *halves, **context):
         for layer in self.layers:
@@ -68,9 +68,9 @@ def build(mode: str, config: TrunkConfig, depth: int, seed: int = 0) -> nn.Modul
     layers = [trunk_couplings(config.dim, heads=config.heads, dim_head=config.dim_head, dropout=config.dropout,
                               ratio=config.ratio, block_size=32) for _ in range(depth)]
     if mode == "reversible":
-        return ReversibleSequence(layers, 4)
+        return ReversibleCouplings(layers, 4)
     if mode == "sequential":
-        return SequentialSequence(layers, 4)
+        return SequentialCouplings(layers, 4)
     if mode == "checkpoint":
         return CheckpointSequence(layers, 4)
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
