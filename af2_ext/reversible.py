@@ -22,6 +22,11 @@ MSA (absent halves are ``None`` and the couplings that touch them are skipped); 
 (masks, the MSA row structure) is passed identically to the forward and to the recompute, where the seed's
 recompute dropped the MSA shape; parameters get their gradients through autograd (``torch.autograd.grad`` and
 hooks see them), not by a side-effect ``backward`` call.
+
+The seed module's names (``alphafold2_pytorch.reversible``) are here too, on this machinery: :class:`Deterministic`,
+:class:`ReversibleSelfAttnBlock` and :class:`ReversibleCrossAttnBlock` (four functions f, g, j, k, each block a
+list of couplings) and :class:`ReversibleSequence` (the seed's trunk; ``reverse=True`` runs
+:class:`ReversibleCouplings`, ``reverse=False`` :class:`SequentialCouplings`, over the same parameters).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 from af2_ext import ops
 
@@ -337,3 +343,173 @@ class ReversibleCouplings(_Sequence):
                 # y + (-f) is y - f exactly (negation is exact), computed like the backward's inverse.
                 ops.coupling_forward_(state[c.target], c.compute(tuple(state), context).neg())
         return tuple(state)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The seed's names (alphafold2_pytorch.reversible): its blocks of four functions, run as couplings above.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Deterministic(nn.Module):
+    """``net`` with its generator states recorded (``record_rng=True``: the CPU generator's, and the CUDA
+    generators' of the devices of the tensor arguments once CUDA is initialised) and replayed (``set_rng=True``:
+    ``net`` runs on the recorded states, the caller's are restored afterwards), so that a recompute draws the
+    same dropout masks. The seed's class; its trunk here runs through :class:`ReversibleSequence`, which seeds
+    the couplings itself."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.cpu_state = None
+        self.cuda_in_fwd = False
+        self.gpu_devices, self.gpu_states = [], []
+
+    def record_rng(self, *args) -> None:
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_in_fwd = torch.cuda.is_initialized()
+        if self.cuda_in_fwd:
+            self.gpu_devices, self.gpu_states = get_device_states(*args)
+
+    def forward(self, *args, record_rng: bool = False, set_rng: bool = False, **kwargs):
+        if record_rng:
+            self.record_rng(*args)
+        if not set_rng:
+            return self.net(*args, **kwargs)
+        if self.cpu_state is None:
+            raise RuntimeError("Deterministic: set_rng=True needs a previous call with record_rng=True")
+        devices = self.gpu_devices if self.cuda_in_fwd else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu_state)
+            if self.cuda_in_fwd:
+                set_device_states(self.gpu_devices, self.gpu_states)
+            return self.net(*args, **kwargs)
+
+
+class _SeedCall(nn.Module):
+    """One function of a seed block as a coupling function: the trunk's per-call context (``mask``,
+    ``msa_mask``, ``msa_lead_dims``) passed under the keyword names the seed's block gives it.
+
+    Args:
+        fn: the block's :class:`Deterministic`.
+        names: the seed's keyword -> the context's key, e.g. ``mask="msa_mask", lead_dims="msa_lead_dims"``.
+    """
+
+    def __init__(self, fn: Deterministic, **names: str):
+        super().__init__()
+        self.fn, self.names = fn, names
+
+    def forward(self, *inputs: torch.Tensor, record_rng: bool = False, **context) -> torch.Tensor:
+        return self.fn(*inputs, record_rng=record_rng, **{name: context.get(key) for name, key in self.names.items()})
+
+
+# The seed blocks' halves: the pair stream x = (x1, x2), the MSA stream m = (m1, m2).
+_X1, _X2, _M1, _M2 = range(4)
+
+
+class _SeedBlock(nn.Module):
+    """A seed block: its four functions f, g, j, k (each in a :class:`Deterministic`, as the seed) and the
+    couplings that run them. The couplings live outside the module tree (a tuple), so the parameters are
+    registered once, under the seed's names (``f.net...``), and a seed ``state_dict`` loads."""
+
+    def __init__(self, f: nn.Module, g: nn.Module, j: nn.Module, k: nn.Module):
+        super().__init__()
+        self.f, self.g, self.j, self.k = Deterministic(f), Deterministic(g), Deterministic(j), Deterministic(k)
+        self._couplings = tuple(self._build_couplings())
+
+    def _build_couplings(self) -> list[Coupling]:
+        raise NotImplementedError
+
+    def couplings(self) -> tuple[Coupling, ...]:
+        """x1 += f(...), x2 += g(x1), m1 += j(...), m2 += k(m1) over the halves (x1, x2, m1, m2)."""
+        return self._couplings
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for c in self._couplings:  # the wrappers outside the module tree follow
+            c.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor, m: Optional[torch.Tensor], mask=None, msa_mask=None, msa_lead_dims=None,
+                _reverse: bool = True):
+        """The seed's block step on width-2d streams: x (b, n, 2d), m (b, M, 2d) (or None: pair couplings only).
+        ``_reverse=True`` runs without grad and records the generator states in training (the seed's forward
+        inside its reversible function). Returns (x, m)."""
+        halves = [*x.chunk(2, dim=2), *(m.chunk(2, dim=2) if m is not None else (None, None))]
+        context = {"mask": mask, "msa_mask": msa_mask, "msa_lead_dims": msa_lead_dims}
+        record_rng = self.training and _reverse
+        with torch.no_grad() if _reverse else contextlib.nullcontext():
+            for c in self._couplings:
+                if c.active(halves):
+                    out = c.fn(*(halves[i] for i in c.inputs), record_rng=record_rng, **context)
+                    halves[c.target] = halves[c.target] + out
+        m = None if m is None else torch.cat(halves[2:], dim=2)
+        return torch.cat(halves[:2], dim=2), m
+
+
+class ReversibleSelfAttnBlock(_SeedBlock):
+    """x1 += f(x2, mask); x2 += g(x1); m1 += j(m2, msa_mask, msa_lead_dims); m2 += k(m1)."""
+
+    def _build_couplings(self) -> list[Coupling]:
+        return [
+            Coupling(_SeedCall(self.f, mask="mask"), _X1, [_X2]),
+            Coupling(_SeedCall(self.g), _X2, [_X1]),
+            Coupling(_SeedCall(self.j, mask="msa_mask", lead_dims="msa_lead_dims"), _M1, [_M2]),
+            Coupling(_SeedCall(self.k), _M2, [_M1]),
+        ]
+
+
+class ReversibleCrossAttnBlock(_SeedBlock):
+    """x1 += f(x2, m2, mask, context_mask=msa_mask); x2 += g(x1); m1 += j(m2, x2, msa_mask, context_mask=mask);
+    m2 += k(m1)."""
+
+    def _build_couplings(self) -> list[Coupling]:
+        return [
+            Coupling(_SeedCall(self.f, mask="mask", context_mask="msa_mask"), _X1, [_X2, _M2]),
+            Coupling(_SeedCall(self.g), _X2, [_X1]),
+            Coupling(_SeedCall(self.j, mask="msa_mask", context_mask="mask"), _M1, [_M2, _X2]),
+            Coupling(_SeedCall(self.k), _M2, [_M1]),
+        ]
+
+
+class ReversibleSequence(nn.Module):
+    """The seed's reversible trunk on :class:`ReversibleCouplings` (``reverse=True``, activation memory
+    independent of depth) or :class:`SequentialCouplings` (``reverse=False``), over the same parameters.
+
+    Args:
+        input_blocks: groups of 4 modules (f, g, j, k), self-attention and cross-attention blocks alternating
+            (the seed 0.0.19's Alphafold2 passes these), or built :class:`ReversibleSelfAttnBlock` /
+            :class:`ReversibleCrossAttnBlock` (later seed versions pass these).
+
+    ``forward(seq, msa, mask=None, msa_mask=None, msa_lead_dims=None, reverse=True)``: seq (b, n, d), msa
+    (b, M, d); each stream runs as two copies (the halves) and comes out as their mean, as the seed's
+    concatenation and mean. Returns [seq, msa]. Without an MSA (msa=None; the seed asserted one) only the pair
+    couplings run and msa comes back None.
+    """
+
+    def __init__(self, input_blocks):
+        super().__init__()
+        blocks = []
+        for i, block in enumerate(input_blocks):
+            if not isinstance(block, _SeedBlock):
+                fns = list(block)
+                if len(fns) != 4:
+                    raise ValueError(f"input_blocks[{i}] must be a ReversibleSelfAttnBlock, a "
+                                     f"ReversibleCrossAttnBlock or a group of 4 modules (f, g, j, k), got {len(fns)}")
+                block = (ReversibleSelfAttnBlock if i % 2 == 0 else ReversibleCrossAttnBlock)(*fns)
+            blocks.append(block)
+        self.blocks = nn.ModuleList(blocks)
+        couplings = [c for block in blocks for c in block.couplings()]
+        # Outside the module tree (a tuple): the parameters are registered once, under blocks.
+        self._trunks = (ReversibleCouplings(couplings, 4), SequentialCouplings(couplings, 4))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for trunk in self._trunks:
+            trunk.train(mode)
+        return self
+
+    def forward(self, seq: torch.Tensor, msa: Optional[torch.Tensor], mask=None, msa_mask=None, msa_lead_dims=None,
+                reverse: bool = True) -> list:
+        trunk = self._trunks[0] if reverse else self._trunks[1]
+        x1, x2, m1, m2 = trunk(seq, seq, msa, msa, mask=mask, msa_mask=msa_mask, msa_lead_dims=msa_lead_dims)
+        return [(x1 + x2) * 0.5, None if msa is None else (m1 + m2) * 0.5]
