@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from af2_ext._checks import check_int
+
 __all__ = [
     "num_blocks",
     "dense",
@@ -42,15 +44,6 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value, *, minimum: int) -> int:
-    expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-    if not _is_int(value):
-        raise TypeError(f"{name} must be {expected}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be {expected}, got {value}")
-    return value
-
-
 def _check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
@@ -68,11 +61,11 @@ def _check_int_sequence(name: str, value, *, minimum: int, allow_empty: bool) ->
 
 
 def _check_grid(num_q_blocks, num_k_blocks, num_heads) -> tuple[int, int, int]:
-    _check_int("num_q_blocks", num_q_blocks, minimum=1)
+    num_q_blocks = check_int("num_q_blocks", num_q_blocks, minimum=1)
     if num_k_blocks is None:
         num_k_blocks = num_q_blocks
-    _check_int("num_k_blocks", num_k_blocks, minimum=1)
-    _check_int("num_heads", num_heads, minimum=1)
+    num_k_blocks = check_int("num_k_blocks", num_k_blocks, minimum=1)
+    num_heads = check_int("num_heads", num_heads, minimum=1)
     return num_q_blocks, num_k_blocks, num_heads
 
 
@@ -84,7 +77,7 @@ def _check_layout(layout) -> None:
 
 
 def _generator(seed) -> torch.Generator:
-    _check_int("seed", seed, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
     return torch.Generator().manual_seed(seed)
 
 
@@ -145,8 +138,8 @@ def num_blocks(seq_len: int, block_size: int) -> int:
         seq_len: positive sequence length.
         block_size: positive block size.
     """
-    _check_int("seq_len", seq_len, minimum=1)
-    _check_int("block_size", block_size, minimum=1)
+    seq_len = check_int("seq_len", seq_len, minimum=1)
+    block_size = check_int("block_size", block_size, minimum=1)
     return -(-seq_len // block_size)
 
 
@@ -182,7 +175,7 @@ def local(num_q_blocks: int, num_k_blocks: int | None = None, *, window: int = 3
         [num_heads, num_q_blocks, num_k_blocks] bool.
     """
     nq, nk, h = _check_grid(num_q_blocks, num_k_blocks, num_heads)
-    _check_int("window", window, minimum=1)
+    window = check_int("window", window, minimum=1)
     offset = torch.arange(nk)[None, :] - _diagonal_positions(nq, nk)[:, None]  # [nq, nk]
     return _per_head(offset.abs() <= window // 2, h)
 
@@ -210,11 +203,11 @@ def bigbird(num_q_blocks: int, num_k_blocks: int | None = None, *, window: int =
         [num_heads, num_q_blocks, num_k_blocks] bool.
     """
     nq, nk, h = _check_grid(num_q_blocks, num_k_blocks, num_heads)
-    _check_int("window", window, minimum=1)
-    _check_int("num_global", num_global, minimum=0)
+    window = check_int("window", window, minimum=1)
+    num_global = check_int("num_global", num_global, minimum=0)
     if num_global > nk:
         raise ValueError(f"num_global must be <= num_k_blocks ({nk}), got {num_global}")
-    _check_int("num_random", num_random, minimum=0)
+    num_random = check_int("num_random", num_random, minimum=0)
     generator = _generator(seed)
 
     global_keys = torch.arange(nk) < num_global
@@ -255,12 +248,13 @@ def fixed(num_q_blocks: int, num_k_blocks: int | None = None, *, num_local_block
         [num_heads, num_q_blocks, num_k_blocks] bool.
     """
     nq, nk, h = _check_grid(num_q_blocks, num_k_blocks, num_heads)
-    _check_int("num_local_blocks", num_local_blocks, minimum=1)
-    _check_int("num_global_blocks", num_global_blocks, minimum=1)
+    num_local_blocks = check_int("num_local_blocks", num_local_blocks, minimum=1)
+    num_global_blocks = check_int("num_global_blocks", num_global_blocks, minimum=1)
     if num_local_blocks % num_global_blocks != 0:
         raise ValueError(f"num_global_blocks must divide num_local_blocks ({num_local_blocks}), "
                          f"got {num_global_blocks}")
-    _check_int("num_different_global_patterns", num_different_global_patterns, minimum=1)
+    num_different_global_patterns = check_int("num_different_global_patterns", num_different_global_patterns,
+                                              minimum=1)
     max_patterns = num_local_blocks // num_global_blocks
     if num_different_global_patterns > max_patterns:
         raise ValueError(f"num_different_global_patterns must be <= num_local_blocks // num_global_blocks "
@@ -329,7 +323,7 @@ def variable(num_q_blocks: int, num_k_blocks: int | None = None, *, local_window
             if start >= end:
                 raise ValueError(f"global_block_end_indices must be > global_block_indices element-wise, "
                                  f"got start {start} and end {end}")
-    _check_int("num_random_blocks", num_random_blocks, minimum=0)
+    num_random_blocks = check_int("num_random_blocks", num_random_blocks, minimum=0)
     if num_random_blocks > nk:
         raise ValueError(f"num_random_blocks must be <= num_k_blocks ({nk}), got {num_random_blocks}")
     _check_bool("horizontal_global_attention", horizontal_global_attention)
@@ -390,7 +384,7 @@ def from_mask(mask: torch.Tensor, block_size: int) -> torch.Tensor:
         got = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) \
             else repr(type(mask))
         raise TypeError(f"mask must be a bool tensor of shape (Nq, Nk) or (H, Nq, Nk), got {got}")
-    _check_int("block_size", block_size, minimum=1)
+    block_size = check_int("block_size", block_size, minimum=1)
     if mask.dim() == 2:
         mask = mask.unsqueeze(0)
     h, n_q, n_k = mask.shape
@@ -413,10 +407,10 @@ def to_mask(layout: torch.Tensor, block_size: int, seq_len_q: int, seq_len_k: in
         [H, seq_len_q, seq_len_k] bool, on ``layout``'s device.
     """
     _check_layout(layout)
-    _check_int("block_size", block_size, minimum=1)
+    block_size = check_int("block_size", block_size, minimum=1)
     for name, seq_len, blocks in (("seq_len_q", seq_len_q, layout.shape[1]),
                                   ("seq_len_k", seq_len_k, layout.shape[2])):
-        if num_blocks(_check_int(name, seq_len, minimum=1), block_size) != blocks:
+        if num_blocks(check_int(name, seq_len, minimum=1), block_size) != blocks:
             raise ValueError(f"{name} must span {blocks} blocks of {block_size} "
                              f"({(blocks - 1) * block_size + 1}..{blocks * block_size}), got {seq_len}")
     rows = torch.arange(seq_len_q, device=layout.device) // block_size

@@ -36,9 +36,13 @@ THREE_TO_ONE = {three: one for one, three in ONE_TO_THREE.items()}
 # sidechainnet's measure.ALLOWED_NONSTD_RESIDUES does).
 FORCE_FIELD_RESIDUES = {"HSD": "HIS", "HSE": "HIS", "HSP": "HIS", "HID": "HIS", "HIE": "HIS", "HIP": "HIS",
                         "CYX": "CYS", "CYM": "CYS", "ASH": "ASP", "GLH": "GLU", "LYN": "LYS"}
+# Amino-acid residue names with no parent among the 20, read as X (unknown): the PDB's unknown residue,
+# selenocysteine and pyrrolysine (whose one-letter codes U and O the model reads as unknown too).
+UNKNOWN_RESIDUE_NAMES = ("UNK", "SEC", "PYL")
 
 SEED_ATOMS_PER_RESIDUE = 14
 SCN_ATOMS_PER_RESIDUE = 15
+COORD_PAD_VALUE = 0  # the coordinate of an absent atom slot (sidechainnet's GLOBAL_PAD_CHAR)
 BACKBONE_ATOM_NAMES = ("N", "CA", "C", "O")
 # Heavy side-chain atoms in sidechainnet's order (slots 4.. of the seed's 14, 5.. of sidechainnet 1.0's 15).
 SIDECHAIN_ATOM_NAMES = {
@@ -72,4 +76,5 @@ BACKBONE_BUILD_INFO = {
 
 DISTOGRAM_BUCKETS = 37
 DISTANCE_THRESHOLDS = torch.linspace(2, 20, steps=DISTOGRAM_BUCKETS)
+CONTACT_THRESHOLD = 8.0  # Å: a residue pair closer than this is in contact (CASP's definition)
 MAX_NUM_MSA = 20  # MSA rows the model embeds (its row-position table)

@@ -1,8 +1,10 @@
-"""The standard TM-score and GDT-TS: each score under the superposition that maximises it.
+"""Structure scores: the standard TM-score and GDT-TS, each under the superposition that maximises it, and the
+superposition-free lDDT-Cα and distogram accuracy. (The seed's ``RMSD`` / ``GDT`` / ``TMscore``, which score the
+coordinates as given, are in :mod:`af2_ext.geometry` beside ``Kabsch``.)
 
-Both scores are defined over all superpositions of a model on its reference, with the residue correspondence
-fixed (residue i on residue i). The seed's ``utils.TMscore`` / ``utils.GDT`` score the coordinates as given,
-usually after the RMSD-optimal (Kabsch) superposition; that superposition is pulled towards the wrong parts of a
+TM-score and GDT are defined over all superpositions of a model on its reference, with the residue correspondence
+fixed (residue i on residue i). The seed's ``TMscore`` / ``GDT`` score the coordinates as given, usually after
+the RMSD-optimal (Kabsch) superposition; that superposition is pulled towards the wrong parts of a
 model, so for anything but a near-perfect model it understates both. These functions search the superposition
 as the programs that define the scores do, vectorised over all starting points:
 
@@ -21,6 +23,10 @@ by an actual superposition, the Kabsch one among them, so neither is ever below 
 models with a known answer and against a random search of refined superpositions (at most 2 residues or 2 %
 behind it at any cutoff). A few hundred residues take about 0.1 s (TM-score) and 0.4 s (GDT-TS) on one CPU core.
 Coordinates are the seed's layout, ``(3, N)`` or ``(B, 3, N)``, torch or numpy.
+
+Without a superposition: :func:`lddt_ca`, the lDDT of Cα coordinates (Mariani et al. 2013; ``(B, N, 3)``
+coordinates), and :func:`distogram_accuracy`, the share of labelled pairs whose most likely distogram class is
+the true one.
 """
 from __future__ import annotations
 
@@ -29,7 +35,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["TM_SCORE_DEFINITION", "GDT_TS_DEFINITION", "GDT_TS_CUTOFFS", "tm_score_d0", "tm_score", "gdt_ts"]
+from af2_ext._backend import as_tensor, check_finite, numpy_float_dtype, to_output, wants_numpy
+from af2_ext.geometry import pairwise_distances
+
+__all__ = ["TM_SCORE_DEFINITION", "GDT_TS_DEFINITION", "GDT_TS_CUTOFFS", "tm_score_d0", "tm_score", "gdt_ts",
+           "lddt_ca", "distogram_accuracy"]
 
 TM_SCORE_DEFINITION = ("TM-score (Zhang & Skolnick 2004), residue i on residue i, under the superposition that "
                        "maximises it, searched as the TM-score program does; normalised by the reference's length")
@@ -272,3 +282,96 @@ def gdt_ts(model, reference, *, cutoffs: Sequence[float] = GDT_TS_CUTOFFS):
         scores.append(best.mean() / n)
     return _result(torch.stack(scores), model, unbatched, to_numpy, numpy_dtype)
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Superposition-free scores: lDDT-Cα, distogram accuracy
+# ----------------------------------------------------------------------------------------------------------
+
+
+def lddt_ca(pred, true, mask=None, *, cutoff: float = 15.0, thresholds: Sequence[float] = (0.5, 1.0, 2.0, 4.0)):
+    """lDDT of Cα coordinates (Mariani et al. 2013), per structure; no superposition needed.
+
+    Scored pairs: i != j, both present, true distance < ``cutoff``. A pair is preserved at threshold t when
+    ``|d_pred - d_true| < t``; the score is the share of preserved pairs averaged over the thresholds (the
+    global form, as AlphaFold's ``lddt``).
+
+    Args:
+        pred, true: (B, N, 3) or (N, 3) Cα coordinates in Å, torch or numpy (note: not the ``(3, N)`` layout of
+            ``RMSD`` / ``GDT`` / ``TMscore``).
+        mask: optional (B, N) or (N,) bool, True = residue present in both; absent residues are not scored.
+        cutoff: inclusion radius in the true structure, Å.
+        thresholds: distance-difference tolerances, Å.
+
+    Returns:
+        (B,) in [0, 1], or a 0-d value for (N, 3) input. A structure with no pair to score gets 0 (never NaN).
+    """
+    p, p_numpy = as_tensor("pred", pred)
+    t, t_numpy = as_tensor("true", true)
+    if p.shape != t.shape:
+        raise ValueError(f"pred and true must have the same shape, got {tuple(p.shape)} and {tuple(t.shape)}")
+    if p.dim() not in (2, 3) or p.shape[-1] != 3:
+        raise ValueError(f"pred and true must be (B, N, 3) or (N, 3), got {tuple(p.shape)}")
+    if p.device != t.device:
+        raise ValueError(f"pred and true must be on the same device, got {p.device} and {t.device}")
+    unbatched = p.dim() == 2
+    dtype = torch.float64 if torch.float64 in (p.dtype, t.dtype) else torch.float32
+    p, t = p.to(dtype), t.to(dtype)
+    check_finite("pred", p)
+    check_finite("true", t)
+    if unbatched:
+        p, t = p.unsqueeze(0), t.unsqueeze(0)  # [1, n, 3]
+    batch, n, _ = p.shape
+    if mask is None:
+        present = torch.ones(batch, n, dtype=torch.bool, device=p.device)
+    else:
+        m, _ = as_tensor("mask", mask)
+        expected = (n,) if unbatched else (batch, n)
+        if tuple(m.shape) != expected:
+            raise ValueError(f"mask must be {expected}, got {tuple(m.shape)}")
+        present = m.to(p.device).bool().reshape(batch, n)
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not cutoff > 0:
+        raise ValueError(f"cutoff must be a positive distance, got {cutoff!r}")
+    tolerances = torch.as_tensor(thresholds, dtype=dtype, device=p.device).flatten()
+    if tolerances.numel() == 0 or not bool((tolerances > 0).all()):
+        raise ValueError(f"thresholds must be a non-empty sequence of positive distances, got {thresholds!r}")
+
+    d_true = pairwise_distances(t)  # [b, n, n]
+    d_pred = pairwise_distances(p)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=p.device)
+    scored = (d_true < cutoff) & off_diagonal & present[:, :, None] & present[:, None, :]
+    preserved = ((d_pred - d_true).abs().unsqueeze(-1) < tolerances).to(dtype).mean(dim=-1)  # [b, n, n]
+    total = scored.sum(dim=(-1, -2)).to(dtype)
+    score = (preserved * scored).sum(dim=(-1, -2)) / total.clamp_min(1)
+    if unbatched:
+        score = score[0]
+    return to_output(score, wants_numpy("auto", p_numpy and t_numpy), numpy_float_dtype(pred))
+
+
+def distogram_accuracy(logits, labels, ignore_index: int = -100):
+    """Share of labelled pairs whose most likely distogram class is the true one.
+
+    Args:
+        logits: (..., K) distogram logits (or probabilities), torch or numpy.
+        labels: (...) int class labels, e.g. :func:`get_bucketed_distance_matrix`; ``ignore_index`` is skipped.
+        ignore_index: label of pairs left out.
+
+    Returns:
+        0-d accuracy over all labelled pairs in [0, 1]; NaN when no pair is labelled.
+    """
+    scores, was_numpy = as_tensor("logits", logits)
+    target, _ = as_tensor("labels", labels)
+    if target.is_floating_point() or target.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer classes, got {target.dtype}")
+    if scores.dim() < 1 or tuple(scores.shape[:-1]) != tuple(target.shape):
+        raise ValueError(f"logits must be labels' shape {tuple(target.shape)} plus a class dimension, "
+                         f"got {tuple(scores.shape)}")
+    check_finite("logits", scores)
+    target = target.to(scores.device).long()
+    valid = target != ignore_index
+    if bool((target[valid] < 0).any()) or bool((target[valid] >= scores.shape[-1]).any()):
+        raise ValueError(f"labels must be in [0, {scores.shape[-1]}) or ignore_index={ignore_index}")
+    correct = (scores.argmax(dim=-1) == target) & valid
+    count = valid.sum()
+    accuracy = torch.where(count > 0, correct.sum().double() / count.clamp_min(1),
+                           torch.tensor(float("nan"), dtype=torch.float64, device=scores.device))
+    return to_output(accuracy, was_numpy)

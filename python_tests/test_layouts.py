@@ -1,5 +1,6 @@
 """Tests for af2_ext.layouts; expected patterns are hand-derived from DeepSpeed's sparsity_config.py semantics."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,15 @@ def test_num_blocks():
     assert layouts.num_blocks(64, 16) == 4
     assert layouts.num_blocks(65, 16) == 5
     assert layouts.num_blocks(1, 16) == 1
+
+
+def test_numpy_integers_are_ints():
+    """Sizes go through af2_ext._checks.check_int: numpy integers count as ints (bools never do)."""
+    assert layouts.num_blocks(np.int64(65), np.int32(16)) == 5
+    _assert_layout_equal(layouts.local(np.int64(4), window=np.int64(3)), layouts.local(4, window=3))
+    _assert_layout_equal(layouts.bigbird(4, num_random=1, seed=np.int64(7)), layouts.bigbird(4, num_random=1, seed=7))
+    with pytest.raises(TypeError, match="num_heads must be a positive int"):
+        layouts.dense(2, num_heads=np.bool_(True))
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
@@ -253,7 +263,9 @@ def test_to_mask_small_example():
     _assert_layout_equal(mask, expected)
 
 
-def _check_mask_round_trip(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_mask_round_trip(device):
+    helpers.require_device(device)
     generator = torch.Generator().manual_seed(0)
     block_size, seq_q, seq_k = 8, 37, 29  # tails of 5 and 5 elements
     layout = (torch.rand(3, 5, 4, generator=generator) < 0.5).to(device)
@@ -267,15 +279,6 @@ def _check_mask_round_trip(device):
     covering = layouts.to_mask(coarse, block_size, seq_q, seq_k)
     assert (covering >= element_mask).all(), "to_mask(from_mask(m)) must cover m"
     _assert_layout_equal(layouts.from_mask(covering, block_size), coarse)
-
-
-def test_mask_round_trip_cpu():
-    _check_mask_round_trip("cpu")
-
-
-@helpers.cuda_test()
-def test_mask_round_trip_cuda():
-    _check_mask_round_trip("cuda")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def _distances(points: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# sidechainnet layout, NeRF
+# The seed's 14-slot atom layout (sidechainnet 0.x), NeRF
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -272,6 +272,21 @@ def test_mdscaling_seed_shapes():
     assert isinstance(coords_np, np.ndarray) and coords_np.shape == (1, 3, 36)
     coords_auto, _s = utils.MDScaling(dist.numpy(), iters=5, fix_mirror=1, N_mask=n_mask, CA_mask=ca_mask)
     assert isinstance(coords_auto, np.ndarray) and coords_auto.shape == (1, 3, 36)
+
+
+def test_mdscaling_seed_convention_without_mirror_fixing():
+    # The seed's MDScaling((1, N, N)) went to mdscaling_*, which returned (3, N) and a flat history when
+    # fix_mirror=0, for either backend.
+    dist = _distances(HELIX)  # [1, 36, 36]
+    coords, stresses = utils.MDScaling(dist, iters=5)
+    assert isinstance(coords, torch.Tensor) and coords.shape == (3, 36) and stresses.dim() == 1
+    coords_np, stresses_np = utils.MDScaling(dist.numpy(), iters=5, fix_mirror=0)
+    assert isinstance(coords_np, np.ndarray) and coords_np.shape == (3, 36) and stresses_np.ndim == 1
+    forced, _s = utils.MDScaling(dist.numpy(), iters=5, backend="torch")
+    assert isinstance(forced, torch.Tensor) and forced.shape == (3, 36)
+    torch.testing.assert_close(coords, utils.mdscaling_torch(dist, iters=5, verbose=0)[0])
+    refit = torch.cdist(coords.T, coords.T)
+    assert float((refit - dist[0]).abs().max()) < 0.1, "the helix's distances are met"
 
 
 def test_fix_mirrors_picks_negative_phi():
