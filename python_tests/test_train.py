@@ -1,5 +1,5 @@
-"""af2_ext.train, af2_ext.checkpoint and the af2-ext command line: training lowers the loss, resuming is bit-exact,
-configs are checked, the CLI subcommands write what they promise, bad checkpoints are named.
+"""af2_ext.app.train, af2_ext.app.checkpoint and the af2-ext command line: training lowers the loss, resuming is
+bit-exact, configs are checked, the CLI subcommands write what they promise, bad checkpoints are named.
 
 Every run is tiny (dim 16, depth 1, 16-residue crops of the bundled dataset) and on the CPU: resuming is
 bit-exact only where the kernels are deterministic.
@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("Bio", reason="af2_ext.data (training data) needs biopython (pip install biopython)")
-pytest.importorskip("tqdm", reason="af2_ext.data (training data) needs tqdm (pip install tqdm)")
-pytest.importorskip("matplotlib", reason="af2_ext.train plots the loss with matplotlib (pip install matplotlib)")
+pytest.importorskip("Bio", reason="the application needs biopython (pip install biopython)")
+pytest.importorskip("tqdm", reason="the application needs tqdm (pip install tqdm)")
+pytest.importorskip("matplotlib", reason="af2_ext.app.train plots the loss with matplotlib (pip install matplotlib)")
 
-from af2_ext import checkpoint, data, train  # noqa: E402
+from af2_ext.app import checkpoint, data, train  # noqa: E402
 from af2_ext.model import DISTOGRAM_BUCKETS, Alphafold2  # noqa: E402
 from af2_ext.utils import AA_ORDER, ONE_TO_THREE_LETTER_MAP  # noqa: E402
 
@@ -430,7 +430,7 @@ def test_existing_run_is_kept_unless_resumed_or_overwritten(tmp_path, monkeypatc
 
 
 def test_settings_are_checked_before_the_output_dir_is_touched(tmp_path, monkeypatch, capsys):
-    from af2_ext import cli
+    from af2_ext.app import cli
 
     a_file = tmp_path / "a_file"
     a_file.write_text("mine\n")
@@ -465,7 +465,7 @@ def test_settings_are_checked_before_the_output_dir_is_touched(tmp_path, monkeyp
 
 
 def test_demo_keeps_an_existing_run(tmp_path, capsys):
-    from af2_ext import cli
+    from af2_ext.app import cli
 
     log = tmp_path / "demo" / "train" / "metrics.jsonl"
     log.parent.mkdir(parents=True)
@@ -539,7 +539,7 @@ def test_cli_train_writes_checkpoint(tmp_path):
 def test_cli_demo_report_and_pdb(tmp_path):
     from Bio.PDB import PDBParser
 
-    from af2_ext import demo
+    from af2_ext.app import demo
 
     out = tmp_path / "demo"
     result = _cli("demo", "--steps", "2", "--device", "cpu", "-o", out)
@@ -576,7 +576,7 @@ def test_cli_demo_report_and_pdb(tmp_path):
 # Runs train() and records every step's gradients as clip_grad_norm_ sees them (after DDP's all-reduce).
 GRADIENT_WORKER = r'''
 import json, sys, torch
-from af2_ext import train
+from af2_ext.app import train
 steps = []
 clip = torch.nn.utils.clip_grad_norm_
 def record(parameters, *args, **kwargs):
@@ -663,7 +663,7 @@ def test_badly_typed_config_values_are_named():
 
 @pytest.mark.parametrize("command", ["demo", "train", "fold", "build-dataset"])
 def test_cli_subcommand_help(command, capsys):
-    from af2_ext import cli
+    from af2_ext.app import cli
 
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])

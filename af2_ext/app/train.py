@@ -6,7 +6,7 @@ pairs. The MSA stream gets the query sequence as its one row (``msa="single"``, 
 no alignments, and this keeps the cross-attention in the trunk) or nothing (``msa="none"``).
 
 Reproducible and resumable: the data order and crops come from generators of their own
-(:class:`af2_ext.data.ProteinLoader`), checkpoints carry the model, optimiser, scheduler, the RNG states and the
+(:class:`af2_ext.app.data.ProteinLoader`), checkpoints carry the model, optimiser, scheduler, the RNG states and the
 data position, and ``--resume`` continues with the same losses as a run that was never interrupted.
 
 Nothing is lost: every setting is checked (the model runs one forward at the crop's shape) before the output
@@ -36,11 +36,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from af2_ext import checkpoint as ckpt_io
 from af2_ext import utils
+from af2_ext.app import checkpoint as ckpt_io
+from af2_ext.app import data
+from af2_ext.app.plots import plot_loss_curve
 from af2_ext.devices import resolve_device as _resolve_device
-from af2_ext.fileio import atomic_open, check_input_file, check_output_dir, save_figure_atomic
-from af2_ext.model import DISTOGRAM_BUCKETS, Alphafold2
+from af2_ext.fileio import atomic_open, check_input_file, check_output_dir
+from af2_ext.model import Alphafold2
+from af2_ext.residue_constants import DISTOGRAM_BUCKETS, UNKNOWN_TOKEN
 
 IGNORE = -100
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl")  # an output directory holding either holds a run
@@ -215,7 +218,7 @@ def autocast(config: TrainConfig, device: torch.device):
 
 
 def model_inputs(batch, msa: str) -> dict:
-    """Alphafold2 keyword arguments for a :class:`af2_ext.data.ProteinBatch`."""
+    """Alphafold2 keyword arguments for a :class:`af2_ext.app.data.ProteinBatch`."""
     inputs = dict(seq=batch.seq, mask=batch.mask)
     if msa == "single":
         inputs.update(msa=batch.seq[:, None, :], msa_mask=batch.mask[:, None, :])  # [b, 1, n]
@@ -353,21 +356,8 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
     def plot(self) -> None:
-        from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
-
-        train = [r for r in self.rows if r["kind"] == "train"]
-        evals = [r for r in self.rows if r["kind"] == "eval"]
-        fig = Figure(figsize=(6, 4))
-        ax = fig.add_subplot()
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-        if evals:
-            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel("distogram cross-entropy")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        save_figure_atomic(fig, self.plot_path)
+        """Redraw ``loss.png`` from the rows so far (:func:`af2_ext.app.plots.plot_loss_curve`)."""
+        plot_loss_curve(self.rows, self.plot_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -376,8 +366,6 @@ class MetricsLog:
 
 
 def _loaders(config: TrainConfig, d: Dist):
-    from af2_ext import data
-
     if config.data == "demo":
         source = dict(local_scn_path=data.demo_dataset_path())
     elif config.data == "sidechainnet":
@@ -429,7 +417,7 @@ def check_model(model: torch.nn.Module, config: TrainConfig, device: torch.devic
     configured MSA), so a setting the model rejects only when it runs fails before anything is written. The
     RNG states and the training mode are left as they were."""
     n = config.crop_len
-    seq = torch.full((1, n), 20, dtype=torch.long, device=device)
+    seq = torch.full((1, n), UNKNOWN_TOKEN, dtype=torch.long, device=device)
     inputs = dict(seq=seq, mask=torch.ones(1, n, dtype=torch.bool, device=device))
     if config.msa == "single":
         inputs.update(msa=seq[:, None, :], msa_mask=inputs["mask"][:, None, :])

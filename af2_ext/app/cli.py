@@ -1,4 +1,4 @@
-"""The ``af2-ext`` command line (also ``python -m af2_ext``).
+"""The ``af2-ext`` command line (also ``python -m af2_ext``): the protein application's one entry point.
 
     af2-ext demo                   train a small trunk on the bundled dataset, fold a held-out chain, report
     af2-ext train [--config F]     distogram pre-training (torchrun for several processes)
@@ -6,11 +6,13 @@
     af2-ext build-dataset FILES -o data.pkl
                                    a sidechainnet-format dataset from local PDB/mmCIF files
 
-Each subcommand lives in its module as ``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int``; the
-modules are imported only when their subcommand runs, so ``--help`` is quick. The contract of every command: a
-user error is one line naming what is wrong and exit code 2 (a ValueError, OSError or FloatingPointError raised
-by the command); files are written atomically, so none is left half-written; nothing the user had is replaced
-unless asked (``train --resume`` / ``--overwrite``; ``--overwrite`` for ``demo``, ``fold``, ``build-dataset``).
+Each subcommand lives in its module of :mod:`af2_ext.app` as ``add_<name>_arguments(parser)`` and
+``run_<name>(args) -> int``; the modules are imported only when their subcommand runs, so ``--help`` is quick and
+this module needs nothing beyond the kernel library's dependencies: without the ``app`` extra a command says how
+to install it and exits 2. The contract of every command: a user error is one line naming what is wrong and exit
+code 2 (a ValueError, OSError or FloatingPointError raised by the command); files are written atomically, so none
+is left half-written; nothing the user had is replaced unless asked (``train --resume`` / ``--overwrite``;
+``--overwrite`` for ``demo``, ``fold``, ``build-dataset``).
 """
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ from typing import Optional, Sequence
 
 # subcommand -> (module, function suffix, one-line help)
 SUBCOMMANDS = {
-    "demo": ("af2_ext.demo", "demo", "train on the bundled dataset for a few minutes, fold a held-out chain"),
-    "train": ("af2_ext.train", "train", "distogram pre-training on sidechainnet data"),
-    "fold": ("af2_ext.fold", "fold", "predict a structure from a sequence with a trained checkpoint"),
-    "build-dataset": ("af2_ext.data", "build_dataset", "build a sidechainnet-format pickle from PDB/mmCIF files"),
+    "demo": ("af2_ext.app.demo", "demo", "train on the bundled dataset for a few minutes, fold a held-out chain"),
+    "train": ("af2_ext.app.train", "train", "distogram pre-training on sidechainnet data"),
+    "fold": ("af2_ext.app.fold", "fold", "predict a structure from a sequence with a trained checkpoint"),
+    "build-dataset": ("af2_ext.app.build_dataset", "build_dataset",
+                      "build a sidechainnet-format pickle from PDB/mmCIF files"),
 }
 
 

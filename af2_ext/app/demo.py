@@ -15,9 +15,11 @@ import argparse
 import os
 import time
 
-
+from af2_ext.app import data, fold, train
+from af2_ext.app.structure import write_ca_trace
+from af2_ext.app.train import TrainConfig
 from af2_ext.fileio import atomic_open, check_output_dir, write_json_atomic
-from af2_ext.train import TrainConfig
+from af2_ext.residue_constants import RESTYPES, UNKNOWN_TOKEN
 
 
 def demo_config(output_dir: str, steps: int, device: str, seed: int) -> TrainConfig:
@@ -31,13 +33,11 @@ def demo_config(output_dir: str, steps: int, device: str, seed: int) -> TrainCon
 def held_out_chain(max_len: int):
     """The test-split chain to fold: the longest run of consecutive residues with coordinates (at most
     ``max_len``) among the test chains. Returns (name, sequence, Cα (n, 3))."""
-    from af2_ext import data, utils
-
     loader = data.load_sidechainnet(local_scn_path=data.demo_dataset_path(), split="test", batch_size=1,
                                     max_seq_len=None, shuffle=False)
     best = None
     for batch in loader:
-        present = (batch.coord_mask[0] & batch.mask[0] & (batch.seq[0] < 20)).tolist()
+        present = (batch.coord_mask[0] & batch.mask[0] & (batch.seq[0] < UNKNOWN_TOKEN)).tolist()
         run = 0
         for i, ok in enumerate(present + [False]):
             if ok:
@@ -50,7 +50,7 @@ def held_out_chain(max_len: int):
     if best is None:
         raise ValueError(f"the bundled dataset's test split has no chain with coordinates ({data.demo_dataset_path()})")
     batch, lo, hi = best
-    sequence = "".join(utils.AA_ORDER[t] for t in batch.seq[0, lo:hi].tolist())
+    sequence = "".join(RESTYPES[t] for t in batch.seq[0, lo:hi].tolist())
     name = batch.ids[0] if (lo, hi) == (0, int(batch.mask[0].sum())) else f"{batch.ids[0]}_{lo + 1}-{hi}"
     return name, sequence, batch.ca[0, lo:hi]
 
@@ -95,8 +95,6 @@ def run(output_dir: str = "demo_out", *, steps: int = 800, device: str = "auto",
         progress: bool = True, overwrite: bool = False) -> dict:
     """Train, fold, report; returns the report dict (also written to OUTPUT_DIR/report.json). An
     ``output_dir`` holding an earlier demo run is replaced only with ``overwrite``."""
-    from af2_ext import fold, train
-
     started = time.perf_counter()
     config = demo_config(output_dir, steps, device, seed)
     train.resolve_device(device, train.Dist())  # a bad --device fails here, before anything is written
@@ -110,7 +108,7 @@ def run(output_dir: str = "demo_out", *, steps: int = 800, device: str = "auto",
           f"(sparse + compressed cross-attention + reversible), then folding held-out chain {name} "
           f"({len(sequence)} residues)", flush=True)
     summary = train.train(config, progress=progress, overwrite=overwrite)
-    reference = fold.write_ca_trace(os.path.join(output_dir, "fold", f"{name}_true.pdb"), sequence, ca)
+    reference = write_ca_trace(os.path.join(output_dir, "fold", f"{name}_true.pdb"), sequence, ca)
     outputs = fold.fold_from_checkpoint(summary["checkpoint"], [(name, sequence)], os.path.join(output_dir, "fold"),
                                         reference=reference, device=device, seed=seed, progress=False)
     compared = outputs[0].metrics["reference"]
