@@ -739,10 +739,6 @@ def _check_coupling_overlaps(y, f, grad, vjp) -> None:
     _check_no_overlap(grad, f, "grad", "f")
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def coupling_forward_(x: torch.Tensor, f: torch.Tensor, *, impl: Optional[str] = None) -> torch.Tensor:
     """``x += f`` in place (a reversible coupling's forward, ``y = x + f``) with fp32 arithmetic for fp16/bf16
     storage; ``f`` of x's shape, in x's dtype or fp32/fp16/bf16 (never rounded before the add). x must be
@@ -753,7 +749,7 @@ def coupling_forward_(x: torch.Tensor, f: torch.Tensor, *, impl: Optional[str] =
                    unsupported=_cuda_unsupported("coupling_forward_", x.dtype, x.device)):
         torch.ops.af2_ext.coupling_forward_.default(x, f)
     else:
-        x.copy_(x.to(_opmath(x.dtype)) + f.to(_opmath(x.dtype)))
+        reference.coupling_forward_ref(x, f)
     return x
 
 
@@ -770,8 +766,7 @@ def coupling_backward_(y: torch.Tensor, f: torch.Tensor, grad: torch.Tensor, vjp
                    unsupported=_cuda_unsupported("coupling_backward_", y.dtype, y.device)):
         torch.ops.af2_ext.coupling_backward_.default(y, f, grad, vjp)
     else:
-        y.copy_(y.to(_opmath(y.dtype)) - f.to(_opmath(y.dtype)))
-        grad.copy_(grad.to(_opmath(grad.dtype)) + vjp.to(_opmath(grad.dtype)))
+        reference.coupling_backward_ref(y, f, grad, vjp)
 
 
 if extension_available():

@@ -216,3 +216,37 @@ def compressed_attention_ref(
         layout = layouts.dense(layouts.num_blocks(q.shape[2], block_size), layouts.num_blocks(kc.shape[2], block_size))
     return block_sparse_attention_ref(q, kc, vc, layout, block_size=block_size, key_padding_mask=mask, scale=scale,
                                       dropout_p=dropout_p)
+
+
+def _coupling_opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def coupling_forward_ref(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``x += f`` in place, the contract of :func:`af2_ext.ops.coupling_forward_` (a reversible coupling's
+    forward ``y = x + f``): the sum in fp32 (fp64 for fp64 x) of x and f, f never rounded to x's dtype first,
+    rounded once to x's dtype.
+
+    Args:
+        x: contiguous, float32 / float16 / bfloat16 (float64 on CPU); updated in place.
+        f: x's shape, in x's dtype or float32 / float16 / bfloat16; may be x itself.
+
+    Returns:
+        x.
+    """
+    opmath = _coupling_opmath(x.dtype)
+    return x.copy_(x.to(opmath) + f.to(opmath))
+
+
+def coupling_backward_ref(y: torch.Tensor, f: torch.Tensor, grad: torch.Tensor, vjp: torch.Tensor) -> None:
+    """``y -= f`` (rebuild a coupling's target input from its output) and ``grad += vjp`` (accumulate the
+    gradient of the coupling's input half), both in place, the contract of :func:`af2_ext.ops.coupling_backward_`:
+    each in fp32 (fp64 for fp64 buffers), rounded once to the buffer's dtype.
+
+    Args:
+        y, grad: contiguous buffers updated in place; distinct, and each overlaps neither the other's source.
+        f: y's shape; vjp: grad's shape; each in its buffer's dtype or float32 / float16 / bfloat16.
+    """
+    y_opmath, grad_opmath = _coupling_opmath(y.dtype), _coupling_opmath(grad.dtype)
+    y.copy_(y.to(y_opmath) - f.to(y_opmath))
+    grad.copy_(grad.to(grad_opmath) + vjp.to(grad_opmath))

@@ -1,6 +1,40 @@
 """pytest configuration shared by python_tests/."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+# What asks the CUDA driver: none of it may run while tests are imported and collected (a CUDA case asks when it
+# runs, in helpers.require_device), so collection behaves the same on any machine and never initialises CUDA.
+_CUDA_QUERIES = ("is_available", "device_count", "current_device", "get_device_properties", "get_device_name",
+                 "get_device_capability", "init", "mem_get_info")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes several seconds (torch.compile, subprocesses); "
                                        "deselect with -m 'not slow'")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_collection(session):
+    """Fails the collection if any test module or parametrisation queries CUDA."""
+    calls = []
+    saved = {name: getattr(torch.cuda, name) for name in _CUDA_QUERIES}
+
+    def spy(name):
+        def query(*args, **kwargs):
+            calls.append(name)
+            return saved[name](*args, **kwargs)
+        return query
+
+    for name in _CUDA_QUERIES:
+        setattr(torch.cuda, name, spy(name))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.cuda, name, fn)
+    if calls:
+        raise pytest.UsageError(f"torch.cuda.{calls[0]}() was called while collecting the tests ({len(calls)} CUDA "
+                                "queries in all): ask CUDA in the test body (helpers.require_device), not at import "
+                                "or in a parametrisation")

@@ -12,7 +12,6 @@ Nothing here touches CUDA at import time; CUDA availability is asked when a CUDA
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import Callable, Iterator, Optional
 
@@ -68,21 +67,31 @@ def skip_cuda(reason: str) -> None:
     pytest.skip(reason)
 
 
-def cuda_test(op: Optional[str] = None) -> Callable:
-    """Decorator for ``test_x_cuda``: skips (with the reason) when CUDA or the op's CUDA kernel is missing, or
-    fails under ``AF2_EXT_REQUIRE_GPU``."""
+# Device parametrisation: each test written once, ``@pytest.mark.parametrize("device", DEVICES)``, and
+# ``require_device(device, op)`` first in its body (CUDA is asked then, never at collection).
+DEVICES = ["cpu", "cuda"]
 
-    def decorate(test: Callable) -> Callable:
-        @functools.wraps(test)
-        def wrapper(*args, **kwargs):
-            reason = cuda_skip_reason(op)
-            if reason is not None:
-                skip_cuda(reason)
-            return test(*args, **kwargs)
 
-        return wrapper
+def per_device(**cases: list) -> list:
+    """Device parametrisation for a test whose devices run different cases, e.g. fp64 on the CPU only:
+    ``@pytest.mark.parametrize("device, dtype", per_device(cpu=[fp32, fp64], cuda=[fp32]))``. A case that is a
+    tuple is spread (``"device, dtype, other"``); ids read ``<case>-<device>`` like stacked parametrisations."""
+    params = []
+    for device, device_cases in cases.items():
+        assert device in DEVICES, f"unknown device {device!r}"
+        for case in device_cases:
+            values = case if isinstance(case, tuple) else (case,)
+            params.append(pytest.param(device, *values, id="-".join([*map(str, values), device])))
+    return params
 
-    return decorate
+
+def require_device(device: str, op: Optional[str] = None) -> None:
+    """Skips a CUDA case (with the reason) when CUDA or the op's CUDA kernel is missing; fails it under
+    ``AF2_EXT_REQUIRE_GPU``."""
+    if torch.device(device).type == "cuda":
+        reason = cuda_skip_reason(op)
+        if reason is not None:
+            skip_cuda(reason)
 
 
 @contextlib.contextmanager
@@ -283,17 +292,3 @@ def compressed_attention_lowp(q, k, v, ratio, weight, bias=None, *, key_padding_
         layout = layouts.dense(layouts.num_blocks(q.shape[2], block_size), layouts.num_blocks(kc.shape[2], block_size))
     return block_sparse_attention_lowp(q, kc, vc, layout.to(q.device), block_size=block_size, key_padding_mask=mask,
                                        scale=scale)
-
-
-# Device parametrisation: each test written once, ``@pytest.mark.parametrize("device", DEVICES)``, and
-# ``require_device(device, op)`` first in its body (CUDA is asked then, never at collection).
-DEVICES = ["cpu", "cuda"]
-
-
-def require_device(device: str, op: Optional[str] = None) -> None:
-    """Skips a CUDA case (with the reason) when CUDA or the op's CUDA kernel is missing; fails it under
-    ``AF2_EXT_REQUIRE_GPU``."""
-    if torch.device(device).type == "cuda":
-        reason = cuda_skip_reason(op)
-        if reason is not None:
-            skip_cuda(reason)

@@ -1,7 +1,9 @@
 """Tests for af2_ext.ops.block_sparse_attention against af2_ext.reference.block_sparse_attention_ref.
 
-Each check is written once as ``_check_x(device, ...)`` and run as ``test_x_cpu`` and ``test_x_cuda`` (the
-latter skips without CUDA or without a CUDA kernel). Tolerances come from helpers.assert_matches only.
+Each test is written once and parametrised by device (``helpers.DEVICES``; ``helpers.per_device`` where the
+devices run different cases, e.g. fp64 on the CPU only); a CUDA case skips, with the reason, without CUDA or
+without a CUDA kernel (``helpers.require_device``). Tests named ``_cpu`` / ``_cuda`` check what only that device
+does. Tolerances come from helpers.assert_matches only.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import helpers
 from af2_ext import layouts, ops, reference
 
 OP = "block_sparse_attention_forward"
-cuda_test = helpers.cuda_test(OP)
 bsa = ops.block_sparse_attention
 
 
@@ -95,7 +96,10 @@ def _check_against_reference(inputs: dict, *, scale=None) -> tuple[torch.Tensor,
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_fp32(device, contiguous):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_fp32(device, contiguous):
+    helpers.require_device(device, OP)
     inputs = _inputs(device, B=2, H=3, Nq=64, Nk=64, D=32, mask=True, bias=(2, 3), seed=1)
     if not contiguous:  # (B, N, H, D) storage seen as (B, H, N, D), as attention modules produce it
         for name in ("q", "k", "v"):
@@ -106,19 +110,12 @@ def _check_fp32(device, contiguous):
     _check_against_reference(inputs, scale=0.37)
 
 
-@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
-def test_fp32_cpu(contiguous):
-    _check_fp32("cpu", contiguous)
-
-
-@cuda_test
-@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
-def test_fp32_cuda(contiguous):
-    _check_fp32("cuda", contiguous)
-
-
-def _check_strided_grad_out(device, dtype):
+# fp64 is CPU-only: the CUDA kernels run fp32, fp16 and bf16 (test_fp64_cuda_falls_back).
+@pytest.mark.parametrize("device, dtype", helpers.per_device(cpu=[torch.float32, torch.float64],
+                                                             cuda=[torch.float32]))
+def test_strided_grad_out(device, dtype):
     """A loss whose gradient reaches the op as a broadcast (stride 0) plus a strided slice of it."""
+    helpers.require_device(device, OP)
     inputs = _inputs(device, dtype, B=2, H=2, Nq=40, Nk=33, D=16, bias=(1, 2), mask=True, seed=26)
     diff, rest = _split(inputs)
 
@@ -134,31 +131,13 @@ def _check_strided_grad_out(device, dtype):
         helpers.assert_matches(f"grad {name}", grads[name], ref_grads[name], kind="grad")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_strided_grad_out_cpu(dtype):
-    _check_strided_grad_out("cpu", dtype)
-
-
-@cuda_test
-def test_strided_grad_out_cuda():  # fp64 is CPU-only
-    _check_strided_grad_out("cuda", torch.float32)
-
-
-def _check_low_precision(device, dtype):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtype", helpers.LOW_PRECISION, ids=str)
+def test_low_precision(device, dtype):
+    helpers.require_device(device, OP)
     inputs = _inputs(device, dtype, B=2, H=2, Nq=77, Nk=50, D=64, block_size=32, mask=True, bias=(1, 2),
                      neg_inf=0.05, seed=2)
     _check_against_reference(inputs)
-
-
-@pytest.mark.parametrize("dtype", helpers.LOW_PRECISION, ids=str)
-def test_low_precision_cpu(dtype):
-    _check_low_precision("cpu", dtype)
-
-
-@cuda_test
-@pytest.mark.parametrize("dtype", helpers.LOW_PRECISION, ids=str)
-def test_low_precision_cuda(dtype):
-    _check_low_precision("cuda", dtype)
 
 
 def test_fp64_cpu():  # fp64 is CPU-only
@@ -166,46 +145,36 @@ def test_fp64_cpu():  # fp64 is CPU-only
     _check_against_reference(inputs)
 
 
-def _check_block_size_head_dim(device, block_size, D):
+# Every block size and every head dim once, not the cross product.
+BLOCK_SIZE_HEAD_DIM = [(16, 128), (32, 16), (64, 32), (128, 64)]
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("block_size, D", BLOCK_SIZE_HEAD_DIM)
+def test_block_size_head_dim(device, block_size, D):
+    helpers.require_device(device, OP)
     Nq, Nk = 2 * block_size + 3, block_size + 5  # partial tail blocks, Nq != Nk
     inputs = _inputs(device, B=1, H=2, Nq=Nq, Nk=Nk, D=D, block_size=block_size, mask=True, bias=(1, 2), seed=4)
     _check_against_reference(inputs)
 
 
-# Every block size and every head dim once, not the cross product.
-BLOCK_SIZE_HEAD_DIM = [(16, 128), (32, 16), (64, 32), (128, 64)]
-
-
-@pytest.mark.parametrize("block_size, D", BLOCK_SIZE_HEAD_DIM)
-def test_block_size_head_dim_cpu(block_size, D):
-    _check_block_size_head_dim("cpu", block_size, D)
-
-
-@cuda_test
-@pytest.mark.parametrize("block_size, D", BLOCK_SIZE_HEAD_DIM)
-def test_block_size_head_dim_cuda(block_size, D):
-    _check_block_size_head_dim("cuda", block_size, D)
-
-
-def _check_lengths(device, Nq, Nk):
-    _check_against_reference(_inputs(device, B=2, H=2, Nq=Nq, Nk=Nk, D=16, mask=True, bias=(2, 2), seed=5))
-
-
 LENGTHS = [(1, 1), (17, 50), (50, 17), (33, 33), (100, 7)]
 
 
+@pytest.mark.parametrize("device", helpers.DEVICES)
 @pytest.mark.parametrize("Nq, Nk", LENGTHS)
-def test_lengths_cpu(Nq, Nk):
-    _check_lengths("cpu", Nq, Nk)
+def test_lengths(device, Nq, Nk):
+    helpers.require_device(device, OP)
+    _check_against_reference(_inputs(device, B=2, H=2, Nq=Nq, Nk=Nk, D=16, mask=True, bias=(2, 2), seed=5))
 
 
-@cuda_test
-@pytest.mark.parametrize("Nq, Nk", LENGTHS)
-def test_lengths_cuda(Nq, Nk):
-    _check_lengths("cuda", Nq, Nk)
+PARTIAL_GRADS = [("q",), ("k",), ("v",), ("bias",), ("q", "bias"), ("k", "v")]
 
 
-def _check_partial_grads(device, wanted):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("wanted", PARTIAL_GRADS, ids="+".join)
+def test_partial_grads(device, wanted):
+    helpers.require_device(device, OP)
     inputs = _inputs(device, B=2, H=2, Nq=40, Nk=33, D=16, bias=(1, 2), mask=True, seed=23)
     for name in ("q", "k", "v", "bias"):
         inputs[name] = inputs[name].detach().requires_grad_(name in wanted)
@@ -213,57 +182,28 @@ def _check_partial_grads(device, wanted):
     assert set(grads) == set(wanted), f"asked for gradients of {wanted}, got {sorted(grads)}"
 
 
-PARTIAL_GRADS = [("q",), ("k",), ("v",), ("bias",), ("q", "bias"), ("k", "v")]
+# A bias in a wider floating dtype than q (the gradient comes back in the bias' dtype, as accurate as q's).
+BIAS_DTYPES = [(torch.float16, torch.float32), (torch.float32, torch.float64)]
 
 
-@pytest.mark.parametrize("wanted", PARTIAL_GRADS, ids="+".join)
-def test_partial_grads_cpu(wanted):
-    _check_partial_grads("cpu", wanted)
-
-
-@cuda_test
-@pytest.mark.parametrize("wanted", PARTIAL_GRADS, ids="+".join)
-def test_partial_grads_cuda(wanted):
-    _check_partial_grads("cuda", wanted)
-
-
-def _check_bias_dtype(device, dtype, bias_dtype):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtype, bias_dtype", BIAS_DTYPES, ids=str)
+def test_bias_dtype(device, dtype, bias_dtype):
+    helpers.require_device(device, OP)
     inputs = _inputs(device, dtype, B=2, H=2, Nq=40, Nk=33, D=16, bias=(1, 2), mask=True, seed=24)
     inputs["bias"] = inputs["bias"].detach().to(bias_dtype).requires_grad_()
     _, grads = _check_against_reference(inputs)
     assert grads["bias"].dtype == bias_dtype, f"grad bias is {grads['bias'].dtype}, bias is {bias_dtype}"
 
 
-# A bias in a wider floating dtype than q (the gradient comes back in the bias' dtype, as accurate as q's).
-BIAS_DTYPES = [(torch.float16, torch.float32), (torch.float32, torch.float64)]
-
-
-@pytest.mark.parametrize("dtype, bias_dtype", BIAS_DTYPES, ids=str)
-def test_bias_dtype_cpu(dtype, bias_dtype):
-    _check_bias_dtype("cpu", dtype, bias_dtype)
-
-
-@cuda_test
-@pytest.mark.parametrize("dtype, bias_dtype", BIAS_DTYPES, ids=str)
-def test_bias_dtype_cuda(dtype, bias_dtype):
-    _check_bias_dtype("cuda", dtype, bias_dtype)
-
-
-def _check_large_logits(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_large_logits(device):
     """Logits in the hundreds: exp must not overflow (the softmax is shifted by the running max)."""
+    helpers.require_device(device, OP)
     inputs = _inputs(device, B=2, H=2, Nq=40, Nk=33, D=16, bias=(1, 2), mask=True, seed=25)
     inputs["q"] = (inputs["q"].detach() * 30).requires_grad_()
     inputs["bias"] = (inputs["bias"].detach() * 50).requires_grad_()
     _check_against_reference(inputs)
-
-
-def test_large_logits_cpu():
-    _check_large_logits("cpu")
-
-
-@cuda_test
-def test_large_logits_cuda():
-    _check_large_logits("cuda")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,7 +234,10 @@ LAYOUT_BUILDERS = {
 }
 
 
-def _check_layout_builder(device, name):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("name", sorted(LAYOUT_BUILDERS))
+def test_layout_builder(device, name):
+    helpers.require_device(device, OP)
     layout = LAYOUT_BUILDERS[name]()
     assert layout.shape[1:] == (NB_LAYOUT, NB_LAYOUT), f"{name} layout shape {tuple(layout.shape)}"
     inputs = _inputs(device, B=1, H=H_LAYOUT, Nq=N_LAYOUT, Nk=N_LAYOUT, D=32, block_size=BS_LAYOUT, layout=layout,
@@ -302,18 +245,9 @@ def _check_layout_builder(device, name):
     _check_against_reference(inputs)
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUT_BUILDERS))
-def test_layout_builder_cpu(name):
-    _check_layout_builder("cpu", name)
-
-
-@cuda_test
-@pytest.mark.parametrize("name", sorted(LAYOUT_BUILDERS))
-def test_layout_builder_cuda(name):
-    _check_layout_builder("cuda", name)
-
-
-def _check_shared_vs_per_head_layout(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_shared_vs_per_head_layout(device):
+    helpers.require_device(device, OP)
     H = 3
     shared = helpers.random_layout(1, 4, 3, seed=7)
     inputs = _inputs(device, B=2, H=H, Nq=60, Nk=40, D=16, layout=shared, bias=(1, H), seed=7)
@@ -343,21 +277,15 @@ def _check_shared_vs_per_head_layout(device):
                     f"layouts of heads {g} and {h} differ but give the same output: test is vacuous"
 
 
-def test_shared_vs_per_head_layout_cpu():
-    _check_shared_vs_per_head_layout("cpu")
-
-
-@cuda_test
-def test_shared_vs_per_head_layout_cuda():
-    _check_shared_vs_per_head_layout("cuda")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Empty rows, padding, bias
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_empty_rows(device, dtype):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_empty_rows_and_fully_padded(device, dtype):
+    helpers.require_device(device, OP)
     bs, Nq, Nk = 16, 70, 45  # query blocks 0..4, the last partial
     empty_blocks, padded_batch = (0, 2, 4), 1
     inputs = _inputs(device, dtype, B=3, H=2, Nq=Nq, Nk=Nk, D=32, block_size=bs, bias=(3, 2), seed=9,
@@ -383,18 +311,9 @@ def _check_empty_rows(device, dtype):
     assert torch.count_nonzero(out[0][:, ~empty_q]) > 0, "visible rows must not be zero (test is vacuous)"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_empty_rows_and_fully_padded_cpu(dtype):
-    _check_empty_rows("cpu", dtype)
-
-
-@cuda_test
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_empty_rows_and_fully_padded_cuda(dtype):
-    _check_empty_rows("cuda", dtype)
-
-
-def _check_all_empty(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_all_empty_layout(device):
+    helpers.require_device(device, OP)
     inputs = _inputs(device, B=2, H=2, Nq=40, Nk=24, D=16, bias=(1, 1), seed=10,
                      layout=torch.zeros(2, 3, 2, dtype=torch.bool))
     out, grads = _run_kernel(inputs)
@@ -404,36 +323,22 @@ def _check_all_empty(device):
         assert torch.count_nonzero(g) == 0, f"an all-False layout must give zero grad {name}"
 
 
-def test_all_empty_layout_cpu():
-    _check_all_empty("cpu")
-
-
-@cuda_test
-def test_all_empty_layout_cuda():
-    _check_all_empty("cuda")
-
-
 BIAS_SHAPES = [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2)]  # (Bb, Hb) for B=4, H=2
 
 
-def _check_bias_broadcast(device, Bb, Hb):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("Bb, Hb", BIAS_SHAPES)
+def test_bias_broadcast(device, Bb, Hb):
+    helpers.require_device(device, OP)
     inputs = _inputs(device, B=4, H=2, Nq=40, Nk=33, D=16, bias=(Bb, Hb), mask=True, seed=11)
     _, grads = _check_against_reference(inputs)
     assert grads["bias"].shape == (Bb, Hb, 40, 33)
 
 
-@pytest.mark.parametrize("Bb, Hb", BIAS_SHAPES)
-def test_bias_broadcast_cpu(Bb, Hb):
-    _check_bias_broadcast("cpu", Bb, Hb)
-
-
-@cuda_test
-@pytest.mark.parametrize("Bb, Hb", BIAS_SHAPES)
-def test_bias_broadcast_cuda(Bb, Hb):
-    _check_bias_broadcast("cuda", Bb, Hb)
-
-
-def _check_bias_neg_inf(device, dtype):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bias_neg_inf(device, dtype):
+    helpers.require_device(device, OP)
     inputs = _inputs(device, dtype, B=2, H=2, Nq=50, Nk=40, D=16, bias=(2, 1), neg_inf=0.3, seed=12)
     bias = inputs["bias"].detach().clone()
     bias[0, 0, 5] = -torch.inf  # query row 5 of batch 0 sees nothing through the bias alone
@@ -448,23 +353,17 @@ def _check_bias_neg_inf(device, dtype):
     assert torch.count_nonzero(grads["bias"][neg_inf]) == 0, "grad bias must be zero where the bias is -inf"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bias_neg_inf_cpu(dtype):
-    _check_bias_neg_inf("cpu", dtype)
-
-
-@cuda_test
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bias_neg_inf_cuda(dtype):
-    _check_bias_neg_inf("cuda", dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Determinism, gradcheck, opcheck, torch.compile, impl choice
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_determinism(device, thread_counts):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_determinism(device):
+    """Repeated runs are bitwise equal; on the CPU also with a different number of threads."""
+    helpers.require_device(device, OP)
+    default_threads = torch.get_num_threads()
+    thread_counts = [default_threads, default_threads, 1] if device == "cpu" else [1, 1]
     # Every batch row and head shares one bias: the bias gradient sums over all of them.
     inputs = _inputs(device, B=4, H=4, Nq=96, Nk=80, D=32, bias=(1, 1), mask=True, seed=13)
     runs = []
@@ -478,15 +377,6 @@ def _check_determinism(device, thread_counts):
             diff = (grads[name] - grads0[name]).abs().max()
             assert torch.equal(grads[name], grads0[name]), \
                 f"grad {name} differs between runs ({t0} and {threads} threads): max |diff| {diff}"
-
-
-def test_determinism_cpu():
-    _check_determinism("cpu", [torch.get_num_threads(), torch.get_num_threads(), 1])
-
-
-@cuda_test
-def test_determinism_cuda():
-    _check_determinism("cuda", [1, 1])
 
 
 GRADCHECK_CASES = {
@@ -531,20 +421,16 @@ def _opcheck_samples(device):
     return samples
 
 
-def _check_opcheck(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_opcheck(device):
+    helpers.require_device(device, OP)
     helpers.assert_opcheck(torch.ops.af2_ext.block_sparse_attention_forward.default, _opcheck_samples(device))
 
 
-def test_opcheck_cpu():
-    _check_opcheck("cpu")
-
-
-@cuda_test
-def test_opcheck_cuda():
-    _check_opcheck("cuda")
-
-
-def _check_torch_compile(device):
+@pytest.mark.slow
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_torch_compile(device):
+    helpers.require_device(device, OP)
     torch._dynamo.reset()
     inputs = _inputs(device, B=2, H=2, Nq=40, Nk=33, D=16, bias=(1, 2), mask=True, seed=16)
     diff, rest = _split(inputs)
@@ -562,18 +448,9 @@ def _check_torch_compile(device):
         helpers.assert_matches(f"compiled grad {name} vs eager", grads[name], eager_grads[name], kind="grad")
 
 
-@pytest.mark.slow
-def test_torch_compile_cpu():
-    _check_torch_compile("cpu")
-
-
-@pytest.mark.slow
-@cuda_test
-def test_torch_compile_cuda():
-    _check_torch_compile("cuda")
-
-
-def _check_impl_choice(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_impl_choice(device):
+    helpers.require_device(device, OP)
     inputs = _inputs(device, B=2, H=2, Nq=45, Nk=40, D=32, bias=(2, 2), mask=True, seed=17)
     kernel_out, kernel_grads = _run_kernel(inputs, impl="kernel")
     ref_out, ref_grads = _run_kernel(inputs, impl="reference")
@@ -586,15 +463,6 @@ def _check_impl_choice(device):
     with ops.use_impl("reference"):
         default_out, _ = _run_kernel(inputs, grads=False, impl=None)
     assert torch.equal(default_out, ref_out), "use_impl('reference') must make impl=None run the reference"
-
-
-def test_impl_choice_cpu():
-    _check_impl_choice("cpu")
-
-
-@cuda_test
-def test_impl_choice_cuda():
-    _check_impl_choice("cuda")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -711,7 +579,10 @@ def _bad_base(device) -> dict:
     return _inputs(device, B=2, H=2, Nq=32, Nk=32, D=16, mask=True, bias=(2, 2), requires_grad=False, seed=21)
 
 
-def _check_bad_input(device, case):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(device, case):
+    helpers.require_device(device, OP)
     mutate, match = BAD_INPUTS[case]
     inputs = _bad_base(device)
     mutate(inputs, helpers.other_device(device))
@@ -719,29 +590,11 @@ def _check_bad_input(device, case):
         bsa(**inputs, impl="kernel")
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_cpu(case):
-    _check_bad_input("cpu", case)
-
-
-@cuda_test
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_cuda(case):
-    _check_bad_input("cuda", case)
-
-
-def _check_bad_impl(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_bad_impl(device):
+    helpers.require_device(device, OP)
     with pytest.raises(ValueError, match=r"impl must be one of"):
         bsa(**_bad_base(device), impl="fast")
-
-
-def test_bad_impl_cpu():
-    _check_bad_impl("cpu")
-
-
-@cuda_test
-def test_bad_impl_cuda():
-    _check_bad_impl("cuda")
 
 
 def _forward_args(inputs: dict) -> dict:
@@ -766,7 +619,10 @@ BAD_INDEX = {
 }
 
 
-def _check_bad_op_input(device, case):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("case", list(BAD_OP_INPUTS) + list(BAD_INDEX))
+def test_bad_op_input(device, case):
+    helpers.require_device(device, OP)
     if case in BAD_OP_INPUTS:
         mutate, match = BAD_OP_INPUTS[case]
         inputs = _bad_base(device)
@@ -778,17 +634,6 @@ def _check_bad_op_input(device, case):
         corrupt(args)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.af2_ext.block_sparse_attention_forward.default(**args)
-
-
-@pytest.mark.parametrize("case", list(BAD_OP_INPUTS) + list(BAD_INDEX))
-def test_bad_op_input_cpu(case):
-    _check_bad_op_input("cpu", case)
-
-
-@cuda_test
-@pytest.mark.parametrize("case", list(BAD_OP_INPUTS) + list(BAD_INDEX))
-def test_bad_op_input_cuda(case):
-    _check_bad_op_input("cuda", case)
 
 
 # A corrupt layout index must be rejected by the op, never read out of bounds. Base layout: H=2, 3 x 2 blocks.
@@ -827,16 +672,12 @@ def _corrupt_base(device) -> dict:
     return _forward_args(inputs)
 
 
-def _check_corrupt_row_index(device, case):
-    args = _corrupt_base(device)
+@pytest.mark.parametrize("case", list(CORRUPT_ROW_INDEX))
+def test_corrupt_row_index_cpu(case):
+    args = _corrupt_base("cpu")
     CORRUPT_ROW_INDEX[case](args)
     with pytest.raises(RuntimeError, match=r"row_index"):
         torch.ops.af2_ext.block_sparse_attention_forward.default(**args)
-
-
-@pytest.mark.parametrize("case", list(CORRUPT_ROW_INDEX))
-def test_corrupt_row_index_cpu(case):
-    _check_corrupt_row_index("cpu", case)
 
 
 # On CUDA the raw op trusts its index: validating it would cost a host sync on every call, and the public op
@@ -845,9 +686,9 @@ def test_corrupt_row_index_cpu(case):
 MEMORY_SAFE_CASES = ["count_negative", "count_above_blocks", "index_out_of_range", "index_negative", "index_huge"]
 
 
-@cuda_test
 @pytest.mark.parametrize("case", MEMORY_SAFE_CASES)
 def test_corrupt_row_index_memory_safe_cuda(case):
+    helpers.require_device("cuda", OP)
     args = _corrupt_base("cuda")
     CORRUPT_ROW_INDEX[case](args)
     out, lse = torch.ops.af2_ext.block_sparse_attention_forward.default(**args)
@@ -862,8 +703,9 @@ CORRUPT_COL_INDEX = {  # col_count is (2, 2), col_index (2, 2, 3)
 }
 
 
-def _check_corrupt_col_index_backward(device, case):
-    args = _corrupt_base(device)
+@pytest.mark.parametrize("case", list(CORRUPT_COL_INDEX))
+def test_corrupt_col_index_backward_cpu(case):
+    args = _corrupt_base("cpu")
     out, lse = torch.ops.af2_ext.block_sparse_attention_forward.default(**args)
     CORRUPT_COL_INDEX[case](args)
     with pytest.raises(RuntimeError, match=r"col_index"):
@@ -873,19 +715,14 @@ def _check_corrupt_col_index_backward(device, case):
             args["scale"], [True, True, True, True])
 
 
-@pytest.mark.parametrize("case", list(CORRUPT_COL_INDEX))
-def test_corrupt_col_index_backward_cpu(case):
-    _check_corrupt_col_index_backward("cpu", case)
-
-
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Layout index cache, fake-kernel checks, ISA override warning
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_layout_edit_in_place(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_layout_edit_in_place(device):
+    helpers.require_device(device, OP)
     inputs = _inputs(device, layout=layouts.dense(3, num_heads=2), requires_grad=False)
     before = bsa(**inputs)
     inputs["layout"][:, :, 1:] = False  # an in-place edit must not reuse the cached block index
@@ -893,15 +730,6 @@ def _check_layout_edit_in_place(device):
     expected = reference.block_sparse_attention_ref(**inputs)
     helpers.assert_matches("output after the layout was edited in place", after, expected)
     assert not torch.allclose(before, after), "editing the layout in place did not change the output"
-
-
-def test_layout_edit_in_place_cpu():
-    _check_layout_edit_in_place("cpu")
-
-
-@cuda_test
-def test_layout_edit_in_place_cuda():
-    _check_layout_edit_in_place("cuda")
 
 
 def test_fake_kernel_checks_index():
@@ -927,9 +755,9 @@ def test_unknown_cpu_isa_warns():
     assert proc.returncode != 0 and "AF2_EXT_CPU_ISA='avx9000' is not one of" in proc.stderr, proc.stderr[-2000:]
 
 
-@cuda_test
 def test_compile_reduce_overhead_cuda():
     """CUDA graphs capture the op on a side stream: it must launch on the current stream, not the default one."""
+    helpers.require_device("cuda", OP)
     inputs = _inputs("cuda", requires_grad=False, B=2, H=2, Nq=45, Nk=37, D=32, bias=(1, 2), mask=True)
     layout, kpm, bias = inputs["layout"], inputs["key_padding_mask"], inputs["bias"]
     expected = reference.block_sparse_attention_ref(**inputs)
@@ -957,7 +785,7 @@ def test_compile_reduce_overhead_cuda():
 def test_batch_beyond_grid_limit(device):
     """The model folds b * n rows into the batch (b=64, n=1024: B = 65,536): B * H past 65,535 must run, and a
     bias shared by every batch row sums its gradient over all of them."""
-    helpers.require_device(device, "block_sparse_attention_forward")
+    helpers.require_device(device, OP)
     B, H, N, D, bs = 65_536 + 17, 1, 16, 16, 16
     q, k, v = helpers.make_qkv(B, H, N, N, D, seed=40, device=device, requires_grad=True)
     bias = helpers.make_bias(1, H, N, N, seed=41, device=device, requires_grad=True)
@@ -1029,7 +857,7 @@ def test_smem_verdict_names_the_configuration(monkeypatch):
 def test_smem_fallback_cuda(monkeypatch):
     """On a GPU that pretends to have too little shared memory, impl='auto' falls back to the reference (same
     values as impl='reference') and impl='kernel' raises."""
-    helpers.require_device("cuda", "block_sparse_attention_forward")
+    helpers.require_device("cuda", OP)
     real = torch.cuda.get_device_properties(0)
     fake = types.SimpleNamespace(name=real.name, shared_memory_per_block_optin=1024)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: fake)
@@ -1047,7 +875,7 @@ def test_smem_fallback_cuda(monkeypatch):
 def test_fp64_cuda_falls_back():
     """fp64 on CUDA runs the reference under impl='auto' (so gradcheck works on a GPU) and is refused, naming
     float64, under impl='kernel'."""
-    helpers.require_device("cuda", "block_sparse_attention_forward")
+    helpers.require_device("cuda", OP)
     inputs = _inputs("cuda", torch.float64, B=1, H=1, Nq=17, Nk=18, D=16, bias=(1, 1), mask=True, seed=46)
     diff, rest = _split(inputs)
     with pytest.warns(RuntimeWarning, match="float64"):
@@ -1117,7 +945,7 @@ def test_edited_layout_is_not_stale(edit):
 def test_double_backward_refused(device):
     """create_graph=True through the kernels raises naming the op (it used to give silent zeros); the reference
     computes it."""
-    helpers.require_device(device, "block_sparse_attention_forward")
+    helpers.require_device(device, OP)
     inputs = _inputs(device, B=1, H=1, Nq=20, Nk=20, D=16, bias=(1, 1), seed=49)
     diff, rest = _split(inputs)
     out = bsa(**diff, **rest, impl="kernel")
@@ -1309,7 +1137,15 @@ NONFINITE_CASES = {
 NONFINITE_LOCAL = ("nan_q_row", "nan_k", "nan_v", "inf_v", "nan_bias")
 
 
-def _check_nonfinite(device, dtype, case):
+# bf16: the NaN cases (inf in a key or the scale depends on the sign of q·k, which bf16 rounding may flip).
+NONFINITE_PARAMS = [(torch.float32, case) for case in NONFINITE_CASES] + \
+                   [(torch.bfloat16, case) for case in NONFINITE_CASES if case.startswith("nan")]
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtype, case", NONFINITE_PARAMS, ids=lambda x: str(x).replace("torch.", ""))
+def test_nonfinite_reaches_what_it_touches(device, dtype, case):
+    helpers.require_device(device, OP)
     base = _nonfinite_base(device, dtype)
     inputs, scale, expect = NONFINITE_CASES[case](base)
     out, grads = _run_kernel(inputs, scale=scale)
@@ -1323,18 +1159,6 @@ def _check_nonfinite(device, dtype, case):
     # bias serves, by the layout, the key padding mask or a -inf bias.
     masked = (~_visible(inputs) | torch.isneginf(inputs["bias"].detach().cpu())).all(0, keepdim=True)
     assert torch.count_nonzero(grads["bias"].cpu()[masked]) == 0, "grad bias of masked pairs must be exactly zero"
-
-
-# bf16: the NaN cases (inf in a key or the scale depends on the sign of q·k, which bf16 rounding may flip).
-NONFINITE_PARAMS = [(torch.float32, case) for case in NONFINITE_CASES] + \
-                   [(torch.bfloat16, case) for case in NONFINITE_CASES if case.startswith("nan")]
-
-
-@pytest.mark.parametrize("device", helpers.DEVICES)
-@pytest.mark.parametrize("dtype, case", NONFINITE_PARAMS, ids=lambda x: str(x).replace("torch.", ""))
-def test_nonfinite_reaches_what_it_touches(device, dtype, case):
-    helpers.require_device(device, "block_sparse_attention_forward")
-    _check_nonfinite(device, dtype, case)
 
 
 def _poison_masked(inputs: dict) -> dict:
@@ -1385,7 +1209,7 @@ def test_masked_nonfinite_changes_nothing(device, dtype):
     """NaN / inf in the k, v and bias of masked keys (padded inside a visited block, or in a block nobody visits)
     and in the bias outside the layout: the output and every gradient are finite and equal, bit for bit, to the
     run without them; the masked entries' gradients are exactly zero."""
-    helpers.require_device(device, "block_sparse_attention_forward")
+    helpers.require_device(device, OP)
     base = _masked_base(device, dtype)
     inputs = _poison_masked(base)
     out, grads = _run_kernel(inputs)
@@ -1415,7 +1239,7 @@ def test_masked_nonfinite_changes_nothing(device, dtype):
 def test_storage_past_the_ends_is_never_read(device, dtype):
     """q, k, v and grad_out as views into NaN-filled storage (rows past Nq / Nk, columns past D): nothing of it
     reaches the output or a gradient; the results equal the contiguous run bit for bit."""
-    helpers.require_device(device, "block_sparse_attention_forward")
+    helpers.require_device(device, OP)
     base = _nonfinite_base(device, dtype, seed=63)
     inputs = dict(base)
     for name in ("q", "k", "v"):

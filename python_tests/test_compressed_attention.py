@@ -1,8 +1,10 @@
 """Tests for af2_ext.ops.compressed_attention and af2_ext.ops.kv_compress against af2_ext.reference
 (explicit pad, conv1d, mask pooling, dense fp32 attention).
 
-Each check is written once as ``_check_x(device, ...)`` and run as ``test_x_cpu`` and ``test_x_cuda`` (the
-latter skips without CUDA or without a CUDA kernel). Tolerances come from helpers.assert_matches only.
+Each test is written once and parametrised by device (``helpers.DEVICES``; ``helpers.per_device`` where the
+devices run different cases, e.g. fp64 on the CPU only); a CUDA case skips, with the reason, without CUDA or
+without a CUDA kernel (``helpers.require_device``). Tests named ``_cpu`` / ``_cuda`` check what only that device
+does. Tolerances come from helpers.assert_matches only.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import helpers
 from af2_ext import ops, reference
 
 OP = "kv_compress_forward"
-cuda_test = helpers.cuda_test(OP)
 DIFF = ("q", "k", "v", "weight", "bias")
 
 
@@ -91,69 +92,45 @@ def _check_against_reference(inputs: dict, *, scale=None, label: str = "") -> tu
 RATIO_LENGTHS = [(1, 37), (2, 36), (2, 37), (3, 36), (3, 37), (4, 38), (4, 3), (3, 1)]
 
 
-def _check_ratio_lengths(device, ratio, Nk, mask, layout):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("layout", [False, True], ids=["dense", "layout"])
+@pytest.mark.parametrize("ratio, Nk", RATIO_LENGTHS)
+def test_ratio_lengths(device, ratio, Nk, mask, layout):
+    helpers.require_device(device, OP)
     inputs = _inputs(device, Nk=Nk, ratio=ratio, mask=mask, layout=layout, seed=ratio * 100 + Nk)
     _check_against_reference(inputs, label=f"ratio={ratio} Nk={Nk} mask={mask} layout={layout}: ")
-
-
-@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("layout", [False, True], ids=["dense", "layout"])
-@pytest.mark.parametrize("ratio, Nk", RATIO_LENGTHS)
-def test_ratio_lengths_cpu(ratio, Nk, mask, layout):
-    _check_ratio_lengths("cpu", ratio, Nk, mask, layout)
-
-
-@cuda_test
-@pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
-@pytest.mark.parametrize("layout", [False, True], ids=["dense", "layout"])
-@pytest.mark.parametrize("ratio, Nk", RATIO_LENGTHS)
-def test_ratio_lengths_cuda(ratio, Nk, mask, layout):
-    _check_ratio_lengths("cuda", ratio, Nk, mask, layout)
-
-
-def _check_head_dims(device, D, block_size):
-    inputs = _inputs(device, B=1, H=2, Nq=70, Nk=100, D=D, ratio=3, mask=True, layout=True, block_size=block_size,
-                     seed=D)
-    _check_against_reference(inputs, scale=0.3)
 
 
 HEAD_DIM_BLOCK = [(16, 32), (32, 16), (64, 64), (128, 16)]
 
 
+@pytest.mark.parametrize("device", helpers.DEVICES)
 @pytest.mark.parametrize("D, block_size", HEAD_DIM_BLOCK)
-def test_head_dims_cpu(D, block_size):
-    _check_head_dims("cpu", D, block_size)
+def test_head_dims(device, D, block_size):
+    helpers.require_device(device, OP)
+    inputs = _inputs(device, B=1, H=2, Nq=70, Nk=100, D=D, ratio=3, mask=True, layout=True, block_size=block_size,
+                     seed=D)
+    _check_against_reference(inputs, scale=0.3)
 
 
-@cuda_test
-@pytest.mark.parametrize("D, block_size", HEAD_DIM_BLOCK)
-def test_head_dims_cuda(D, block_size):
-    _check_head_dims("cuda", D, block_size)
-
-
-def _check_low_precision(device, dtype):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("dtype", helpers.LOW_PRECISION, ids=str)
+def test_low_precision(device, dtype):
+    helpers.require_device(device, OP)
     for ratio in (1, 3):
         inputs = _inputs(device, dtype, B=2, H=2, Nq=48, Nk=64, D=32, ratio=ratio, mask=True, seed=7 + ratio)
         _check_against_reference(inputs, label=f"ratio={ratio}: ")
-
-
-@pytest.mark.parametrize("dtype", helpers.LOW_PRECISION, ids=str)
-def test_low_precision_cpu(dtype):
-    _check_low_precision("cpu", dtype)
-
-
-@cuda_test
-@pytest.mark.parametrize("dtype", helpers.LOW_PRECISION, ids=str)
-def test_low_precision_cuda(dtype):
-    _check_low_precision("cuda", dtype)
 
 
 def test_fp64_cpu():  # fp64 is CPU-only
     _check_against_reference(_inputs("cpu", torch.float64, Nk=50, ratio=4, mask=True, layout=True, seed=8))
 
 
-def _check_strided(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_strided(device):
     """k and v as attention modules produce them: (B, N, H, D) storage seen as (B, H, N, D)."""
+    helpers.require_device(device, OP)
     inputs = _inputs(device, B=2, H=3, Nq=33, Nk=41, D=32, ratio=2, mask=True, seed=9)
     for name in ("q", "k", "v"):
         inputs[name] = inputs[name].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
@@ -161,18 +138,11 @@ def _check_strided(device):
     _check_against_reference(inputs)
 
 
-def test_strided_cpu():
-    _check_strided("cpu")
-
-
-@cuda_test
-def test_strided_cuda():
-    _check_strided("cuda")
-
-
-def _check_padding_empties_positions(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_padding_empties_positions(device):
     """A compressed position whose inputs are all padding is masked; a batch row with no kept key gives zero
     output and zero gradients, never NaN."""
+    helpers.require_device(device, OP)
     B, H, Nq, Nk, D, ratio = 3, 2, 24, 13, 16, 3
     inputs = _inputs(device, B=B, H=H, Nq=Nq, Nk=Nk, D=D, ratio=ratio, seed=10)
     mask = torch.ones(B, Nk, dtype=torch.bool)
@@ -201,16 +171,9 @@ def _check_padding_empties_positions(device):
     assert torch.equal(out_changed[0], out[0]), "keys of a masked compressed position leaked into the output"
 
 
-def test_padding_empties_positions_cpu():
-    _check_padding_empties_positions("cpu")
-
-
-@cuda_test
-def test_padding_empties_positions_cuda():
-    _check_padding_empties_positions("cuda")
-
-
-def _check_empty_layout_rows(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_empty_layout_rows(device):
+    helpers.require_device(device, OP)
     inputs = _inputs(device, B=1, H=2, Nq=48, Nk=90, D=16, ratio=3, layout=True, seed=11)
     inputs["layout"][:, 1] = False  # query block 1 sees no compressed key in any head
     out, grads = _check_against_reference(inputs)
@@ -218,16 +181,13 @@ def _check_empty_layout_rows(device):
     assert torch.equal(grads["q"][:, :, 16:32], torch.zeros_like(grads["q"][:, :, 16:32]))
 
 
-def test_empty_layout_rows_cpu():
-    _check_empty_layout_rows("cpu")
+PARTIAL_GRADS = [("q",), ("k",), ("v",), ("weight",), ("bias",), ("weight", "bias"), ("k", "weight")]
 
 
-@cuda_test
-def test_empty_layout_rows_cuda():
-    _check_empty_layout_rows("cuda")
-
-
-def _check_partial_grads(device, wanted):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("wanted", PARTIAL_GRADS, ids="+".join)
+def test_partial_grads(device, wanted):
+    helpers.require_device(device, OP)
     inputs = _inputs(device, Nk=50, ratio=3, mask=True, seed=12)
     for name in DIFF:
         inputs[name] = inputs[name].detach().requires_grad_(name in wanted)
@@ -235,31 +195,10 @@ def _check_partial_grads(device, wanted):
     assert set(grads) == set(wanted), f"gradients {sorted(grads)} for wanted {wanted}"
 
 
-PARTIAL_GRADS = [("q",), ("k",), ("v",), ("weight",), ("bias",), ("weight", "bias"), ("k", "weight")]
-
-
-@pytest.mark.parametrize("wanted", PARTIAL_GRADS, ids="+".join)
-def test_partial_grads_cpu(wanted):
-    _check_partial_grads("cpu", wanted)
-
-
-@cuda_test
-@pytest.mark.parametrize("wanted", PARTIAL_GRADS, ids="+".join)
-def test_partial_grads_cuda(wanted):
-    _check_partial_grads("cuda", wanted)
-
-
-def _check_no_bias(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_no_bias(device):
+    helpers.require_device(device, OP)
     _check_against_reference(_inputs(device, Nk=45, ratio=4, bias=False, mask=True, seed=13))
-
-
-def test_no_bias_cpu():
-    _check_no_bias("cpu")
-
-
-@cuda_test
-def test_no_bias_cuda():
-    _check_no_bias("cuda")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -267,7 +206,27 @@ def test_no_bias_cuda():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_kv_compress(device, dtype, weight_dtype):
+def _kv_compress_lowp(k, v, weight, bias, ratio):
+    """The reference's convolution computed in k's dtype."""
+    out = []
+    batch, heads, seq, dim = k.shape
+    pad = (-seq) % ratio
+    for x in (k, v):
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad)).permute(0, 1, 3, 2).reshape(batch, heads * dim, -1)
+        y = torch.nn.functional.conv1d(x, weight.to(k.dtype), bias.to(k.dtype), stride=ratio, groups=heads)
+        out.append(y.reshape(batch, heads, dim, -1).permute(0, 1, 3, 2))
+    return tuple(out)
+
+
+KV_DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
+             (torch.float16, torch.float16)]
+
+
+# fp64 is CPU-only: the CUDA kernels run fp32, fp16 and bf16 (test_fp64_rejected_cuda).
+@pytest.mark.parametrize("device, dtype, weight_dtype",
+                         helpers.per_device(cpu=KV_DTYPES, cuda=[d for d in KV_DTYPES if d[0] != torch.float64]))
+def test_kv_compress(device, dtype, weight_dtype):
+    helpers.require_device(device, OP)
     B, H, Nk, D = 2, 3, 29, 32
     for ratio in (1, 2, 3, 4, 7, 40):
         k, v = (helpers.randn(B, Nk, H, D, seed=s, dtype=dtype, device=device).transpose(1, 2).requires_grad_()
@@ -299,40 +258,15 @@ def _check_kv_compress(device, dtype, weight_dtype):
                                    ref_lowp=lowp_grads.get(name), precision=dtype)
 
 
-def _kv_compress_lowp(k, v, weight, bias, ratio):
-    """The reference's convolution computed in k's dtype."""
-    out = []
-    batch, heads, seq, dim = k.shape
-    pad = (-seq) % ratio
-    for x in (k, v):
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad)).permute(0, 1, 3, 2).reshape(batch, heads * dim, -1)
-        y = torch.nn.functional.conv1d(x, weight.to(k.dtype), bias.to(k.dtype), stride=ratio, groups=heads)
-        out.append(y.reshape(batch, heads, dim, -1).permute(0, 1, 3, 2))
-    return tuple(out)
-
-
-KV_DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
-             (torch.float16, torch.float16)]
-
-
-@pytest.mark.parametrize("dtype, weight_dtype", KV_DTYPES, ids=str)
-def test_kv_compress_cpu(dtype, weight_dtype):
-    _check_kv_compress("cpu", dtype, weight_dtype)
-
-
-@cuda_test
-@pytest.mark.parametrize("dtype, weight_dtype", [d for d in KV_DTYPES if d[0] != torch.float64], ids=str)
-def test_kv_compress_cuda(dtype, weight_dtype):
-    _check_kv_compress("cuda", dtype, weight_dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Memory, determinism, gradcheck, opcheck, torch.compile, impl choice
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_saves_no_logits(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_saves_no_logits(device):
     """Nothing autograd keeps is as large as the Nq x Nc logits of one head."""
+    helpers.require_device(device, OP)
     inputs = _inputs(device, B=1, H=2, Nq=512, Nk=384, D=16, ratio=3, mask=True, seed=14)
     diff, rest = _split(inputs)
     saved = []
@@ -350,16 +284,12 @@ def _check_saves_no_logits(device):
     assert largest[1] < logits_one_head, f"a saved tensor of shape {largest[0]} is as large as the logits"
 
 
-def test_saves_no_logits_cpu():
-    _check_saves_no_logits("cpu")
-
-
-@cuda_test
-def test_saves_no_logits_cuda():
-    _check_saves_no_logits("cuda")
-
-
-def _check_determinism(device, thread_counts):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_determinism(device):
+    """Repeated runs are bitwise equal; on the CPU also with a different number of threads."""
+    helpers.require_device(device, OP)
+    default_threads = torch.get_num_threads()
+    thread_counts = [default_threads, default_threads, 1] if device == "cpu" else [1, 1]
     inputs = _inputs(device, B=3, H=2, Nq=64, Nk=200, D=32, ratio=3, mask=True, seed=15)
     runs = []
     for threads in thread_counts:
@@ -371,15 +301,6 @@ def _check_determinism(device, thread_counts):
         for name in DIFF:
             assert torch.equal(grads[name], grads0[name]), \
                 f"grad {name} differs between runs ({t0} and {threads} threads)"
-
-
-def test_determinism_cpu():
-    _check_determinism("cpu", [torch.get_num_threads(), torch.get_num_threads(), 1])
-
-
-@cuda_test
-def test_determinism_cuda():
-    _check_determinism("cuda", [1, 1])
 
 
 @pytest.mark.parametrize("ratio, layout", [(3, False), (2, True)], ids=["dense", "layout"])
@@ -396,7 +317,9 @@ def test_gradcheck_fp64_cpu(ratio, layout):  # fp64 is CPU-only
         assert torch.autograd.gradcheck(fn, tuple(diff[n] for n in DIFF), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def _check_opcheck(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_opcheck(device):
+    helpers.require_device(device, OP)
     op = torch.ops.af2_ext.kv_compress_forward.default
     samples = []
     for B, H, Nk, D, ratio, bias, grad in ((2, 2, 37, 16, 3, True, True), (1, 3, 5, 32, 7, False, True),
@@ -408,16 +331,9 @@ def _check_opcheck(device):
     helpers.assert_opcheck(op, samples)
 
 
-def test_opcheck_cpu():
-    _check_opcheck("cpu")
-
-
-@cuda_test
-def test_opcheck_cuda():
-    _check_opcheck("cuda")
-
-
-def _check_torch_compile(device):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.slow)])
+def test_torch_compile(device):
+    helpers.require_device(device, OP)
     torch._dynamo.reset()
     inputs = _inputs(device, B=2, H=2, Nq=40, Nk=50, D=16, ratio=3, mask=True, seed=17)
     diff, rest = _split(inputs)
@@ -436,17 +352,9 @@ def _check_torch_compile(device):
                                    msg=lambda m, name=name: f"compiled grad {name}: {m}")
 
 
-def test_torch_compile_cpu():
-    _check_torch_compile("cpu")
-
-
-@pytest.mark.slow
-@cuda_test
-def test_torch_compile_cuda():
-    _check_torch_compile("cuda")
-
-
-def _check_impl_choice(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_impl_choice(device):
+    helpers.require_device(device, OP)
     inputs = _inputs(device, Nk=40, ratio=2, mask=True, seed=18)
     kernel, kernel_grads = _run_kernel(inputs, impl="kernel")
     ref, ref_grads = _run_kernel(inputs, impl="reference")
@@ -456,15 +364,6 @@ def _check_impl_choice(device):
     with ops.use_impl("reference"):
         default_ref, _ = _run_kernel(inputs, impl=None, grads=False)
     assert torch.equal(default_ref, ref), "use_impl('reference') did not run the reference"
-
-
-def test_impl_choice_cpu():
-    _check_impl_choice("cpu")
-
-
-@cuda_test
-def test_impl_choice_cuda():
-    _check_impl_choice("cuda")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -513,23 +412,15 @@ BAD_INPUTS = {
 }
 
 
-def _check_bad_input(device, case):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(device, case):
+    helpers.require_device(device, OP)
     mutate, match = BAD_INPUTS[case]
     inputs = _inputs(device, B=2, H=2, Nq=40, Nk=37, D=16, ratio=3, mask=True, seed=19, requires_grad=False)
     mutate(inputs, helpers.other_device(device))
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         ops.compressed_attention(**inputs, impl="kernel")
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_cpu(case):
-    _check_bad_input("cpu", case)
-
-
-@cuda_test
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_cuda(case):
-    _check_bad_input("cuda", case)
 
 
 BAD_OP_INPUTS = {
@@ -540,8 +431,11 @@ BAD_OP_INPUTS = {
 }
 
 
-def _check_bad_op_input(device, case):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("case", list(BAD_OP_INPUTS))
+def test_bad_op_input(device, case):
     """The C++ binding checks what the Python wrapper would; a direct torch.ops call gets the same errors."""
+    helpers.require_device(device, OP)
     mutate, match = BAD_OP_INPUTS[case]
     k, v = (helpers.randn(2, 2, 37, 16, seed=s, device=device) for s in (1, 2))
     args = dict(grad_kc=helpers.randn(2, 2, 13, 16, seed=3, device=device),
@@ -552,19 +446,8 @@ def _check_bad_op_input(device, case):
         torch.ops.af2_ext.kv_compress_backward(*args.values(), [True, True, True, False])
 
 
-@pytest.mark.parametrize("case", list(BAD_OP_INPUTS))
-def test_bad_op_input_cpu(case):
-    _check_bad_op_input("cpu", case)
-
-
-@cuda_test
-@pytest.mark.parametrize("case", list(BAD_OP_INPUTS))
-def test_bad_op_input_cuda(case):
-    _check_bad_op_input("cuda", case)
-
-
-@cuda_test
 def test_fp64_rejected_cuda():
+    helpers.require_device("cuda", OP)
     k = helpers.randn(1, 1, 8, 16, seed=1, dtype=torch.float64, device="cuda")
     with pytest.raises(RuntimeError, match=r"k must be float32, float16 or bfloat16 on CUDA"):
         torch.ops.af2_ext.kv_compress_forward(k, k, helpers.randn(16, 16, 2, seed=2, device="cuda"), None, 2)
@@ -597,7 +480,7 @@ def test_attention_dropout_runs_the_reference_with_a_warning():
 @pytest.mark.parametrize("device", helpers.DEVICES)
 def test_double_backward_refused(device):
     """create_graph=True through the compression kernels raises naming the op (it used to give silent zeros)."""
-    helpers.require_device(device, "kv_compress_forward")
+    helpers.require_device(device, OP)
     inputs = _inputs(device, B=1, H=1, Nq=20, Nk=21, D=16, ratio=3, seed=60)
     diff, rest = _split(inputs)
     out = _call(ops.compressed_attention)(**diff, **rest, impl="kernel")
@@ -714,7 +597,7 @@ def test_fully_padded_window_content_does_not_matter(device, dtype):
 def test_padded_inputs_never_reach_the_compression(device):
     """A padded input inside a partly kept window (and one in a fully padded window) holding NaN / inf changes
     nothing: the output and every gradient, the convolution's weight included, equal the run with it zeroed."""
-    helpers.require_device(device, "kv_compress_forward")
+    helpers.require_device(device, OP)
     inputs = _inputs(device, B=2, H=2, Nq=20, Nk=24, D=16, ratio=3, seed=61)
     kpm = torch.ones(2, 24, dtype=torch.bool, device=device)
     kpm[0, 4] = False          # inside the kept window 3..5

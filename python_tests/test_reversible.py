@@ -1,5 +1,5 @@
-"""Tests for af2_ext.reversible (ReversibleCouplings vs the same couplings through ordinary autograd) and the
-fused coupling ops (af2_ext.ops.coupling_forward_ / coupling_backward_) against their PyTorch expressions.
+"""Tests for af2_ext.reversible: ReversibleCouplings vs the same couplings through ordinary autograd (the fused
+coupling ops it runs on are tested in test_coupling.py).
 
 The stack is the trunk's (af2_ext.blocks.trunk_couplings): pair halves (x1, x2) and MSA halves (m1, m2); per
 layer pair self-attention (block-sparse op, key padding mask from the context), GEGLU feed-forwards, MSA row
@@ -13,11 +13,10 @@ import torch
 from torch import nn
 
 import helpers
-from af2_ext import ops
 from af2_ext.blocks import FeedForward, trunk_couplings
 from af2_ext.reversible import Coupling, ReversibleCouplings, SequentialCouplings
 
-cuda_test = helpers.cuda_test("coupling_forward_")
+OP = "coupling_forward_"
 DIM, HEADS, DIM_HEAD = 32, 2, 16
 
 
@@ -63,7 +62,10 @@ def _run(model, halves, context, seed):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_matches_autograd(device, msa):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("msa", [True, False], ids=["with_msa", "pair_only"])
+def test_matches_autograd(device, msa):
+    helpers.require_device(device, OP)
     torch.manual_seed(0)
     blocks = trunk_blocks(depth=3, dropout=0.1)
     reversible = ReversibleCouplings(blocks, num_halves=4).to(device)
@@ -89,19 +91,10 @@ def _check_matches_autograd(device, msa):
             assert _relative(a, b) <= 1e-5, f"{name}: reversible gradient differs by {_relative(a, b):.3g} (relative)"
 
 
-@pytest.mark.parametrize("msa", [True, False], ids=["with_msa", "pair_only"])
-def test_matches_autograd_cpu(msa):
-    _check_matches_autograd("cpu", msa)
-
-
-@cuda_test
-@pytest.mark.parametrize("msa", [True, False], ids=["with_msa", "pair_only"])
-def test_matches_autograd_cuda(msa):
-    _check_matches_autograd("cuda", msa)
-
-
-def _check_dropout_replayed(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_dropout_replayed(device):
     """Dropout really is on (two seeds give different gradients), and the recompute replays it exactly."""
+    helpers.require_device(device, OP)
     torch.manual_seed(0)
     blocks = trunk_blocks(depth=2, dropout=0.5)
     reversible = ReversibleCouplings(blocks, num_halves=4).to(device)
@@ -118,15 +111,6 @@ def _check_dropout_replayed(device):
     torch.manual_seed(7)
     SequentialCouplings(blocks, num_halves=4)(*halves, **context)[0].sum().backward()
     assert torch.equal(after_reversible, torch.rand(3, device=device)), "the backward disturbed the global RNG"
-
-
-def test_dropout_replayed_cpu():
-    _check_dropout_replayed("cpu")
-
-
-@cuda_test
-def test_dropout_replayed_cuda():
-    _check_dropout_replayed("cuda")
 
 
 def test_autocast_recompute_cpu():
@@ -160,22 +144,15 @@ def _drift(device, dtype, depth=48):
     return max(_relative(r.float(), h.float()) for r, h in zip(rebuilt, halves))
 
 
-def _check_drift(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_drift(device):
+    helpers.require_device(device, OP)
     fp32 = _drift(device, torch.float32)
     assert fp32 < 1e-4, f"fp32 inputs rebuilt through 48 blocks drift by {fp32:.3g} (relative)"
     bf16 = _drift(device, torch.bfloat16)
     # bf16 storage rounds every coupling output (2^-8 relative); the fp32 inverse arithmetic keeps the drift
     # near that rounding instead of compounding it. Reported in BENCHMARKS.md via `bench reversible`.
     assert bf16 < 0.1, f"bf16 inputs rebuilt through 48 blocks drift by {bf16:.3g} (relative)"
-
-
-def test_drift_cpu():
-    _check_drift("cpu")
-
-
-@cuda_test
-def test_drift_cuda():
-    _check_drift("cuda")
 
 
 def saved_bytes(model, halves, context) -> int:
@@ -191,7 +168,9 @@ def saved_bytes(model, halves, context) -> int:
     return sum(storages.values())
 
 
-def _check_memory_flat_in_depth(device):
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_memory_flat_in_depth(device):
+    helpers.require_device(device, OP)
     halves, context = _halves(device, msa=True, seed=5)
     ratios = {}
     for name, cls in (("reversible", ReversibleCouplings), ("sequential", SequentialCouplings)):
@@ -203,18 +182,9 @@ def _check_memory_flat_in_depth(device):
     assert 10 <= ratios["sequential"] <= 13, f"sequential grows {ratios['sequential']:.2f}x (expected about 12x)"
 
 
-def test_memory_flat_in_depth_cpu():
-    _check_memory_flat_in_depth("cpu")
-
-
-@cuda_test
-def test_memory_flat_in_depth_cuda():
-    _check_memory_flat_in_depth("cuda")
-
-
-@cuda_test
 def test_peak_memory_training_step_cuda():
     """Peak max_memory_allocated of a training step: flat in depth when reversible."""
+    helpers.require_device("cuda", OP)
     device = "cuda"
     halves, context = _halves(device, msa=True, seed=6, B=2, N=64, rows=4, cols=64)
     peaks = {}
@@ -266,98 +236,6 @@ def test_no_grad_forward_matches():
     for x, y in zip(a, b):
         assert torch.equal(x, y.detach()), "no-grad path and autograd path disagree"
     assert all(not x.requires_grad for x in a)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Fused coupling ops vs their PyTorch expressions
-# ----------------------------------------------------------------------------------------------------------
-
-COUPLING_DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
-                   (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.float32)]
-
-
-def _check_coupling_ops(device, dtype, src_dtype):
-    opmath = torch.float64 if dtype == torch.float64 else torch.float32
-    for n in (1, 7, 1000, 100_003):
-        x = helpers.randn(n, seed=1, dtype=dtype, device=device)
-        f = helpers.randn(n, seed=2, dtype=src_dtype, device=device)
-        expected = (x.to(opmath) + f.to(opmath)).to(dtype)
-        y = x.clone()
-        assert ops.coupling_forward_(y, f, impl="kernel") is y
-        assert torch.equal(y, expected), f"n={n}: x += f differs from the PyTorch expression"
-        grad = helpers.randn(2, n // 2 + 1, seed=3, dtype=dtype, device=device)  # another shape than y
-        vjp = helpers.randn(2, n // 2 + 1, seed=4, dtype=src_dtype, device=device)
-        expected_grad = (grad.to(opmath) + vjp.to(opmath)).to(dtype)
-        expected_y = (y.to(opmath) - f.to(opmath)).to(dtype)
-        ops.coupling_backward_(y, f, grad, vjp, impl="kernel")
-        assert torch.equal(y, expected_y), f"n={n}: y -= f differs from the PyTorch expression"
-        assert torch.equal(grad, expected_grad), f"n={n}: grad += vjp differs from the PyTorch expression"
-        # The same through the reference path (impl="reference"): identical by construction of the rule.
-        y_ref = expected.clone()
-        ops.coupling_backward_(y_ref, f, grad.clone(), vjp, impl="reference")
-        assert torch.equal(y_ref, expected_y)
-
-
-@pytest.mark.parametrize("dtype, src_dtype", COUPLING_DTYPES + [(torch.float64, torch.float64)], ids=str)
-def test_coupling_ops_cpu(dtype, src_dtype):
-    _check_coupling_ops("cpu", dtype, src_dtype)
-
-
-@cuda_test
-@pytest.mark.parametrize("dtype, src_dtype", COUPLING_DTYPES, ids=str)
-def test_coupling_ops_cuda(dtype, src_dtype):
-    _check_coupling_ops("cuda", dtype, src_dtype)
-
-
-def _check_coupling_bad_input(device):
-    x = torch.zeros(4, 5, device=device)
-    with pytest.raises((ValueError, RuntimeError), match=r"f must have x's shape"):
-        ops.coupling_forward_(x, torch.zeros(5, device=device), impl="kernel")
-    with pytest.raises((ValueError, RuntimeError), match=r"x must be contiguous"):
-        ops.coupling_forward_(x.t(), torch.zeros(5, 4, device=device), impl="kernel")
-    with pytest.raises((ValueError, RuntimeError), match=r"x must be float32, float16 or bfloat16"):
-        ops.coupling_forward_(x.int(), x.int(), impl="kernel")
-    with pytest.raises((ValueError, RuntimeError), match=r"f must have x's dtype"):
-        ops.coupling_forward_(x, x.double(), impl="kernel")
-    with pytest.raises((ValueError, RuntimeError), match=r"f must be on x's device"):
-        ops.coupling_forward_(x, x.to(helpers.other_device(device)), impl="kernel")
-    with pytest.raises((ValueError, RuntimeError), match=r"y must not overlap grad"):
-        ops.coupling_backward_(x, x.clone(), x, x.clone(), impl="kernel")
-    # Overlapping views, not only the same tensor: each check in the op wrapper and in the binding alone.
-    buf = torch.zeros(2, 4, 5, device=device)
-    overlapping = [
-        ("coupling_backward_", (buf[0], x.clone(), buf.view(8, 5)[2:6], x.clone()), r"y must not overlap grad"),
-        ("coupling_backward_", (buf.view(8, 5)[:4], buf.view(8, 5)[1:5], x.clone(), x.clone()),
-         r"f must not partially overlap y"),
-        ("coupling_backward_", (x.clone(), x.clone(), buf.view(8, 5)[:4], buf.view(8, 5)[2:6]),
-         r"vjp must not partially overlap grad"),
-        ("coupling_backward_", (buf[0], x.clone(), buf[1], buf[0]), r"vjp must not overlap y"),
-        ("coupling_backward_", (buf[0], buf[1], buf[1], x.clone()), r"f must not overlap grad"),
-        ("coupling_forward_", (buf.view(8, 5)[:4], buf.view(8, 5)[1:5]), r"f must not partially overlap x"),
-    ]
-    for name, args, message in overlapping:
-        with pytest.raises((ValueError, RuntimeError), match=message):
-            getattr(ops, name)(*args, impl="kernel")
-        with pytest.raises(RuntimeError, match=message):
-            getattr(torch.ops.af2_ext, name)(*args)
-    # Each buffer may be its own source (an element-wise update).
-    y = torch.ones(4, 5, device=device)
-    ops.coupling_forward_(y, y, impl="kernel")
-    assert torch.equal(y, torch.full_like(y, 2.0))
-    with pytest.raises((ValueError, RuntimeError), match=r"vjp must have grad's shape"):
-        ops.coupling_backward_(x, x.clone(), x.clone(), torch.zeros(3, device=device), impl="kernel")
-    # The C++ bindings check the same without the Python wrapper.
-    with pytest.raises(RuntimeError, match=r"f must have x's shape"):
-        torch.ops.af2_ext.coupling_forward_(x, torch.zeros(5, device=device))
-
-
-def test_coupling_bad_input_cpu():
-    _check_coupling_bad_input("cpu")
-
-
-@cuda_test
-def test_coupling_bad_input_cuda():
-    _check_coupling_bad_input("cuda")
 
 
 class _NormedFeedForward(nn.Module):

@@ -41,6 +41,7 @@ SANITIZER_EACH_S=20  # budget of one compute-sanitizer run
 KERNEL_TEST_MODULES=(
   python_tests/test_block_sparse_attention.py
   python_tests/test_compressed_attention.py
+  python_tests/test_coupling.py
   python_tests/test_reversible.py
 )
 
@@ -60,7 +61,7 @@ declare -A BUDGET=(
   [sanitizer]=60
   [pytest]=120
   [bench_attention]=40
-  [bench_cross]=40
+  [bench_compressed_attention]=40
   [bench_reversible]=40
   [bench_model]=40
 )
@@ -276,7 +277,7 @@ bench() {  # bench NAME [ARGS...]: the quick mode of `python -m af2_ext.bench NA
 
 # FlexAttention is left out: its torch.compile per configuration would take most of the budget.
 step_bench_attention() { bench attention --impls ours sdpa reference --reps 10; }
-step_bench_cross() { bench cross --reps 5; }
+step_bench_compressed_attention() { bench compressed_attention --reps 5; }
 step_bench_reversible() { bench reversible; }
 step_bench_model() { bench model; }
 
@@ -391,7 +392,7 @@ write_summary() {
     done
     echo
     echo "build and cuda_tests_build run side by side. Logs: \`<step>.log\`."
-    for file in pytest.xml bench_attention.md bench_cross.md bench_reversible.md bench_model.md; do
+    for file in pytest.xml bench_attention.md bench_compressed_attention.md bench_reversible.md bench_model.md; do
       if [[ -f $OUTDIR/$file ]]; then echo "- \`$file\`"; fi
     done
   } >"$OUTDIR/summary.md.tmp" && mv "$OUTDIR/summary.md.tmp" "$OUTDIR/summary.md"
@@ -519,7 +520,7 @@ main() {
   run_step pytest
   if [[ $QUICK == 0 ]]; then
     run_step bench_attention
-    run_step bench_cross
+    run_step bench_compressed_attention
     run_step bench_reversible
     run_step bench_model
   fi

@@ -18,7 +18,8 @@ from af2_ext.fileio import atomic_open
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "attention": ("af2_ext.bench.attention", "block-sparse attention vs dense SDPA, FlexAttention, reference"),
-    "cross": ("af2_ext.bench.cross", "compressed cross-attention vs the materialising reference"),
+    "compressed_attention": ("af2_ext.bench.compressed_attention",
+                             "compressed (cross-)attention vs the materialising reference"),
     "reversible": ("af2_ext.bench.reversible", "reversible trunk vs ordinary autograd vs checkpointing, by depth"),
     "model": ("af2_ext.bench.model", "Alphafold2 training step vs impl='reference' and alphafold2-pytorch 0.0.19"),
 }

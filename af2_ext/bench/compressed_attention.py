@@ -1,4 +1,4 @@
-"""Compressed cross-attention benchmark: ``python -m af2_ext.bench cross [--quick|--full] ...``.
+"""Compressed attention benchmark: ``python -m af2_ext.bench compressed_attention [--quick|--full] ...``.
 
 The seed's cross-attention from the pair stream to the MSA: queries are the n*n pair tokens, keys and values
 the M*n MSA tokens (H=8, D=64), compressed by the strided grouped convolution with ``ratio`` 1-4. For each
@@ -37,7 +37,7 @@ REFERENCE_BYTES_PER_LOGIT = 4 * 5
 
 
 @dataclasses.dataclass(frozen=True)
-class CrossConfig:
+class CompressedAttentionConfig:
     """One row: pair tokens attend to MSA tokens. Nq = n*n, Nk = M*n."""
 
     n: int
@@ -62,10 +62,10 @@ class CrossConfig:
 
 # The issue's target shape (Nq = 16384, Nk = 6144, ratio 3: n = 128, M = 48), then the seed's smallest shape at
 # every ratio.
-TARGET = CrossConfig(n=128, M=48, ratio=3)
-QUICK = (TARGET,) + tuple(CrossConfig(n=64, M=5, ratio=r) for r in (1, 2, 3, 4))
-FULL = (TARGET,) + tuple(CrossConfig(n=n, M=M, ratio=r) for n in (64, 128, 256) for M in (5, 20, 64)
-                         for r in (1, 2, 3, 4))
+TARGET = CompressedAttentionConfig(n=128, M=48, ratio=3)
+QUICK = (TARGET,) + tuple(CompressedAttentionConfig(n=64, M=5, ratio=r) for r in (1, 2, 3, 4))
+FULL = (TARGET,) + tuple(CompressedAttentionConfig(n=n, M=M, ratio=r)
+                         for n in (64, 128, 256) for M in (5, 20, 64) for r in (1, 2, 3, 4))
 TARGETS = (
     # (name, metric, device type or None for any, threshold, lower is better)
     ("peak memory ours / reference (<= 0.1)", "peak_ratio", None, 0.1, True),
@@ -74,7 +74,7 @@ TARGETS = (
 )
 
 
-def flops(config: CrossConfig, mode: str) -> float:
+def flops(config: CompressedAttentionConfig, mode: str) -> float:
     """Attention on the compressed keys (the flash-attention convention: 4 * B * H * Nq * Nc * D forward,
     backward 2.5x) plus the compression, 2 * 2 * B * H * Nk * D * D for keys and values (backward 2x)."""
     attention = 4.0 * config.B * config.H * config.Nq * config.Nc * config.D
@@ -86,7 +86,7 @@ def flops(config: CrossConfig, mode: str) -> float:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def reference_bytes(config: CrossConfig) -> int:
+def reference_bytes(config: CompressedAttentionConfig) -> int:
     """Rough memory of the reference's forward+backward (see REFERENCE_BYTES_PER_LOGIT)."""
     return REFERENCE_BYTES_PER_LOGIT * config.B * config.H * config.Nq * config.Nc
 
@@ -109,7 +109,7 @@ def available_bytes(device: torch.device) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _inputs(config: CrossConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+def _inputs(config: CompressedAttentionConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -124,13 +124,13 @@ def _inputs(config: CrossConfig, device: torch.device, dtype: torch.dtype, seed:
     return tensors
 
 
-def _forward(impl: str, config: CrossConfig) -> Callable:
+def _forward(impl: str, config: CompressedAttentionConfig) -> Callable:
     if impl == "ours":
         return lambda q, k, v, w, b: ops.compressed_attention(q, k, v, config.ratio, w, b, impl="kernel")
     return lambda q, k, v, w, b: reference.compressed_attention_ref(q, k, v, config.ratio, w, b)
 
 
-def _steps(impl: str, config: CrossConfig, tensors: dict) -> tuple[Callable, Callable]:
+def _steps(impl: str, config: CompressedAttentionConfig, tensors: dict) -> tuple[Callable, Callable]:
     forward = _forward(impl, config)
     names = ("q", "k", "v", "weight", "bias")
     leaves = {n: None if tensors[n] is None else tensors[n].detach().clone().requires_grad_() for n in names}
@@ -149,20 +149,20 @@ def _steps(impl: str, config: CrossConfig, tensors: dict) -> tuple[Callable, Cal
 
 
 
-_CHILD = "from af2_ext.bench.cross import _memory_child_main; _memory_child_main()"
+_CHILD = "from af2_ext.bench.compressed_attention import _memory_child_main; _memory_child_main()"
 
 
 def _memory_child_main() -> None:
     payload = json.loads(sys.stdin.read())
     torch.set_num_threads(payload["threads"])
-    config = CrossConfig(**payload["config"])
+    config = CompressedAttentionConfig(**payload["config"])
     device = torch.device(payload["device"])
     tensors = _inputs(config, device, common.DTYPES[payload["dtype"]], payload["seed"])
     _, step = _steps(payload["impl"], config, tensors)
     print(json.dumps(common.child_peak_rss_mib(step, warmup=step)))
 
 
-def _peak(impl: str, step: Callable, config: CrossConfig, device: torch.device, dtype: str, threads: int,
+def _peak(impl: str, step: Callable, config: CompressedAttentionConfig, device: torch.device, dtype: str, threads: int,
           seed: int) -> dict:
     if device.type == "cuda":
         return {"peak_mib": common.cuda_peak_mib(step, device), "process_peak_mib": None,
@@ -182,8 +182,9 @@ def _empty_result() -> dict:
             "process_peak_mib": None, "peak_method": None, "max_abs_diff_vs_ours": None, "notes": []}
 
 
-def _measure(impl: str, config: CrossConfig, tensors: dict, device: torch.device, dtype: str, *, warmup: int,
-             reps: int, budget_s: float, memory: bool, threads: int, seed: int) -> tuple[dict, Optional[torch.Tensor]]:
+def _measure(impl: str, config: CompressedAttentionConfig, tensors: dict, device: torch.device, dtype: str, *,
+             warmup: int, reps: int, budget_s: float, memory: bool, threads: int,
+             seed: int) -> tuple[dict, Optional[torch.Tensor]]:
     result = _empty_result()
     fwd, fwd_bwd = _steps(impl, config, tensors)
     try:
@@ -211,10 +212,10 @@ def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     return None if num is None or den is None or den <= 0 else num / den
 
 
-def run_cross(configs: Optional[Sequence[CrossConfig]] = None, *, device: str = "cpu", dtype: str = "float32",
-              reps: int = 10, warmup: int = 1, budget_s: float = 3.0, threads: Optional[int] = None,
-              memory: bool = True, memory_fraction: float = 0.6, seed: int = 0,
-              show_progress: bool = True) -> list[dict]:
+def run_compressed_attention(configs: Optional[Sequence[CompressedAttentionConfig]] = None, *, device: str = "cpu",
+                             dtype: str = "float32", reps: int = 10, warmup: int = 1, budget_s: float = 3.0,
+                             threads: Optional[int] = None, memory: bool = True, memory_fraction: float = 0.6,
+                             seed: int = 0, show_progress: bool = True) -> list[dict]:
     """Benchmark ``configs`` (default :data:`QUICK`); one record per configuration.
 
     Args:
@@ -378,7 +379,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=tuple(common.DTYPES), default="float32")
     parser.add_argument("--json", metavar="PATH", default=None,
-                        help="results file (default bench_results/cross-<device>.json)")
+                        help="results file (default bench_results/compressed_attention-<device>.json)")
     parser.add_argument("--plot", metavar="PATH", default=None, help="plot (needs matplotlib)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
@@ -393,21 +394,23 @@ def main(args: argparse.Namespace) -> int:
     settings = {"grid": args.grid, "device": device, "dtype": args.dtype, "reps": args.reps, "warmup": args.warmup,
                 "budget_s": 3.0, "memory": args.memory, "threads": torch.get_num_threads()}
     env = common.environment(torch.device(device))
-    print(f"af2_ext compressed cross-attention benchmark: {env['device_name']} ({device}, cpu_isa={env['cpu_isa']}, "
+    print(f"af2_ext compressed_attention benchmark: {env['device_name']} ({device}, cpu_isa={env['cpu_isa']}, "
           f"threads={env['threads']}), torch {env['torch']}, {args.dtype}, B=1 H=8 D=64, {args.grid} grid",
           flush=True)
     started = time.perf_counter()
-    records = run_cross(FULL if args.grid == "full" else QUICK, device=device, dtype=args.dtype, reps=args.reps,
-                        warmup=args.warmup, budget_s=settings["budget_s"], memory=args.memory)
+    records = run_compressed_attention(FULL if args.grid == "full" else QUICK, device=device, dtype=args.dtype,
+                                       reps=args.reps, warmup=args.warmup, budget_s=settings["budget_s"],
+                                       memory=args.memory)
     settings["wall_s"] = round(time.perf_counter() - started, 1)
     targets = evaluate_targets(records)
-    doc = {"benchmark": "cross", "environment": env, "settings": settings, "records": records, "targets": targets}
+    doc = {"benchmark": "compressed_attention", "environment": env, "settings": settings, "records": records,
+           "targets": targets}
     print("times: median ms; x = reference time / ours; MiB: peak increase of one fwd+bwd; RSS: the child "
           "process's whole high-water mark (CPU)")
     print(format_records(records))
     print()
     print(format_targets(targets))
-    path = args.json or os.path.join("bench_results", f"cross-{device}.json")
+    path = args.json or os.path.join("bench_results", f"compressed_attention-{device}.json")
     common.write_json_atomic(path, doc)
     print(f"\nwrote {path} ({settings['wall_s']:.0f} s)")
     if args.plot:
