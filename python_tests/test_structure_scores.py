@@ -301,7 +301,7 @@ def test_scores_are_fast_for_a_few_hundred_residues():
 
 
 def test_fold_reference_report_uses_the_standard_scores(tmp_path):
-    pytest.importorskip("tqdm", reason="af2_ext.fold needs tqdm (pip install tqdm)")
+    pytest.importorskip("tqdm", reason="af2_ext.app.fold needs tqdm (pip install tqdm)")
     pytest.importorskip("Bio", reason="reading and writing PDB files needs biopython (pip install biopython)")
     from af2_ext.app import fold
 
