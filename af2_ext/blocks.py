@@ -12,25 +12,51 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from af2_ext import layouts, ops
 from af2_ext.reversible import Coupling
 
 
 class FeedForward(nn.Module):
-    """Pre-norm GEGLU feed-forward (the seed's: inner width ``mult * dim``)."""
+    """Pre-norm GEGLU feed-forward (the seed's: inner width ``mult * dim``).
 
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+    Args:
+        chunk_size: None, or run at most this many tokens at a time. The hidden layer is ``2 * mult`` times the
+            width for every token (8x the pair stream at mult 4), so at length it is the largest activation of
+            the trunk. Chunked, a forward without autograd holds one chunk's hidden, and a forward with autograd
+            saves only its input: each chunk is recomputed in the backward (``torch.utils.checkpoint``, dropout
+            replayed), one more feed-forward forward per step. The same function either way (tokens are
+            independent); only the order in which dropout draws its masks differs.
+    """
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, *, chunk_size: Optional[int] = None):
         super().__init__()
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+        self.chunk_size = chunk_size
         self.norm = nn.LayerNorm(dim)
         self.proj_in = nn.Linear(dim, 2 * mult * dim)
         self.dropout = nn.Dropout(dropout)
         self.proj_out = nn.Linear(mult * dim, dim)
 
-    def forward(self, x: torch.Tensor, **context) -> torch.Tensor:
-        """x: (b, n, dim)."""
+    def _ff(self, x: torch.Tensor) -> torch.Tensor:
         hidden, gate = self.proj_in(self.norm(x)).chunk(2, dim=-1)  # [b, n, mult*dim] each
         return self.proj_out(self.dropout(hidden * F.gelu(gate)))
+
+    def forward(self, x: torch.Tensor, **context) -> torch.Tensor:
+        """x: (b, n, dim)."""
+        if self.chunk_size is None or x.shape[1] <= self.chunk_size:
+            return self._ff(x)
+        chunks = x.split(self.chunk_size, dim=1)  # [b, <=chunk, dim] each
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            outs = [checkpoint(self._ff, c, use_reentrant=False) for c in chunks]
+            return torch.cat(outs, dim=1)
+        out = x.new_empty(x.shape)
+        for c, o in zip(chunks, out.split(self.chunk_size, dim=1)):
+            o.copy_(self._ff(c))
+        return out
 
 
 class SelfAttention(nn.Module):

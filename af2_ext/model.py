@@ -43,6 +43,7 @@ NUM_AMINO_ACIDS = 21
 NUM_EMBEDDS_TR = 1280  # ESM-1b embedding width
 MAX_NUM_MSA = 20
 DISTOGRAM_BUCKETS = 37
+FF_CHUNK_SIZE = 4096  # tokens per feed-forward chunk of the reversible trunk (ff_chunk_size="auto")
 
 # Halves of the reversible trunk: the pair x = (x1, x2) and the MSA m = (m1, m2), each a copy of the stream at
 # the start (the seed's duplication); the outputs are averaged. The sequential trunk has two: x and m.
@@ -95,6 +96,11 @@ class Alphafold2(nn.Module):
         relative_positions: 0 (the seed) or R > 0: also add a learned embedding of the clipped offset
             ``clamp(j - i, -R, R)`` to each pair (AlphaFold2's relpos, R = 32 there). Not in the seed, whose
             absolute positions alone make the distance-vs-separation prior slow to learn; off by default.
+        ff_chunk_size: tokens per chunk of the feed-forwards (see :class:`af2_ext.blocks.FeedForward`): None
+            runs them whole (the seed); N runs N tokens at a time, so without autograd only one chunk's hidden
+            layer (8x the width) exists, and in training each chunk is recomputed in the backward (one more
+            feed-forward forward per step for that memory). "auto" (default): 4096 for the reversible trunk,
+            whose user has chosen memory over time, None otherwise. The same function either way.
     """
 
     def __init__(self, *, dim: int, max_seq_len: int = 2048, depth: int = 6, heads: int = 8, dim_head: int = 64,
@@ -102,7 +108,8 @@ class Alphafold2(nn.Module):
                  attn_dropout: float = 0.0, ff_dropout: float = 0.0, reversible: bool = False,
                  sparse_self_attn: Union[bool, Sequence[bool]] = False, cross_attn_compress_ratio: int = 1,
                  inter_msa_self_attn: bool = True, impl: Optional[str] = None, block_size: int = 64,
-                 sparse_block_size: int = 16, layout_seed: int = 0, relative_positions: int = 0):
+                 sparse_block_size: int = 16, layout_seed: int = 0, relative_positions: int = 0,
+                 ff_chunk_size: Union[int, None, str] = "auto"):
         super().__init__()
         for name, value, low in (("dim", dim, 1), ("max_seq_len", max_seq_len, 1), ("depth", depth, 1),
                                  ("heads", heads, 1), ("num_tokens", num_tokens, 1), ("num_embedds", num_embedds, 1),
@@ -118,6 +125,13 @@ class Alphafold2(nn.Module):
         for name, p in (("attn_dropout", attn_dropout), ("ff_dropout", ff_dropout)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p!r}")
+        if ff_chunk_size == "auto":
+            ff_chunk = FF_CHUNK_SIZE if reversible else None
+        elif ff_chunk_size is None or (isinstance(ff_chunk_size, int) and not isinstance(ff_chunk_size, bool)
+                                       and ff_chunk_size >= 1):
+            ff_chunk = ff_chunk_size
+        else:
+            raise ValueError(f"ff_chunk_size must be 'auto', None or a positive int, got {ff_chunk_size!r}")
         sparse = _per_layer(sparse_self_attn, depth, "sparse_self_attn")
         self.dim, self.max_seq_len, self.num_tokens, self.num_embedds = dim, max_seq_len, num_tokens, num_embedds
         self.reversible, self.inter_msa_self_attn, self.pos_token = reversible, inter_msa_self_attn, pos_token
@@ -135,6 +149,10 @@ class Alphafold2(nn.Module):
         seed_layout = _SeedSparseLayout(max_seq_len, sparse_block_size, heads, layout_seed) if any(sparse) else None
         attn = dict(heads=heads, dim_head=dim_head, attn_dropout=attn_dropout)
         layers = []
+
+        def ff() -> FeedForward:
+            return FeedForward(dim, dropout=ff_dropout, chunk_size=ff_chunk)
+
         for layer_sparse in sparse:
             tile = dict(block_size=sparse_block_size, layout_fn=seed_layout) if layer_sparse else \
                 dict(block_size=block_size)
@@ -145,17 +163,17 @@ class Alphafold2(nn.Module):
             msa_cross = CrossAttention(dim, ratio=cross_attn_compress_ratio, context_mask_key="mask", **attn)
             if reversible:  # the seed's reversible self block (f, g, j, k) then cross block (f, g, j, k)
                 layers.append(nn.ModuleList([
-                    Coupling(axial, X1, [X2]), Coupling(FeedForward(dim, dropout=ff_dropout), X2, [X1]),
-                    Coupling(msa_attn, M1, [M2]), Coupling(FeedForward(dim, dropout=ff_dropout), M2, [M1]),
-                    Coupling(cross, X1, [X2, M2]), Coupling(FeedForward(dim, dropout=ff_dropout), X2, [X1]),
-                    Coupling(msa_cross, M1, [M2, X2]), Coupling(FeedForward(dim, dropout=ff_dropout), M2, [M1]),
+                    Coupling(axial, X1, [X2]), Coupling(ff(), X2, [X1]),
+                    Coupling(msa_attn, M1, [M2]), Coupling(ff(), M2, [M1]),
+                    Coupling(cross, X1, [X2, M2]), Coupling(ff(), X2, [X1]),
+                    Coupling(msa_cross, M1, [M2, X2]), Coupling(ff(), M2, [M1]),
                 ]))
             else:  # the seed's sequential layer: residuals in this order
                 layers.append(nn.ModuleList([
                     Coupling(axial, X, [X]), Coupling(msa_attn, M, [M]),
                     Coupling(cross, X, [X, M]), Coupling(msa_cross, M, [M, X]),
-                    Coupling(FeedForward(dim, dropout=ff_dropout), X, [X]),
-                    Coupling(FeedForward(dim, dropout=ff_dropout), M, [M]),
+                    Coupling(ff(), X, [X]),
+                    Coupling(ff(), M, [M]),
                 ]))
         self.layers = nn.ModuleList(layers)
         # The trunks wrap self.layers without registering it again (one state dict, whatever runs it).

@@ -3,6 +3,7 @@ torch.nn.functional.scaled_dot_product_attention and explicit reshapes (so a wro
 behind the kernel-vs-reference comparison, which shares the module code)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -93,3 +94,44 @@ def test_feed_forward_is_geglu():
         expected = module.proj_out(hidden * F.gelu(gate))
         torch.testing.assert_close(module(x), expected)
     assert module.proj_in.out_features == 2 * 4 * DIM
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_feed_forward_chunks_are_the_same_function(device):
+    """Chunked (no autograd: one chunk's hidden at a time; autograd: each chunk recomputed in the backward) and
+    whole feed-forwards give the same output and gradients, with a chunk that does not divide the tokens."""
+    helpers.require_device(device)
+    torch.manual_seed(0)
+    whole = FeedForward(32).to(device)
+    chunked = FeedForward(32, chunk_size=7).to(device)
+    chunked.load_state_dict(whole.state_dict())
+    x = helpers.randn(2, 30, 32, seed=1, device=device, requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x), whole(x), rtol=0, atol=0)
+    grad_out = helpers.randn(2, 30, 32, seed=2, device=device)
+    got = torch.autograd.grad(chunked(x), [x, *chunked.parameters()], grad_out)
+    want = torch.autograd.grad(whole(x), [x, *whole.parameters()], grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_feed_forward_chunked_training_saves_only_its_input():
+    """With autograd, a chunked feed-forward keeps no hidden layer for the backward: the tensors saved by the
+    graph are the input chunks, not the 8x-wide hidden activations the whole feed-forward saves."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 16, requires_grad=True)
+
+    def saved_elements(ff):
+        total = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel()) or t, lambda t: t):
+            ff(x).sum().backward()
+        return sum(total)
+
+    whole, chunked = saved_elements(FeedForward(16)), saved_elements(FeedForward(16, chunk_size=16))
+    assert whole >= 64 * 16 * 8, whole  # the hidden layer, at least
+    assert chunked < 64 * 16 * 3, chunked  # inputs (and views of them) only
+
+
+def test_feed_forward_rejects_a_bad_chunk_size():
+    with pytest.raises(ValueError, match="chunk_size"):
+        FeedForward(16, chunk_size=0)
