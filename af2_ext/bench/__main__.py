@@ -22,6 +22,8 @@ SUBCOMMANDS = {
                              "compressed (cross-)attention vs the materialising reference"),
     "reversible": ("af2_ext.bench.reversible", "reversible trunk vs ordinary autograd vs checkpointing, by depth"),
     "model": ("af2_ext.bench.model", "Alphafold2 training step vs impl='reference' and alphafold2-pytorch 0.0.19"),
+    "model_scan": ("af2_ext.bench.model_scan",
+                   "Alphafold2 step time, peak RSS and GFLOP/s against sequence length, a fresh process per run"),
 }
 
 

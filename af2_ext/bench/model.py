@@ -14,6 +14,9 @@ seed README's size (dim 256, depth 2, heads 8, dim_head 64, sequence 128, MSA 5 
 Peak memory of a step: on CUDA ``max_memory_allocated`` above what was allocated before; on CPU the
 resident-set increase of the step in a fresh child process (after a warmup step), as the other benchmarks.
 ``--quick`` measures only the seed's default ``inter_msa_self_attn=True``, with 3 timed steps.
+
+The length scan (a fresh process per length and implementation, a memory budget, FLOPs and the matmul ceiling)
+is ``python -m af2_ext.bench model_scan``: see :mod:`af2_ext.bench.model_scan`.
 """
 from __future__ import annotations
 
