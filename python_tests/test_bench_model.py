@@ -351,3 +351,26 @@ def test_scan_child_imports_nothing_of_af2_ext(tmp_path):
                          cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
     assert model_scan.RESULT_MARK in out.stdout and "AF2_EXT False" in out.stdout, out.stdout
+
+
+def test_ffwhole_impl_and_the_chunked_flops():
+    """af2_ext's feed-forwards run in chunks of 4096 tokens by default, each recomputed in the backward: the count
+    adds one feed-forward forward for a stream longer than the chunk (sequential and reversible trunks alike);
+    ``-ffwhole`` (ff_chunk_size=None) does not. The constant is the model's."""
+    from af2_ext.bench import model_scan
+    from af2_ext.model import FF_CHUNK_SIZE
+
+    assert model_scan.FF_CHUNK == FF_CHUNK_SIZE
+    config = model_scan.ScanConfig(dim=32, depth=1, heads=2, dim_head=16)
+    chunked, whole = (model_scan.impl_flops(config, model_scan.parse_impl(name), 96) for name in ("ours", "ours-ffwhole"))
+    assert chunked["recompute"] == whole["parts"]["ff_pair"] > 0 and whole["recompute"] == 0  # 9216 pair tokens
+    assert chunked["forward"] == whole["forward"] and chunked["backward"] == whole["backward"]
+    short = model_scan.impl_flops(config, model_scan.parse_impl("ours"), 32)  # 1024 tokens: no chunking
+    assert short["recompute"] == 0
+    rev = model_scan.impl_flops(config, model_scan.parse_impl("ours-reversible"), 96)
+    no_chunk = model_scan.model_flops(config, 96, reversible=True)
+    assert rev["recompute"] - no_chunk["recompute"] == rev["parts"]["ff_pair"]
+    seed = model_scan.impl_flops(config, model_scan.parse_impl("seed"), 96)
+    assert seed["recompute"] == 0
+    with pytest.raises(ValueError, match="ffwhole"):
+        model_scan.parse_impl("seed-ffwhole")

@@ -380,7 +380,7 @@ def test_ff_chunk_size_is_the_same_function(reversible):
         torch.testing.assert_close(grads[name], ref[name], atol=5e-5, rtol=5e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_ff_chunk_size_auto_chunks_the_reversible_trunk_only():
+def test_ff_chunk_size_auto_chunks_both_trunks():
     from af2_ext.blocks import FeedForward
     from af2_ext.model import FF_CHUNK_SIZE
 
@@ -388,7 +388,8 @@ def test_ff_chunk_size_auto_chunks_the_reversible_trunk_only():
         return {m.chunk_size for m in model.modules() if isinstance(m, FeedForward)}
 
     assert chunk_sizes(Alphafold2(**SMALL, reversible=True)) == {FF_CHUNK_SIZE}
-    assert chunk_sizes(Alphafold2(**SMALL)) == {None}
+    assert chunk_sizes(Alphafold2(**SMALL)) == {FF_CHUNK_SIZE}
+    assert chunk_sizes(Alphafold2(**SMALL, ff_chunk_size=None)) == {None}
     assert chunk_sizes(Alphafold2(**SMALL, reversible=True, ff_chunk_size=None)) == {None}
     assert chunk_sizes(Alphafold2(**SMALL, ff_chunk_size=128)) == {128}
     for bad in (0, -1, True, "big", 1.5):

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -72,6 +73,7 @@ DEFAULT_IMPLS = ("ours", "ours-reversible", "ours-sparse", "reference", "seed")
 BASES = ("ours", "reference", "seed", "floor")
 DISTOGRAM_BUCKETS = 37
 FF_MULT = 4  # GEGLU: proj_in dim -> 2 * 4 * dim, proj_out 4 * dim -> dim
+FF_CHUNK = 4096  # af2_ext.model.FF_CHUNK_SIZE (a literal: the seed's child cannot import af2_ext; tested equal)
 SPARSE_BLOCK = 16  # the seed's sparse block size (Alphafold2's sparse_block_size default)
 RESULT_MARK = "MODEL_SCAN_RESULT "
 POLL_S = 0.05
@@ -106,6 +108,7 @@ class Impl:
     base: str
     reversible: bool = False
     sparse: bool = False
+    ffwhole: bool = False  # ff_chunk_size=None: feed-forwards over all tokens at once (the seed's way)
 
     @property
     def recomputes(self) -> bool:
@@ -114,13 +117,16 @@ class Impl:
 
 
 def parse_impl(name: str) -> Impl:
-    """``base[-reversible][-sparse]`` with base in :data:`BASES`."""
+    """``base[-reversible][-sparse][-ffwhole]`` with base in :data:`BASES` (``-ffwhole``: af2_ext with
+    ``ff_chunk_size=None``, feed-forwards over all tokens at once instead of the default chunks of 4096 tokens
+    recomputed in the backward; ours and floor only)."""
     parts = name.strip().split("-")
     base, flags = parts[0], parts[1:]
-    if base not in BASES or any(f not in ("reversible", "sparse") for f in flags) or len(set(flags)) != len(flags):
+    if (base not in BASES or any(f not in ("reversible", "sparse", "ffwhole") for f in flags)
+            or len(set(flags)) != len(flags) or ("ffwhole" in flags and base not in ("ours", "floor"))):
         raise ValueError(f"unknown implementation {name!r}: expected one of {', '.join(BASES)} with optional "
-                         "suffixes -reversible and -sparse, e.g. ours-reversible")
-    return Impl(name.strip(), base, "reversible" in flags, "sparse" in flags)
+                         "suffixes -reversible and -sparse (and -ffwhole for ours), e.g. ours-reversible")
+    return Impl(name.strip(), base, "reversible" in flags, "sparse" in flags, "ffwhole" in flags)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -146,7 +152,7 @@ def sparse_density(seq_len: int, *, heads: int, max_seq_len: int, block_size: in
 def model_flops(config: ScanConfig, n: int, *, msa_rows: Optional[int] = None, msa_cols: Optional[int] = None,
                 reversible: bool = False, recompute: Optional[bool] = None, sparse: bool = False,
                 axial_density: Optional[float] = None, msa_density: Optional[float] = None,
-                attention: bool = True) -> dict:
+                attention: bool = True, ff_chunk: Optional[int] = None) -> dict:
     """Matmul FLOPs (2 per multiply-add) of one training step of Alphafold2, batch 1, sequence n, MSA
     ``msa_rows x msa_cols`` (default ``config.msa_rows x n``).
 
@@ -171,8 +177,12 @@ def model_flops(config: ScanConfig, n: int, *, msa_rows: Optional[int] = None, m
     last MSA feed-forward, whose outputs never reach the logits (autograd skips them; a recomputing reversible
     backward computes them too).
 
+    ``ff_chunk``: the feed-forwards' chunk (``Alphafold2(ff_chunk_size=...)``); a stream with more tokens runs
+    its feed-forwards chunked, each chunk recomputed in the backward: one more feed-forward forward per step.
+
     Returns ``forward``, ``backward``, ``recompute`` (the trunk's forward once more when a
-    reversible trunk recomputes, by default when ``reversible``), ``total`` and ``parts`` (forward, per kind).
+    reversible trunk recomputes, by default when ``reversible``; plus the chunked feed-forwards' forward),
+    ``total`` and ``parts`` (forward, per kind).
     """
     d, h, dh = config.dim, config.heads, config.dim_head
     inner = h * dh
@@ -222,7 +232,11 @@ def model_flops(config: ScanConfig, n: int, *, msa_rows: Optional[int] = None, m
     # The last layer's MSA -> pair cross-attention and its last MSA feed-forward never reach the logits: autograd
     # skips their backward, the recomputing reversible backward does not (it runs every coupling's vjp).
     dead = 0.0 if recompute else layer["msa_cross_proj"] + layer["msa_cross_attn"] + layer["ff_msa"] / ff_per_stream
-    out = {"forward": forward, "backward": 2 * (forward - dead), "recompute": trunk if recompute else 0.0}
+    ff_again = 0.0
+    if ff_chunk is not None:
+        ff_again = sum(parts[k] for k, tokens in (("ff_pair", pair), ("ff_msa", msa)) if tokens > ff_chunk)
+    out = {"forward": forward, "backward": 2 * (forward - dead),
+           "recompute": (trunk if recompute else 0.0) + ff_again}
     out["total"] = out["forward"] + out["backward"] + out["recompute"]
     out["parts"] = parts
     out["axial_density"], out["msa_density"] = axial_density, msa_density
@@ -230,8 +244,9 @@ def model_flops(config: ScanConfig, n: int, *, msa_rows: Optional[int] = None, m
 
 
 def impl_flops(config: ScanConfig, impl: Impl, n: int) -> dict:
+    chunked = impl.base in ("ours", "floor") and not impl.ffwhole  # af2_ext's default ff_chunk_size
     return model_flops(config, n, reversible=impl.reversible, recompute=impl.recomputes, sparse=impl.sparse,
-                       attention=impl.base != "floor")
+                       attention=impl.base != "floor", ff_chunk=FF_CHUNK if chunked else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,6 +294,8 @@ def _build_model(p: dict, device: torch.device) -> tuple[torch.nn.Module, Callab
                   reversible=p["reversible"], cross_attn_compress_ratio=p["cross_attn_compress_ratio"])
     if p["sparse"]:
         kwargs["sparse_self_attn"] = True
+    if p.get("ffwhole"):
+        kwargs["ff_chunk_size"] = None
     around = contextlib.nullcontext
     if p["base"] == "seed":
         from alphafold2_pytorch import Alphafold2 as SeedAlphafold2
@@ -403,13 +420,19 @@ if __name__ == _CHILD_NAME:
 
 
 def run_child(python: str, payload: dict, *, threads: int, budget_bytes: Optional[int], timeout_s: float,
-              poll_s: float = POLL_S) -> dict:
+              poll_s: float = POLL_S, malloc: str = "unmapped") -> dict:
     """Run this file's child mode with ``python`` on ``payload``; poll its VmRSS, kill it past ``budget_bytes``
     (``over budget``) or ``timeout_s`` (``timeout``). Returns the child's record (status ``ok`` ...) with
-    ``rss_max_seen_mib`` (the parent's view) and ``wall_s``; a child that exits without a record is ``failed``."""
+    ``rss_max_seen_mib`` (the parent's view) and ``wall_s``; a child that exits without a record is ``failed``.
+    ``malloc="unmapped"``: a fixed glibc mmap threshold (every large tensor its own mmap, unmapped on free: the
+    RSS is the live tensors, each allocation pays its page faults); ``"default"``: the allocator as users run it
+    (freed memory reused, steps faster, RSS includes what glibc keeps)."""
     env = dict(os.environ)
-    # A fixed threshold turns off glibc's dynamic one: every large tensor is its own mmap, unmapped on free.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    if malloc == "unmapped":
+        # A fixed threshold turns off glibc's dynamic one: every large tensor is its own mmap, unmapped on free.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    elif malloc != "default":
+        raise ValueError(f"malloc must be 'unmapped' or 'default', got {malloc!r}")
     env["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
@@ -497,7 +520,8 @@ def scan(config: ScanConfig, lengths: Sequence[int], impls: Sequence[Impl], *, r
         elif impl.name in stopped:
             record.update(status="skipped", reason=f"skipped: {stopped[impl.name]}")
         else:
-            payload = {"base": impl.base, "reversible": impl.reversible, "sparse": impl.sparse, "n": n,
+            payload = {"base": impl.base, "reversible": impl.reversible, "sparse": impl.sparse,
+                       "ffwhole": impl.ffwhole, "n": n,
                        "msa_rows": config.msa_rows, "dim": config.dim, "depth": config.depth, "heads": config.heads,
                        "dim_head": config.dim_head, "inter_msa_self_attn": config.inter_msa_self_attn,
                        "cross_attn_compress_ratio": config.cross_attn_compress_ratio,
@@ -685,6 +709,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a Python with alphafold2-pytorch 0.0.19 installed, for the seed's children")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--threads", type=int, default=None, help="threads per child (default: torch's here)")
+    parser.add_argument("--malloc", choices=("unmapped", "default"), default="unmapped",
+                        help="children's glibc allocator: 'unmapped' (fixed mmap threshold: RSS = live tensors; "
+                             "default) or 'default' (as users run it: faster steps, RSS includes what glibc keeps)")
     parser.add_argument("--ceiling-size", type=int, default=2048,
                         help="square size of the torch.mm ceiling (default 2048; 0 skips it)")
     parser.add_argument("--json", metavar="PATH", default=None,
@@ -725,7 +752,7 @@ def main(args: argparse.Namespace) -> int:
                             threads=threads, budget_bytes=None, timeout_s=args.timeout)
     records = scan(config, args.lengths, args.impls, reps=args.reps, warmup=args.warmup, device=device,
                    threads=threads, budget_bytes=budget_bytes, timeout_s=args.timeout, seed_python=args.seed_python,
-                   progress=common.progress)
+                   runner=functools.partial(run_child, malloc=args.malloc), progress=common.progress)
     summarise(records, ceiling)
     print(report(records, args.impls, ceiling, budget_bytes, device))
     wall = round(time.perf_counter() - started, 1)
@@ -734,8 +761,10 @@ def main(args: argparse.Namespace) -> int:
                         "warmup": args.warmup, "config": dataclasses.asdict(config), "device": device,
                         "threads": threads, "budget_gib": budget_gib, "budget_bytes": budget_bytes,
                         "timeout_s": args.timeout, "seed_python": args.seed_python, "wall_s": wall,
+                        "malloc": args.malloc,
                         "child_env": {k: os.environ.get(k, default) for k, default in (
-                            ("OMP_WAIT_POLICY", None), ("MALLOC_MMAP_THRESHOLD_", str(128 * 1024)))}},
+                            ("OMP_WAIT_POLICY", None),
+                            ("MALLOC_MMAP_THRESHOLD_", str(128 * 1024) if args.malloc == "unmapped" else None))}},
            "ceiling": ceiling, "results": records, "longest": longest(records, args.impls)}
     path = args.json or os.path.join("bench_results", f"model_scan-{device}.json")
     common.write_json_atomic(path, doc)
