@@ -392,9 +392,14 @@ if extension_available():
                                              key_padding_mask, bias, scale):
         _check_attention_inputs(q, k, v, block_size, key_padding_mask, bias, check=torch._check)
         _check_layout_index(q, k, block_size, row_count, row_index, col_count, col_index, check=torch._check)
-        B, H, Nq, _ = q.shape
-        # The kernels write contiguous outputs, whatever q's strides.
-        return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=_lse_dtype(q.dtype))
+        B, H, Nq, D = q.shape
+        # The CPU kernel writes (B, H, Nq, D) in (B, Nq, H, D) memory (heads side by side, what the output
+        # projection reads); the CUDA kernel a contiguous (B, H, Nq, D). Whatever q's strides.
+        if q.device.type == "cpu":
+            out = q.new_empty((B, Nq, H, D)).permute(0, 2, 1, 3)
+        else:
+            out = q.new_empty(q.shape)
+        return out, q.new_empty((B, H, Nq), dtype=_lse_dtype(q.dtype))
 
     @torch.library.register_fake("af2_ext::block_sparse_attention_backward")
     def _block_sparse_attention_backward_fake(grad_out, q, k, v, out, lse, row_count, row_index, col_count,

@@ -7,6 +7,26 @@ import sys
 import pytest
 import torch
 
+
+def _inductor_cache_dir() -> str:
+    """An inductor cache of this build's own: torch's compiled-graph cache keys do not cover a custom op's fake
+    kernel or compiled code, so a cache warmed by another build of af2_ext (another checkout, an older commit)
+    can replay graphs that assume its output strides. Keyed by the compiled extension and ops.py."""
+    import glob
+    import hashlib
+    import importlib.util
+    import tempfile
+
+    package = os.path.dirname(importlib.util.find_spec("af2_ext").origin)
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(package, "_C*.so"))) + [os.path.join(package, "ops.py")]:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return os.path.join(tempfile.gettempdir(), f"af2_ext_inductor_{digest.hexdigest()[:16]}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_dir())
+
 # What asks the CUDA driver: none of it may run while tests are imported and collected (a CUDA case asks when it
 # runs, in helpers.require_device), so collection behaves the same on any machine and never initialises CUDA.
 # Only our own code is watched (the caller's file under the checkout's af2_ext/ or python_tests/): a CUDA build of

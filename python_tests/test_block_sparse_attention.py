@@ -1311,3 +1311,15 @@ def test_lse_is_not_differentiable():
     assert out.requires_grad and not lse.requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
         lse.sum().backward()
+
+
+def test_cpu_output_is_laid_out_for_the_output_projection():
+    """The CPU kernel writes (B, H, Nq, D) in (B, Nq, H, D) memory, so the heads-side-by-side view the output
+    projection reads is free (no copy of the output per call), and the fake kernel says so (torch.compile)."""
+    q, k, v = helpers.make_qkv(2, 3, 40, 33, 16, seed=0)
+    out = ops.block_sparse_attention(q, k, v, layouts.dense(1, 1), block_size=64, impl="kernel")
+    assert out.shape == (2, 3, 40, 16) and out.stride() == (40 * 3 * 16, 16, 3 * 16, 1), out.stride()
+    heads_side_by_side = out.transpose(1, 2).reshape(2, 40, 3 * 16)
+    assert heads_side_by_side.data_ptr() == out.data_ptr() and heads_side_by_side._base is not None
+    ref = reference.block_sparse_attention_ref(q, k, v, layouts.dense(1, 1), block_size=64)
+    helpers.assert_matches("out", out, ref)

@@ -40,6 +40,7 @@ struct BlockSparseCpuForward {
   const int32_t* row_index = nullptr;
   T scale = 1;
   T* out = nullptr;
+  int64_t out_stride[3] = {0, 0, 0};  // {batch, head, row}; a row's D values are contiguous
   T* lse = nullptr;  // +inf for a row with no visible key
 };
 

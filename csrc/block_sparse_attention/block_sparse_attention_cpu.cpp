@@ -61,7 +61,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   const auto bias_a = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
   const auto rc = row_count.contiguous();
   const auto ri = row_index.contiguous();
-  auto out = at::empty({s.batch, s.heads, s.seq_q, s.head_dim}, qa.options());  // contiguous
+  // (B, H, Nq, D) in (B, Nq, H, D) memory: "b h n d -> b n (h d)", what the output projection reads, is then a
+  // view, not a copy of the whole output (and the copy's storage) per call.
+  auto out = at::empty({s.batch, s.seq_q, s.heads, s.head_dim}, qa.options()).permute({0, 2, 1, 3});
   auto lse = at::empty({s.batch, s.heads, s.seq_q}, qa.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "block_sparse_attention_forward_cpu", [&] {
     BlockSparseCpuForward<scalar_t> p;
@@ -78,6 +80,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
     p.row_index = ri.data_ptr<int32_t>();
     p.scale = scalar_t(scale);
     p.out = out.data_ptr<scalar_t>();
+    set_strides(p.out_stride, out);
     p.lse = lse.data_ptr<scalar_t>();
     parallel_tasks<scalar_t>(cpu::forward_num_tasks(s), cpu::forward_workspace_elems(s),
                              [&](int64_t b, int64_t e, scalar_t* ws) { cpu::forward<scalar_t>(p, b, e, ws); });

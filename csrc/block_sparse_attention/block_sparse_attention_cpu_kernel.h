@@ -241,16 +241,17 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
         gemm<T, VL>(rows, D, cols, St, 1, bs, Vc, ldvc, acc, D, true);
       }
     }
-    T* O = p.out + (bh * s.seq_q + r0) * D;
+    const int64_t ldo = p.out_stride[2];
+    T* O = p.out + b * p.out_stride[0] + h * p.out_stride[1] + r0 * ldo;
     T* lse = p.lse + bh * s.seq_q + r0;
     for (int i = 0; i < rows; ++i) {
       // A row is empty when its max is still -inf (not when l > 0 fails: a NaN row has l = NaN).
       if (m[i] != neg_inf<T>()) {
         const T inv = T(1) / l[i];
-        for (int d = 0; d < D; d += VL) V::store(O + i * D + d, V::load(acc + i * D + d) * inv);
+        for (int d = 0; d < D; d += VL) V::store(O + i * ldo + d, V::load(acc + i * D + d) * inv);
         lse[i] = m[i] + std::log(l[i]);  // NaN for a NaN row (a vectorised log measured no faster: once per row)
       } else {  // no visible key: zeros out, and +inf makes every recomputed probability 0 in the backward
-        std::fill(O + i * D, O + (i + 1) * D, T(0));
+        std::fill(O + i * ldo, O + i * ldo + D, T(0));
         lse[i] = std::numeric_limits<T>::infinity();
       }
     }
