@@ -254,6 +254,8 @@ def impl_flops(config: ScanConfig, impl: Impl, n: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# _status_kib and _reset_hwm repeat af2_ext.bench.common's /proc readers on purpose: this child runs in the
+# seed's interpreter too, where af2_ext may not be importable.
 def _status_kib(field: str, pid: str = "self") -> Optional[int]:
     try:
         with open(f"/proc/{pid}/status") as status:
