@@ -91,6 +91,17 @@ def _check_against_reference(inputs: dict, *, scale=None) -> tuple[torch.Tensor,
     return out, grads
 
 
+@pytest.fixture(params=["fused", "two_pass"])
+def cpu_backward(request, monkeypatch):
+    """Runs a test under each CPU backward plan (AF2_EXT_CPU_BACKWARD): the fused pass wherever it is valid
+    (grad_q, grad_k and grad_v wanted, any bias gradient per (batch, head)), and the row and column passes. The
+    plan is a CPU choice: a CUDA case runs once."""
+    if request.node.callspec.params.get("device") == "cuda" and request.param != "fused":
+        pytest.skip("the CPU backward plan does not apply to CUDA")
+    monkeypatch.setenv("AF2_EXT_CPU_BACKWARD", request.param)
+    return request.param
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Values and gradients against the reference
 # ----------------------------------------------------------------------------------------------------------
@@ -98,7 +109,7 @@ def _check_against_reference(inputs: dict, *, scale=None) -> tuple[torch.Tensor,
 
 @pytest.mark.parametrize("device", helpers.DEVICES)
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
-def test_fp32(device, contiguous):
+def test_fp32(device, contiguous, cpu_backward):
     helpers.require_device(device, OP)
     inputs = _inputs(device, B=2, H=3, Nq=64, Nk=64, D=32, mask=True, bias=(2, 3), seed=1)
     if not contiguous:  # (B, N, H, D) storage seen as (B, H, N, D), as attention modules produce it
@@ -163,17 +174,17 @@ LENGTHS = [(1, 1), (17, 50), (50, 17), (33, 33), (100, 7)]
 
 @pytest.mark.parametrize("device", helpers.DEVICES)
 @pytest.mark.parametrize("Nq, Nk", LENGTHS)
-def test_lengths(device, Nq, Nk):
+def test_lengths(device, Nq, Nk, cpu_backward):
     helpers.require_device(device, OP)
     _check_against_reference(_inputs(device, B=2, H=2, Nq=Nq, Nk=Nk, D=16, mask=True, bias=(2, 2), seed=5))
 
 
-PARTIAL_GRADS = [("q",), ("k",), ("v",), ("bias",), ("q", "bias"), ("k", "v")]
+PARTIAL_GRADS = [("q",), ("k",), ("v",), ("bias",), ("q", "bias"), ("k", "v"), ("q", "k", "v")]
 
 
 @pytest.mark.parametrize("device", helpers.DEVICES)
 @pytest.mark.parametrize("wanted", PARTIAL_GRADS, ids="+".join)
-def test_partial_grads(device, wanted):
+def test_partial_grads(device, wanted, cpu_backward):
     helpers.require_device(device, OP)
     inputs = _inputs(device, B=2, H=2, Nq=40, Nk=33, D=16, bias=(1, 2), mask=True, seed=23)
     for name in ("q", "k", "v", "bias"):
@@ -284,7 +295,7 @@ def test_shared_vs_per_head_layout(device):
 
 @pytest.mark.parametrize("device", helpers.DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_empty_rows_and_fully_padded(device, dtype):
+def test_empty_rows_and_fully_padded(device, dtype, cpu_backward):
     helpers.require_device(device, OP)
     bs, Nq, Nk = 16, 70, 45  # query blocks 0..4, the last partial
     empty_blocks, padded_batch = (0, 2, 4), 1
@@ -328,7 +339,7 @@ BIAS_SHAPES = [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2)]  # (Bb, Hb) for B
 
 @pytest.mark.parametrize("device", helpers.DEVICES)
 @pytest.mark.parametrize("Bb, Hb", BIAS_SHAPES)
-def test_bias_broadcast(device, Bb, Hb):
+def test_bias_broadcast(device, Bb, Hb, cpu_backward):
     helpers.require_device(device, OP)
     inputs = _inputs(device, B=4, H=2, Nq=40, Nk=33, D=16, bias=(Bb, Hb), mask=True, seed=11)
     _, grads = _check_against_reference(inputs)
@@ -337,7 +348,7 @@ def test_bias_broadcast(device, Bb, Hb):
 
 @pytest.mark.parametrize("device", helpers.DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bias_neg_inf(device, dtype):
+def test_bias_neg_inf(device, dtype, cpu_backward):
     helpers.require_device(device, OP)
     inputs = _inputs(device, dtype, B=2, H=2, Nq=50, Nk=40, D=16, bias=(2, 1), neg_inf=0.3, seed=12)
     bias = inputs["bias"].detach().clone()
@@ -359,13 +370,15 @@ def test_bias_neg_inf(device, dtype):
 
 
 @pytest.mark.parametrize("device", helpers.DEVICES)
-def test_determinism(device):
+@pytest.mark.parametrize("bias", [(1, 1), (4, 4)], ids=["shared_bias", "bias_per_head"])
+def test_determinism(device, bias):
     """Repeated runs are bitwise equal; on the CPU also with a different number of threads."""
     helpers.require_device(device, OP)
     default_threads = torch.get_num_threads()
     thread_counts = [default_threads, default_threads, 1] if device == "cpu" else [1, 1]
-    # Every batch row and head shares one bias: the bias gradient sums over all of them.
-    inputs = _inputs(device, B=4, H=4, Nq=96, Nk=80, D=32, bias=(1, 1), mask=True, seed=13)
+    # (1, 1): every batch row and head shares one bias, the bias gradient sums over all of them (the CPU's two
+    # passes); (4, 4): a bias per (batch row, head) (the CPU's fused pass).
+    inputs = _inputs(device, B=4, H=4, Nq=96, Nk=80, D=32, bias=bias, mask=True, seed=13)
     runs = []
     for threads in thread_counts:
         with helpers.num_threads(threads):
@@ -386,11 +399,15 @@ GRADCHECK_CASES = {
     # one shared layout, Nq != Nk, bias per batch row and shared over heads, custom scale
     "shared_layout": dict(B=2, H=2, Nq=17, Nk=33, layout=torch.tensor([[[1, 0, 1], [0, 1, 1]]]).bool(),
                           bias=(2, 1), mask=True, scale=0.3),
+    # a bias per (batch row, head), which the fused CPU pass differentiates; more keys than queries, and more
+    # queries than keys (the fused pass's two loop orders)
+    "bias_per_head_keys_longer": dict(B=2, H=2, Nq=17, Nk=40, bias=(2, 2), mask=True),
+    "bias_per_head_queries_longer": dict(B=2, H=2, Nq=40, Nk=17, bias=(2, 2), mask=True, fully_padded=(1,)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(GRADCHECK_CASES))
-def test_gradcheck_fp64_cpu(case):  # fp64 is CPU-only
+def test_gradcheck_fp64_cpu(case, cpu_backward):  # fp64 is CPU-only
     kwargs = dict(GRADCHECK_CASES[case])
     scale = kwargs.pop("scale", None)
     inputs = _inputs("cpu", torch.float64, D=16, seed=14, **kwargs)
@@ -1144,7 +1161,7 @@ NONFINITE_PARAMS = [(torch.float32, case) for case in NONFINITE_CASES] + \
 
 @pytest.mark.parametrize("device", helpers.DEVICES)
 @pytest.mark.parametrize("dtype, case", NONFINITE_PARAMS, ids=lambda x: str(x).replace("torch.", ""))
-def test_nonfinite_reaches_what_it_touches(device, dtype, case):
+def test_nonfinite_reaches_what_it_touches(device, dtype, case, cpu_backward):
     helpers.require_device(device, OP)
     base = _nonfinite_base(device, dtype)
     inputs, scale, expect = NONFINITE_CASES[case](base)
@@ -1205,7 +1222,7 @@ def _masked_base(device, dtype):
 
 @pytest.mark.parametrize("device", helpers.DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_masked_nonfinite_changes_nothing(device, dtype):
+def test_masked_nonfinite_changes_nothing(device, dtype, cpu_backward):
     """NaN / inf in the k, v and bias of masked keys (padded inside a visited block, or in a block nobody visits)
     and in the bias outside the layout: the output and every gradient are finite and equal, bit for bit, to the
     run without them; the masked entries' gradients are exactly zero."""
@@ -1236,7 +1253,7 @@ def test_masked_nonfinite_changes_nothing(device, dtype):
 
 @pytest.mark.parametrize("device", helpers.DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_storage_past_the_ends_is_never_read(device, dtype):
+def test_storage_past_the_ends_is_never_read(device, dtype, cpu_backward):
     """q, k, v and grad_out as views into NaN-filled storage (rows past Nq / Nk, columns past D): nothing of it
     reaches the output or a gradient; the results equal the contiguous run bit for bit."""
     helpers.require_device(device, OP)
@@ -1323,3 +1340,11 @@ def test_cpu_output_is_laid_out_for_the_output_projection():
     assert heads_side_by_side.data_ptr() == out.data_ptr() and heads_side_by_side._base is not None
     ref = reference.block_sparse_attention_ref(q, k, v, layouts.dense(1, 1), block_size=64)
     helpers.assert_matches("out", out, ref)
+
+
+def test_bad_cpu_backward_plan(monkeypatch):
+    """A misspelt AF2_EXT_CPU_BACKWARD is an error naming the variable, not a silent default."""
+    inputs = _inputs("cpu", B=1, H=1, Nq=16, Nk=16)
+    monkeypatch.setenv("AF2_EXT_CPU_BACKWARD", "fast")
+    with pytest.raises(RuntimeError, match="AF2_EXT_CPU_BACKWARD must be 'auto', 'fused' or 'two_pass', got 'fast'"):
+        _run_kernel(inputs)

@@ -87,6 +87,11 @@ int64_t backward_prepare_num_tasks(const BlockSparseShape& s);
 int64_t backward_rows_num_tasks(const BlockSparseShape& s, bool with_grad_bias);
 // Column pass: grad_k and grad_v, one task per (batch, head, key block).
 int64_t backward_cols_num_tasks(const BlockSparseShape& s);
+// Fused pass: every gradient in one pass, one task per (batch, head); five products per block pair against the
+// two passes' seven. Valid when grad_q, grad_k and grad_v are wanted and a bias gradient, if wanted, is per
+// (batch, head); chosen when its (batch, head) tasks also keep num_threads busy (always for num_threads = 1).
+int64_t backward_fused_num_tasks(const BlockSparseShape& s);
+bool backward_fused_applies(const BlockSparseShape& s, bool want_q, bool want_kv, bool want_bias, int num_threads);
 int64_t backward_workspace_elems(const BlockSparseShape& s);
 
 template <typename T>
@@ -97,6 +102,8 @@ template <typename T>
 void backward_rows(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* workspace);
 template <typename T>
 void backward_cols(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* workspace);
+template <typename T>
+void backward_fused(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* workspace);
 
 // Name of the instruction set the CPU kernels dispatch to on this machine ("avx512", "avx2" or "generic").
 const char* isa_name();

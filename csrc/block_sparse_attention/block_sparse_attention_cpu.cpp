@@ -4,6 +4,8 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -36,6 +38,19 @@ at::Tensor additive_key_mask(const std::optional<at::Tensor>& key_padding_mask, 
   if (!key_padding_mask.has_value()) return at::Tensor();
   const double inf = std::numeric_limits<double>::infinity();
   return at::full(key_padding_mask->sizes(), -inf, at::TensorOptions().dtype(acc)).masked_fill_(*key_padding_mask, 0.0);
+}
+
+// AF2_EXT_CPU_BACKWARD (read per call): "auto" (default) takes the fused pass where it is valid and has enough
+// (batch, head) tasks for the threads, "fused" wherever it is valid, "two_pass" never: tests run every path
+// against the reference, benchmarks measure one against the other.
+enum class BackwardPlan { automatic, fused, two_pass };
+
+BackwardPlan backward_plan() {
+  const char* v = std::getenv("AF2_EXT_CPU_BACKWARD");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return BackwardPlan::automatic;
+  if (std::strcmp(v, "fused") == 0) return BackwardPlan::fused;
+  if (std::strcmp(v, "two_pass") == 0) return BackwardPlan::two_pass;
+  TORCH_CHECK(false, "AF2_EXT_CPU_BACKWARD must be 'auto', 'fused' or 'two_pass', got '", v, "'");
 }
 
 template <typename T, typename Fn>
@@ -118,6 +133,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto gk = want_kv ? at::empty(k.sizes(), contiguous) : at::Tensor();
   auto gv = want_kv ? at::empty(v.sizes(), contiguous) : at::Tensor();
   auto gb = want_bias ? at::zeros_like(bias_a) : at::Tensor();
+  const BackwardPlan plan = backward_plan();
+  const bool fused = plan != BackwardPlan::two_pass &&
+                     cpu::backward_fused_applies(s, want_q, want_kv, want_bias,
+                                                 plan == BackwardPlan::fused ? 1 : at::get_num_threads());
   auto q_t_blocks = at::empty({s.batch, s.heads, s.num_q_blocks, s.head_dim, block_size}, qa.options());
   auto go_t_blocks = at::empty_like(q_t_blocks);
   AT_DISPATCH_FLOATING_TYPES(acc, "block_sparse_attention_backward_cpu", [&] {
@@ -166,6 +185,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     at::parallel_for(0, cpu::backward_prepare_num_tasks(s), 1,
                      [&](int64_t b, int64_t e) { cpu::backward_prepare<scalar_t>(p, b, e); });
     const int64_t ws = cpu::backward_workspace_elems(s);
+    if (fused) {
+      parallel_tasks<scalar_t>(cpu::backward_fused_num_tasks(s), ws, [&](int64_t b, int64_t e, scalar_t* w) {
+        cpu::backward_fused<scalar_t>(p, b, e, w);
+      });
+      return;
+    }
     if (want_q || want_bias)
       parallel_tasks<scalar_t>(cpu::backward_rows_num_tasks(s, want_bias), ws, [&](int64_t b, int64_t e, scalar_t* w) {
         cpu::backward_rows<scalar_t>(p, b, e, w);

@@ -41,6 +41,16 @@ int64_t backward_rows_num_tasks(const BlockSparseShape& s, bool with_grad_bias) 
 
 int64_t backward_cols_num_tasks(const BlockSparseShape& s) { return s.batch * s.heads * s.num_k_blocks; }
 
+int64_t backward_fused_num_tasks(const BlockSparseShape& s) { return s.batch * s.heads; }
+
+bool backward_fused_applies(const BlockSparseShape& s, bool want_q, bool want_kv, bool want_bias, int num_threads) {
+  if (!want_kv || !want_q) return false;  // one pass alone is cheaper than the fused one then
+  if (want_bias && (s.bias_batch != s.batch || s.bias_heads != s.heads)) return false;  // shared bias rows
+  // Enough (batch, head) tasks to keep every thread busy to the end; otherwise the passes' finer tasks win.
+  const int64_t tasks = backward_fused_num_tasks(s);
+  return tasks >= 4 * int64_t(num_threads) || tasks % num_threads == 0;
+}
+
 int64_t backward_workspace_elems(const BlockSparseShape& s) {
   return 2 * int64_t(s.block_size) * s.block_size + 3 * s.block_size * s.head_dim + 2 * s.block_size;
 }
@@ -65,6 +75,11 @@ void backward_cols(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t en
   AF2_EXT_CPU_DISPATCH(backward_cols_impl<T>, p, begin, end, workspace)
 }
 
+template <typename T>
+void backward_fused(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* workspace) {
+  AF2_EXT_CPU_DISPATCH(backward_fused_impl<T>, p, begin, end, workspace)
+}
+
 template void forward<float>(const BlockSparseCpuForward<float>&, int64_t, int64_t, float*);
 template void forward<double>(const BlockSparseCpuForward<double>&, int64_t, int64_t, double*);
 template void backward_prepare<float>(const BlockSparseCpuBackward<float>&, int64_t, int64_t);
@@ -73,6 +88,8 @@ template void backward_rows<float>(const BlockSparseCpuBackward<float>&, int64_t
 template void backward_rows<double>(const BlockSparseCpuBackward<double>&, int64_t, int64_t, double*);
 template void backward_cols<float>(const BlockSparseCpuBackward<float>&, int64_t, int64_t, float*);
 template void backward_cols<double>(const BlockSparseCpuBackward<double>&, int64_t, int64_t, double*);
+template void backward_fused<float>(const BlockSparseCpuBackward<float>&, int64_t, int64_t, float*);
+template void backward_fused<double>(const BlockSparseCpuBackward<double>&, int64_t, int64_t, double*);
 
 }  // namespace cpu
 }  // namespace af2_ext

@@ -433,3 +433,106 @@ void backward_cols_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
         }
   }
 }
+
+// One pass for all gradients, one task per (batch, head): each (query block, key block) pair of the layout is
+// recomputed once (Pᵀ and dSᵀ, two products) and feeds dQ += dS K, dV += Pᵀ dO and dK += dSᵀ Q: five products
+// per pair where the row and column passes take seven. The gradients accumulate straight into the task's own rows
+// of grad_q, grad_k and grad_v, and a bias gradient (only taken here when each (batch, head) has its own bias)
+// into its own rows of grad_bias: no two tasks write the same element, and each sums in a fixed order. The longer
+// side is the outer loop, so the gradient blocks it accumulates stay in cache while the shorter side streams.
+template <typename T>
+void backward_fused_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* ws) {
+  constexpr int VL = Lanes<T>::value;
+  const BlockSparseShape& s = p.s;
+  const int bs = s.block_size;
+  const int D = int(s.head_dim);
+  const int64_t nqb = s.num_q_blocks, nkb = s.num_k_blocks;
+  const bool queries_outer = s.seq_q >= s.seq_k;
+  T* St = ws;
+  T* dSt = St + bs * bs;
+  T* dQ = dSt + bs * bs;  // bs x D, queries outer: the query block's gradient
+  T* lse = dQ + bs * D;
+  T* delta = lse + bs;
+  T* Ks = delta + bs;  // bs x D: a key block with the rows of padded keys zeroed, when it has some
+  const T* Qt = nullptr;
+  const T* dOt = nullptr;
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / s.heads, h = bh % s.heads;
+    const int64_t hl = s.layout_heads == 1 ? 0 : h;
+    const T* Kn = head_rows(p.k, p.k_stride, b, h);
+    const T* Vn = head_rows(p.v, p.v_stride, b, h);
+    const T* Qn = head_rows(p.q, p.q_stride, b, h);
+    const T* dOn = head_rows(p.grad_out, p.grad_out_stride, b, h);
+    const int64_t ldk = p.k_stride[2], ldv = p.v_stride[2], ldq = p.q_stride[2], ldo = p.grad_out_stride[2];
+    const T* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
+    const T* bias = bias_block(s, p.bias, b, h);
+    T* grad_bias = p.grad_bias != nullptr ? p.grad_bias + bh * s.seq_q * s.seq_k : nullptr;
+    T* gq = p.grad_q + bh * s.seq_q * D;
+    T* gk = p.grad_k + bh * s.seq_k * D;
+    T* gv = p.grad_v + bh * s.seq_k * D;
+    std::fill(gk, gk + s.seq_k * D, T(0));
+    std::fill(gv, gv + s.seq_k * D, T(0));
+    if (!queries_outer) std::fill(gq, gq + s.seq_q * D, T(0));
+    // One pair of the layout; dq (ld D) is the query block's gradient accumulator, Kd the key block with padded
+    // keys' rows read as zero.
+    auto pair = [&](int64_t qb, int64_t c0, int rows, int cols, T* dq, const T* Kd, int64_t ldkd) {
+      const int64_t r0 = qb * bs;
+      const T* mask_c = mask ? mask + c0 : nullptr;
+      load_query_block(p, bh, qb, rows, Qt, dOt, lse, delta);
+      recompute_block(p, Kn + c0 * ldk, ldk, Vn + c0 * ldv, ldv, cols, rows, bias ? bias + r0 * s.seq_k + c0 : nullptr,
+                      mask_c, Qt, dOt, lse, delta, St, dSt);
+      if (grad_bias != nullptr)
+        for (int i = 0; i < rows; ++i)
+          for (int j = 0; j < cols; ++j) grad_bias[(r0 + i) * s.seq_k + c0 + j] = dSt[j * bs + i];
+      gemm<T, VL>(cols, D, rows, St, bs, 1, dOn + r0 * ldo, ldo, gv + c0 * D, D, true);   // dV += Pᵀ dO
+      gemm<T, VL>(cols, D, rows, dSt, bs, 1, Qn + r0 * ldq, ldq, gk + c0 * D, D, true);   // dK += dSᵀ Q
+      gemm<T, VL>(rows, D, cols, dSt, 1, bs, Kd, ldkd, dq, D, true);                      // dQ += dS K
+    };
+    auto key_block = [&](int64_t c0, int cols, const T*& Kd, int64_t& ldkd) {
+      const bool staged = stage_unpadded_rows(Kn + c0 * ldk, ldk, cols, D, mask ? mask + c0 : nullptr, Ks);
+      Kd = staged ? Ks : Kn + c0 * ldk;
+      ldkd = staged ? D : ldk;
+    };
+    if (queries_outer) {
+      for (int64_t qb = 0; qb < nqb; ++qb) {
+        const int64_t r0 = qb * bs;
+        const int rows = int(std::min<int64_t>(bs, s.seq_q - r0));
+        std::fill(dQ, dQ + bs * D, T(0));
+        const int32_t count = p.row_count[hl * nqb + qb];
+        const int32_t* idx = p.row_index + (hl * nqb + qb) * nkb;
+        for (int32_t e = 0; e < count; ++e) {
+          const int64_t c0 = int64_t(idx[e]) * bs;
+          const int cols = int(std::min<int64_t>(bs, s.seq_k - c0));
+          const T* Kd;
+          int64_t ldkd;
+          key_block(c0, cols, Kd, ldkd);
+          pair(qb, c0, rows, cols, dQ, Kd, ldkd);
+        }
+        for (int i = 0; i < rows * D; ++i) gq[r0 * D + i] = scaled_grad(dQ[i], p.scale);
+      }
+    } else {
+      for (int64_t kb = 0; kb < nkb; ++kb) {
+        const int64_t c0 = kb * bs;
+        const int cols = int(std::min<int64_t>(bs, s.seq_k - c0));
+        const T* Kd;
+        int64_t ldkd;
+        key_block(c0, cols, Kd, ldkd);
+        const int32_t count = p.col_count[hl * nkb + kb];
+        const int32_t* idx = p.col_index + (hl * nkb + kb) * nqb;
+        for (int32_t e = 0; e < count; ++e) {
+          const int64_t qb = idx[e];
+          pair(qb, c0, int(std::min<int64_t>(bs, s.seq_q - qb * bs)), cols, gq + qb * bs * D, Kd, ldkd);
+        }
+      }
+      for (int64_t i = 0; i < s.seq_q * D; ++i) gq[i] = scaled_grad(gq[i], p.scale);
+    }
+    for (int64_t i = 0; i < s.seq_k * D; ++i) gk[i] = scaled_grad(gk[i], p.scale);
+    // A padded key's gradients are zero (its P and dS are, but 0 times a NaN q or grad_out row would not be).
+    if (mask != nullptr)
+      for (int64_t j = 0; j < s.seq_k; ++j)
+        if (mask[j] != T(0)) {
+          std::fill(gk + j * D, gk + (j + 1) * D, T(0));
+          std::fill(gv + j * D, gv + (j + 1) * D, T(0));
+        }
+  }
+}
