@@ -18,6 +18,14 @@ from af2_ext import layouts, ops
 from af2_ext.reversible import Coupling
 
 
+def _split_projection(x: torch.Tensor, weight: torch.Tensor, parts: int, heads: int) -> list[torch.Tensor]:
+    """x (b, n, dim) projected by each of ``parts`` row blocks of one packed weight (parts * h * d, dim), as
+    (b, h, n, d) views of (b, n, h * d) products. One product per part (the same FLOPs as the packed one) so that
+    each gradient, which the CPU kernels write in (b, n, h, d) memory, feeds its product's backward as it is: the
+    packed projection's backward would stack the gradients and copy them into (b, n, parts, h, d)."""
+    return [rearrange(F.linear(x, w), "b n (h d) -> b h n d", h=heads) for w in weight.chunk(parts, dim=0)]
+
+
 class FeedForward(nn.Module):
     """Pre-norm GEGLU feed-forward (the seed's: inner width ``mult * dim``).
 
@@ -99,7 +107,7 @@ class SelfAttention(nn.Module):
 
     def attend(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """x: (b, n, dim) (already normalised); mask: bool (b, n) or None."""
-        q, k, v = rearrange(self.to_qkv(x), "b n (t h d) -> t b h n d", t=3, h=self.heads)
+        q, k, v = _split_projection(x.contiguous(), self.to_qkv.weight, 3, self.heads)
         out = ops.block_sparse_attention(q, k, v, self.layout(x.shape[1], x.device), block_size=self.block_size,
                                          key_padding_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
                                          impl=self.impl)  # [b, h, n, d]
@@ -177,7 +185,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, **kwargs) -> torch.Tensor:
         """x: (b, n, dim) queries; context: (b, m, dim) keys/values; kwargs[context_mask_key]: bool (b, m)."""
         q = rearrange(self.to_q(self.norm(x)), "b n (h d) -> b h n d", h=self.heads)
-        k, v = rearrange(self.to_kv(self.norm_context(context)), "b m (t h d) -> t b h m d", t=2, h=self.heads)
+        k, v = _split_projection(self.norm_context(context), self.to_kv.weight, 2, self.heads)
         weight = bias = None
         if self.compress is not None:
             weight, bias = self.compress.weight, self.compress.bias

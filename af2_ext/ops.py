@@ -413,8 +413,14 @@ if extension_available():
         def grad(wanted, like):  # contiguous, like the kernels' gradients
             return like.new_empty(like.shape) if wanted and like is not None else q.new_empty((0,))
 
-        return (grad(output_mask[0], q), grad(output_mask[1], k), grad(output_mask[2], v),
-                grad(output_mask[3], bias))
+        def grad_heads_inner(wanted, like):  # the CPU kernel's q, k, v gradients: (B, N, H, D) memory, as its out
+            if not wanted or like.device.type != "cpu":
+                return grad(wanted, like)
+            B, H, N, D = like.shape
+            return like.new_empty((B, N, H, D)).permute(0, 2, 1, 3)
+
+        return (grad_heads_inner(output_mask[0], q), grad_heads_inner(output_mask[1], k),
+                grad_heads_inner(output_mask[2], v), grad(output_mask[3], bias))
 
     def _block_sparse_attention_setup_context(ctx, inputs, output):
         q, k, v, row_count, row_index, col_count, col_index, block_size, key_padding_mask, bias, scale = inputs

@@ -67,6 +67,9 @@ struct BlockSparseCpuBackward {
   T* grad_q = nullptr;     // nullptr: not wanted
   T* grad_k = nullptr;     // grad_k and grad_v are wanted together or not at all
   T* grad_v = nullptr;
+  int64_t grad_q_stride[3] = {0, 0, 0};  // {batch, head, row}; a row's D elements are contiguous
+  int64_t grad_k_stride[3] = {0, 0, 0};
+  int64_t grad_v_stride[3] = {0, 0, 0};
   T* grad_bias = nullptr;  // (Bb, Hb, Nq, Nk), zero-initialised by the caller; nullptr: not wanted
   // (B, H, num_q_blocks, D, block_size) workspaces filled by backward_prepare: scale * Q and grad_out, one
   // transposed, zero-padded block each, so both passes read every query block contiguously.

@@ -129,9 +129,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const auto rc = row_count.contiguous(), ri = row_index.contiguous();
   const auto cc = col_count.contiguous(), ci = col_index.contiguous();
   const auto contiguous = qa.options().memory_format(at::MemoryFormat::Contiguous);
-  auto gq = want_q ? at::empty(q.sizes(), contiguous) : at::Tensor();
-  auto gk = want_kv ? at::empty(k.sizes(), contiguous) : at::Tensor();
-  auto gv = want_kv ? at::empty(v.sizes(), contiguous) : at::Tensor();
+  // Gradients in (B, N, H, D) memory, as the output: the input projections' backward reads them as (B * N, H * D)
+  // without a copy.
+  auto heads_inner = [&](const at::Tensor& like) {
+    return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, contiguous).permute({0, 2, 1, 3});
+  };
+  auto gq = want_q ? heads_inner(q) : at::Tensor();
+  auto gk = want_kv ? heads_inner(k) : at::Tensor();
+  auto gv = want_kv ? heads_inner(v) : at::Tensor();
   auto gb = want_bias ? at::zeros_like(bias_a) : at::Tensor();
   const BackwardPlan plan = backward_plan();
   const bool fused = plan != BackwardPlan::two_pass &&
@@ -179,6 +184,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     p.grad_q = ptr(gq);
     p.grad_k = ptr(gk);
     p.grad_v = ptr(gv);
+    if (want_q) set_strides(p.grad_q_stride, gq);
+    if (want_kv) {
+      set_strides(p.grad_k_stride, gk);
+      set_strides(p.grad_v_stride, gv);
+    }
     p.grad_bias = ptr(gb);
     p.q_t_blocks = ptr(q_t_blocks);
     p.grad_out_t_blocks = ptr(go_t_blocks);

@@ -29,6 +29,12 @@ static inline const T* head_rows(const T* base, const int64_t (&stride)[3], int6
   return base + b * stride[0] + h * stride[1];
 }
 
+// Row 0 of (batch b, head h) of a gradient written at {batch, head, row} strides.
+template <typename T>
+static inline T* grad_rows(T* base, const int64_t (&stride)[3], int64_t b, int64_t h) {
+  return base + b * stride[0] + h * stride[1];
+}
+
 template <typename T>
 static inline const T* bias_block(const BlockSparseShape& s, const T* bias, int64_t b, int64_t h) {
   if (bias == nullptr) return nullptr;
@@ -370,8 +376,10 @@ void backward_rows_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
           }
         }
         if (p.grad_q != nullptr) {
-          T* gq = p.grad_q + (bh * s.seq_q + r0) * D;
-          for (int i = 0; i < rows * D; ++i) gq[i] = scaled_grad(dQ[i], p.scale);
+          const int64_t ldgq = p.grad_q_stride[2];
+          T* gq = grad_rows(p.grad_q, p.grad_q_stride, b, h) + r0 * ldgq;
+          for (int i = 0; i < rows; ++i)
+            for (int d = 0; d < D; ++d) gq[i * ldgq + d] = scaled_grad(dQ[i * D + d], p.scale);
         }
       }
     }
@@ -418,18 +426,20 @@ void backward_cols_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
       gemm<T, VL>(cols, D, rows, St, bs, 1, dOn + r0 * ldo, ldo, dV, D, true);  // dV += Pᵀ dO
       gemm<T, VL>(cols, D, rows, dSt, bs, 1, Qn + r0 * ldq, ldq, dK, D, true);  // dK += dSᵀ Q (scaled below)
     }
-    T* gk = p.grad_k + (bh * s.seq_k + c0) * D;
-    T* gv = p.grad_v + (bh * s.seq_k + c0) * D;
-    for (int i = 0; i < cols * D; ++i) {
-      gk[i] = scaled_grad(dK[i], p.scale);
-      gv[i] = dV[i];
-    }
+    const int64_t ldgk = p.grad_k_stride[2], ldgv = p.grad_v_stride[2];
+    T* gk = grad_rows(p.grad_k, p.grad_k_stride, b, h) + c0 * ldgk;
+    T* gv = grad_rows(p.grad_v, p.grad_v_stride, b, h) + c0 * ldgv;
+    for (int j = 0; j < cols; ++j)
+      for (int d = 0; d < D; ++d) {
+        gk[j * ldgk + d] = scaled_grad(dK[j * D + d], p.scale);
+        gv[j * ldgv + d] = dV[j * D + d];
+      }
     // A padded key's gradients are zero (its P and dS are, but 0 times a NaN q or grad_out row would not be).
     if (mask != nullptr)
       for (int j = 0; j < cols; ++j)
         if (mask[j] != T(0)) {
-          std::fill(gk + j * D, gk + (j + 1) * D, T(0));
-          std::fill(gv + j * D, gv + (j + 1) * D, T(0));
+          std::fill(gk + j * ldgk, gk + j * ldgk + D, T(0));
+          std::fill(gv + j * ldgv, gv + j * ldgv + D, T(0));
         }
   }
 }
@@ -467,15 +477,19 @@ void backward_fused_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int6
     const T* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
     const T* bias = bias_block(s, p.bias, b, h);
     T* grad_bias = p.grad_bias != nullptr ? p.grad_bias + bh * s.seq_q * s.seq_k : nullptr;
-    T* gq = p.grad_q + bh * s.seq_q * D;
-    T* gk = p.grad_k + bh * s.seq_k * D;
-    T* gv = p.grad_v + bh * s.seq_k * D;
-    std::fill(gk, gk + s.seq_k * D, T(0));
-    std::fill(gv, gv + s.seq_k * D, T(0));
-    if (!queries_outer) std::fill(gq, gq + s.seq_q * D, T(0));
-    // One pair of the layout; dq (ld D) is the query block's gradient accumulator, Kd the key block with padded
-    // keys' rows read as zero.
-    auto pair = [&](int64_t qb, int64_t c0, int rows, int cols, T* dq, const T* Kd, int64_t ldkd) {
+    const int64_t ldgq = p.grad_q_stride[2], ldgk = p.grad_k_stride[2], ldgv = p.grad_v_stride[2];
+    T* gq = grad_rows(p.grad_q, p.grad_q_stride, b, h);
+    T* gk = grad_rows(p.grad_k, p.grad_k_stride, b, h);
+    T* gv = grad_rows(p.grad_v, p.grad_v_stride, b, h);
+    for (int64_t j = 0; j < s.seq_k; ++j) {
+      std::fill(gk + j * ldgk, gk + j * ldgk + D, T(0));
+      std::fill(gv + j * ldgv, gv + j * ldgv + D, T(0));
+    }
+    if (!queries_outer)
+      for (int64_t i = 0; i < s.seq_q; ++i) std::fill(gq + i * ldgq, gq + i * ldgq + D, T(0));
+    // One pair of the layout; dq (row stride lddq) is the query block's gradient accumulator, Kd the key block
+    // with padded keys' rows read as zero.
+    auto pair = [&](int64_t qb, int64_t c0, int rows, int cols, T* dq, int64_t lddq, const T* Kd, int64_t ldkd) {
       const int64_t r0 = qb * bs;
       const T* mask_c = mask ? mask + c0 : nullptr;
       load_query_block(p, bh, qb, rows, Qt, dOt, lse, delta);
@@ -484,9 +498,9 @@ void backward_fused_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int6
       if (grad_bias != nullptr)
         for (int i = 0; i < rows; ++i)
           for (int j = 0; j < cols; ++j) grad_bias[(r0 + i) * s.seq_k + c0 + j] = dSt[j * bs + i];
-      gemm<T, VL>(cols, D, rows, St, bs, 1, dOn + r0 * ldo, ldo, gv + c0 * D, D, true);   // dV += Pᵀ dO
-      gemm<T, VL>(cols, D, rows, dSt, bs, 1, Qn + r0 * ldq, ldq, gk + c0 * D, D, true);   // dK += dSᵀ Q
-      gemm<T, VL>(rows, D, cols, dSt, 1, bs, Kd, ldkd, dq, D, true);                      // dQ += dS K
+      gemm<T, VL>(cols, D, rows, St, bs, 1, dOn + r0 * ldo, ldo, gv + c0 * ldgv, ldgv, true);  // dV += Pᵀ dO
+      gemm<T, VL>(cols, D, rows, dSt, bs, 1, Qn + r0 * ldq, ldq, gk + c0 * ldgk, ldgk, true);  // dK += dSᵀ Q
+      gemm<T, VL>(rows, D, cols, dSt, 1, bs, Kd, ldkd, dq, lddq, true);                        // dQ += dS K
     };
     auto key_block = [&](int64_t c0, int cols, const T*& Kd, int64_t& ldkd) {
       const bool staged = stage_unpadded_rows(Kn + c0 * ldk, ldk, cols, D, mask ? mask + c0 : nullptr, Ks);
@@ -506,9 +520,10 @@ void backward_fused_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int6
           const T* Kd;
           int64_t ldkd;
           key_block(c0, cols, Kd, ldkd);
-          pair(qb, c0, rows, cols, dQ, Kd, ldkd);
+          pair(qb, c0, rows, cols, dQ, D, Kd, ldkd);
         }
-        for (int i = 0; i < rows * D; ++i) gq[r0 * D + i] = scaled_grad(dQ[i], p.scale);
+        for (int i = 0; i < rows; ++i)
+          for (int d = 0; d < D; ++d) gq[(r0 + i) * ldgq + d] = scaled_grad(dQ[i * D + d], p.scale);
       }
     } else {
       for (int64_t kb = 0; kb < nkb; ++kb) {
@@ -521,18 +536,20 @@ void backward_fused_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int6
         const int32_t* idx = p.col_index + (hl * nkb + kb) * nqb;
         for (int32_t e = 0; e < count; ++e) {
           const int64_t qb = idx[e];
-          pair(qb, c0, int(std::min<int64_t>(bs, s.seq_q - qb * bs)), cols, gq + qb * bs * D, Kd, ldkd);
+          pair(qb, c0, int(std::min<int64_t>(bs, s.seq_q - qb * bs)), cols, gq + qb * bs * ldgq, ldgq, Kd, ldkd);
         }
       }
-      for (int64_t i = 0; i < s.seq_q * D; ++i) gq[i] = scaled_grad(gq[i], p.scale);
+      for (int64_t i = 0; i < s.seq_q; ++i)
+        for (int d = 0; d < D; ++d) gq[i * ldgq + d] = scaled_grad(gq[i * ldgq + d], p.scale);
     }
-    for (int64_t i = 0; i < s.seq_k * D; ++i) gk[i] = scaled_grad(gk[i], p.scale);
+    for (int64_t j = 0; j < s.seq_k; ++j)
+      for (int d = 0; d < D; ++d) gk[j * ldgk + d] = scaled_grad(gk[j * ldgk + d], p.scale);
     // A padded key's gradients are zero (its P and dS are, but 0 times a NaN q or grad_out row would not be).
     if (mask != nullptr)
       for (int64_t j = 0; j < s.seq_k; ++j)
         if (mask[j] != T(0)) {
-          std::fill(gk + j * D, gk + (j + 1) * D, T(0));
-          std::fill(gv + j * D, gv + (j + 1) * D, T(0));
+          std::fill(gk + j * ldgk, gk + j * ldgk + D, T(0));
+          std::fill(gv + j * ldgv, gv + j * ldgv + D, T(0));
         }
   }
 }
