@@ -8,9 +8,9 @@ and einops. The protein application (data, training, folding, plots, the ``af2-e
 """
 from af2_ext import alphafold2, layouts, ops, reference, reversible
 from af2_ext.model import Alphafold2
-from af2_ext.ops import block_sparse_attention, compressed_attention
+from af2_ext.ops import block_sparse_attention, compressed_attention, triangle_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["Alphafold2", "alphafold2", "block_sparse_attention", "compressed_attention", "layouts", "ops",
-           "reference", "reversible", "__version__"]
+__all__ = ["Alphafold2", "alphafold2", "block_sparse_attention", "compressed_attention", "triangle_attention",
+           "layouts", "ops", "reference", "reversible", "__version__"]

@@ -381,6 +381,89 @@ def block_sparse_attention(
     return out
 
 
+def _check_triangle(q, k, v, bias, mask, layout, block_size) -> None:
+    """Checks of triangle_attention's arguments in its own (B, N, H, Q, D) terms; errors name the argument."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _require(q.dim() == 5, lambda: f"q must be (B, N, H, Q, D), got {_shape(q)}")
+    B, N, H, Q, D = q.shape
+    _require(k.dim() == 5 and k.shape[:3] == (B, N, H) and k.shape[4] == D,
+             lambda: f"k must be (B={B}, N={N}, H={H}, K, D={D}), got {_shape(k)}")
+    _require(v.shape == k.shape, lambda: f"v must have k's shape {_shape(k)}, got {_shape(v)}")
+    K = k.shape[3]
+    _require(bias.is_floating_point(), lambda: f"bias must be a floating tensor, got {bias.dtype}")
+    _require((bias.dim() == 5 and bias.shape == (B, 1, H, Q, K)) or (bias.dim() == 4 and bias.shape == (B, H, Q, K)),
+             lambda: f"bias must be (B={B}, 1, H={H}, Q={Q}, K={K}) or (B, H, Q, K), got {_shape(bias)}")
+    _require(bias.device == q.device, lambda: f"bias must be on q's device {q.device}, got {bias.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        _require(mask.dtype == torch.bool, lambda: f"mask must be bool (True = keep), got {mask.dtype}")
+        _require((mask.dim() == 5 and mask.shape == (B, N, 1, 1, K)) or (mask.dim() == 3 and mask.shape == (B, N, K)),
+                 lambda: f"mask must be (B={B}, N={N}, 1, 1, K={K}) or (B, N, K), got {_shape(mask)}")
+        _require(mask.device == q.device, lambda: f"mask must be on q's device {q.device}, got {mask.device}")
+    if layout is not None:
+        if not isinstance(layout, torch.Tensor):
+            raise TypeError(f"layout must be a torch.Tensor or None, got {type(layout).__name__}")
+        _require(block_size in BLOCK_SIZES, lambda: f"block_size must be 16, 32, 64 or 128, got {block_size}")
+        nqb, nkb = -(-Q // block_size), -(-K // block_size)
+        _require(layout.dtype == torch.bool, lambda: f"layout must be a bool tensor, got {layout.dtype}")
+        _require(layout.dim() == 3 and layout.shape[0] in (1, H) and layout.shape[1] == nqb and layout.shape[2] == nkb,
+                 lambda: f"layout must be (1 or H={H}, ceil(Q/block_size)={nqb}, ceil(K/block_size)={nkb}), "
+                         f"got {_shape(layout)}")
+
+
+def triangle_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    layout: Optional[torch.Tensor] = None,
+    block_size: int = 64,
+    scale: Optional[float] = None,
+    impl: Optional[str] = None,
+) -> torch.Tensor:
+    """Attention within each of N rows with one additive bias that all rows share: AlphaFold2's triangle
+    attention (supplementary Alg. 13/14) and MSA row attention with pair bias (Alg. 7), in cuEquivariance's layout.
+
+    Runs on the block-sparse kernels (:func:`block_sparse_attention`) with the rows as the batch and the bias
+    shared by the rows of a batch element: ``softmax(scale * q k^T + bias, masked) v`` per (b, n, h).
+
+    Args:
+        q: (B, N, H, Q, D); k, v: (B, N, H, K, D). Same dtypes and head dims as :func:`block_sparse_attention`.
+            Read in place (no copy) when the B and N dimensions can be merged into one stride, as they can for
+            any view of a (B, N, Q, H * D) projection; otherwise they are copied first.
+        bias: (B, 1, H, Q, K) or (B, H, Q, K), shared by the N rows of batch element b. Differentiable; its
+            gradient sums over the rows in a fixed order: bitwise the same across runs and thread counts.
+        mask: bool (B, N, 1, 1, K) or (B, N, K), True = keep the key. A row whose keys are all masked is zero,
+            with zero gradients.
+        layout: optional bool (H or 1, ceil(Q / block_size), ceil(K / block_size)) block-sparse layout over
+            (query, key) blocks; None = dense.
+        block_size: the kernels' tile (and the layout's block): 16, 32, 64 or 128.
+        scale: logit scale, default D ** -0.5.
+        impl: "auto" | "kernel" | "reference", as :func:`block_sparse_attention`.
+
+    Returns:
+        (B, N, H, Q, D) in q's dtype.
+    """
+    _check_triangle(q, k, v, bias, mask, layout, block_size)
+    B, N, H, Q, D = q.shape
+    K = k.shape[3]
+    bias4 = bias.squeeze(1) if bias.dim() == 5 else bias  # [B, H, Q, K]: batch row b * N + n reads bias row b
+    kpm = None if mask is None else mask.reshape(B * N, K)
+    if layout is None:
+        if block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be 16, 32, 64 or 128, got {block_size}")
+        layout = _dense_layout(-(-Q // block_size), -(-K // block_size), q.device)
+    out = block_sparse_attention(q.reshape(B * N, H, Q, D), k.reshape(B * N, H, K, D), v.reshape(B * N, H, K, D),
+                                 layout, block_size=block_size, key_padding_mask=kpm, bias=bias4, scale=scale,
+                                 impl=impl)  # [B * N, H, Q, D]
+    return out.reshape(B, N, H, Q, D)
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

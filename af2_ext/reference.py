@@ -137,6 +137,32 @@ def block_sparse_attention_ref(
     return out.masked_fill(~visible.any(-1, keepdim=True), 0.0).to(q.dtype)
 
 
+def triangle_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                           mask: Optional[torch.Tensor] = None, *, scale: Optional[float] = None) -> torch.Tensor:
+    """Triangle attention as OpenFold writes it, dense, in fp32 (fp64 for fp64 inputs): per (b, n, h),
+    ``softmax(scale * q k^T + bias[b, h], over unmasked keys) v``; a row whose keys are all masked is zero.
+
+    Args:
+        q: (B, N, H, Q, D); k, v: (B, N, H, K, D); bias: (B, 1, H, Q, K) or (B, H, Q, K); mask: bool
+            (B, N, 1, 1, K) or (B, N, K), True = keep.
+
+    Returns:
+        (B, N, H, Q, D) in q's dtype.
+    """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    B, N, H, Q, _ = q.shape
+    K = k.shape[3]
+    bias = (bias.squeeze(1) if bias.dim() == 5 else bias).to(compute)  # [B, H, Q, K]
+    logits = torch.einsum("bnhqd,bnhkd->bnhqk", q.to(compute), k.to(compute)) * scale + bias[:, None]
+    if mask is None:
+        return torch.einsum("bnhqk,bnhkd->bnhqd", torch.softmax(logits, -1), v.to(compute)).to(q.dtype)
+    keep = mask.reshape(B, N, 1, 1, K)
+    probs = torch.softmax(logits.masked_fill(~keep, torch.finfo(compute).min), -1).masked_fill(~keep, 0.0)
+    out = torch.einsum("bnhqk,bnhkd->bnhqd", probs, v.to(compute))
+    return out.masked_fill(~keep.any(-1, keepdim=True), 0.0).to(q.dtype)
+
+
 def kv_compress_ref(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values compressed by ``conv1d(weight, bias, stride=ratio, groups=H)`` after an explicit zero pad
