@@ -34,7 +34,7 @@ struct BlockSparseCpuForward {
   int64_t q_stride[3] = {0, 0, 0};
   int64_t k_stride[3] = {0, 0, 0};
   int64_t v_stride[3] = {0, 0, 0};
-  const T* bias = nullptr;
+  const T* bias_t = nullptr;  // (Bb, Hb, Nk, Nq): the bias transposed, read contiguously along the queries
   const T* mask_add = nullptr;
   const int32_t* row_count = nullptr;
   const int32_t* row_index = nullptr;
@@ -57,7 +57,7 @@ struct BlockSparseCpuBackward {
   int64_t grad_out_stride[3] = {0, 0, 0};
   const T* lse = nullptr;    // (B, H, Nq)
   const T* delta = nullptr;  // (B, H, Nq): rowsum(grad_out * out)
-  const T* bias = nullptr;
+  const T* bias_t = nullptr;  // (Bb, Hb, Nk, Nq): the bias transposed, read contiguously along the queries
   const T* mask_add = nullptr;
   const int32_t* row_count = nullptr;
   const int32_t* row_index = nullptr;
@@ -75,6 +75,10 @@ struct BlockSparseCpuBackward {
   // transposed, zero-padded block each, so both passes read every query block contiguously.
   T* q_t_blocks = nullptr;
   T* grad_out_t_blocks = nullptr;
+  // Fused pass with a bias gradient shared by several (batch row, head) members: (bias_splits, Bb, Hb, Nk, Nq)
+  // zero-initialised partial sums (see backward_fused_bias_splits); nullptr otherwise.
+  T* bias_partials = nullptr;
+  int64_t bias_splits = 0;
 };
 
 namespace cpu {
@@ -90,10 +94,14 @@ int64_t backward_prepare_num_tasks(const BlockSparseShape& s);
 int64_t backward_rows_num_tasks(const BlockSparseShape& s, bool with_grad_bias);
 // Column pass: grad_k and grad_v, one task per (batch, head, key block).
 int64_t backward_cols_num_tasks(const BlockSparseShape& s);
-// Fused pass: every gradient in one pass, one task per (batch, head); five products per block pair against the
-// two passes' seven. Valid when grad_q, grad_k and grad_v are wanted and a bias gradient, if wanted, is per
-// (batch, head); chosen when its (batch, head) tasks also keep num_threads busy (always for num_threads = 1).
-int64_t backward_fused_num_tasks(const BlockSparseShape& s);
+// Fused pass: every gradient in one pass, five products per block pair against the two passes' seven. One task
+// per (batch, head), or, with a bias gradient shared by several batch rows or heads, per (bias block, range of
+// its members) with partial sums reduced afterwards in a fixed order (backward_fused_reduce_bias, one task per
+// key of each bias block). Valid when grad_q, grad_k and grad_v are wanted; chosen when its tasks also keep
+// num_threads busy (always for num_threads = 1).
+int64_t backward_fused_bias_splits(const BlockSparseShape& s, bool with_grad_bias);  // 0: no partials
+int64_t backward_fused_num_tasks(const BlockSparseShape& s, bool with_grad_bias);
+int64_t backward_fused_reduce_num_tasks(const BlockSparseShape& s);
 bool backward_fused_applies(const BlockSparseShape& s, bool want_q, bool want_kv, bool want_bias, int num_threads);
 int64_t backward_workspace_elems(const BlockSparseShape& s);
 
@@ -107,6 +115,8 @@ template <typename T>
 void backward_cols(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* workspace);
 template <typename T>
 void backward_fused(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* workspace);
+template <typename T>
+void backward_fused_reduce_bias(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end);
 
 // Name of the instruction set the CPU kernels dispatch to on this machine ("avx512", "avx2" or "generic").
 const char* isa_name();

@@ -73,7 +73,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   const auto acc = cpu_accumulate_type(q.scalar_type());
   const auto qa = staged(q, acc), ka = staged(k, acc), va = staged(v, acc);
   const auto mask_add = additive_key_mask(key_padding_mask, acc);
-  const auto bias_a = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+  // The kernels add the bias to scores kept keys x queries: transposed once here, not at every block of every row.
+  const auto bias_t = bias.has_value() ? bias->to(acc).transpose(2, 3).contiguous() : at::Tensor();
   const auto rc = row_count.contiguous();
   const auto ri = row_index.contiguous();
   // (B, H, Nq, D) in (B, Nq, H, D) memory: "b h n d -> b n (h d)", what the output projection reads, is then a
@@ -89,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
     set_strides(p.q_stride, qa);
     set_strides(p.k_stride, ka);
     set_strides(p.v_stride, va);
-    p.bias = bias_a.defined() ? bias_a.data_ptr<scalar_t>() : nullptr;
+    p.bias_t = bias_t.defined() ? bias_t.data_ptr<scalar_t>() : nullptr;
     p.mask_add = mask_add.defined() ? mask_add.data_ptr<scalar_t>() : nullptr;
     p.row_count = rc.data_ptr<int32_t>();
     p.row_index = ri.data_ptr<int32_t>();
@@ -125,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const auto lse_a = lse.to(acc).contiguous();
   auto delta = at::empty({s.batch, s.heads, s.seq_q}, qa.options());
   const auto mask_add = additive_key_mask(key_padding_mask, acc);
-  const auto bias_a = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+  const auto bias_t = bias.has_value() ? bias->to(acc).transpose(2, 3).contiguous() : at::Tensor();
   const auto rc = row_count.contiguous(), ri = row_index.contiguous();
   const auto cc = col_count.contiguous(), ci = col_index.contiguous();
   const auto contiguous = qa.options().memory_format(at::MemoryFormat::Contiguous);
@@ -137,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto gq = want_q ? heads_inner(q) : at::Tensor();
   auto gk = want_kv ? heads_inner(k) : at::Tensor();
   auto gv = want_kv ? heads_inner(v) : at::Tensor();
-  auto gb = want_bias ? at::zeros_like(bias_a) : at::Tensor();
+  auto gb = want_bias ? at::zeros(bias->sizes(), bias_t.options()) : at::Tensor();
   const BackwardPlan plan = backward_plan();
   const bool fused = plan != BackwardPlan::two_pass &&
                      cpu::backward_fused_applies(s, want_q, want_kv, want_bias,
@@ -174,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     set_strides(p.grad_out_stride, go);
     p.lse = ptr(lse_a);
     p.delta = ptr(delta);
-    p.bias = ptr(bias_a);
+    p.bias_t = ptr(bias_t);
     p.mask_add = ptr(mask_add);
     p.row_count = rc.data_ptr<int32_t>();
     p.row_index = ri.data_ptr<int32_t>();
@@ -196,9 +197,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                      [&](int64_t b, int64_t e) { cpu::backward_prepare<scalar_t>(p, b, e); });
     const int64_t ws = cpu::backward_workspace_elems(s);
     if (fused) {
-      parallel_tasks<scalar_t>(cpu::backward_fused_num_tasks(s), ws, [&](int64_t b, int64_t e, scalar_t* w) {
-        cpu::backward_fused<scalar_t>(p, b, e, w);
-      });
+      const int64_t splits = cpu::backward_fused_bias_splits(s, want_bias);
+      at::Tensor partials;
+      if (splits > 0) {
+        partials = at::zeros({splits * s.bias_batch * s.bias_heads * s.seq_k * s.seq_q}, qa.options());
+        p.bias_partials = ptr(partials);
+        p.bias_splits = splits;
+      }
+      parallel_tasks<scalar_t>(cpu::backward_fused_num_tasks(s, want_bias), ws,
+                               [&](int64_t b, int64_t e, scalar_t* w) { cpu::backward_fused<scalar_t>(p, b, e, w); });
+      if (splits > 0)
+        at::parallel_for(0, cpu::backward_fused_reduce_num_tasks(s), 16,
+                         [&](int64_t b, int64_t e) { cpu::backward_fused_reduce_bias<scalar_t>(p, b, e); });
       return;
     }
     if (want_q || want_bias)

@@ -41,13 +41,30 @@ int64_t backward_rows_num_tasks(const BlockSparseShape& s, bool with_grad_bias) 
 
 int64_t backward_cols_num_tasks(const BlockSparseShape& s) { return s.batch * s.heads * s.num_k_blocks; }
 
-int64_t backward_fused_num_tasks(const BlockSparseShape& s) { return s.batch * s.heads; }
+int64_t backward_fused_bias_splits(const BlockSparseShape& s, bool with_grad_bias) {
+  if (!with_grad_bias || s.bias_batch <= 0 || s.bias_heads <= 0) return 0;
+  const int64_t members = (s.batch / s.bias_batch) * (s.heads / s.bias_heads);
+  if (members == 1) return 0;
+  // Enough tasks for a many-core CPU, partial sums of at most 16 Mi elements (64 MiB in fp32); from the shape
+  // alone, so that the bias gradient's bits do not depend on the machine.
+  constexpr int64_t kTargetTasks = 32, kMaxPartialElems = int64_t(16) << 20;
+  const int64_t groups = s.bias_batch * s.bias_heads, bias_elems = groups * s.seq_q * s.seq_k;
+  int64_t splits = std::min(members, (kTargetTasks + groups - 1) / groups);
+  splits = std::min(splits, std::max<int64_t>(1, kMaxPartialElems / std::max<int64_t>(1, bias_elems)));
+  return std::max<int64_t>(1, splits);
+}
+
+int64_t backward_fused_num_tasks(const BlockSparseShape& s, bool with_grad_bias) {
+  const int64_t splits = backward_fused_bias_splits(s, with_grad_bias);
+  return splits == 0 ? s.batch * s.heads : splits * s.bias_batch * s.bias_heads;
+}
+
+int64_t backward_fused_reduce_num_tasks(const BlockSparseShape& s) { return s.bias_batch * s.bias_heads * s.seq_k; }
 
 bool backward_fused_applies(const BlockSparseShape& s, bool want_q, bool want_kv, bool want_bias, int num_threads) {
   if (!want_kv || !want_q) return false;  // one pass alone is cheaper than the fused one then
-  if (want_bias && (s.bias_batch != s.batch || s.bias_heads != s.heads)) return false;  // shared bias rows
-  // Enough (batch, head) tasks to keep every thread busy to the end; otherwise the passes' finer tasks win.
-  const int64_t tasks = backward_fused_num_tasks(s);
+  // Enough tasks to keep every thread busy to the end; otherwise the passes' finer tasks win.
+  const int64_t tasks = backward_fused_num_tasks(s, want_bias);
   return tasks >= 4 * int64_t(num_threads) || tasks % num_threads == 0;
 }
 
@@ -80,6 +97,11 @@ void backward_fused(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t e
   AF2_EXT_CPU_DISPATCH(backward_fused_impl<T>, p, begin, end, workspace)
 }
 
+template <typename T>
+void backward_fused_reduce_bias(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end) {
+  AF2_EXT_CPU_DISPATCH(backward_fused_reduce_bias_impl<T>, p, begin, end)
+}
+
 template void forward<float>(const BlockSparseCpuForward<float>&, int64_t, int64_t, float*);
 template void forward<double>(const BlockSparseCpuForward<double>&, int64_t, int64_t, double*);
 template void backward_prepare<float>(const BlockSparseCpuBackward<float>&, int64_t, int64_t);
@@ -90,6 +112,8 @@ template void backward_cols<float>(const BlockSparseCpuBackward<float>&, int64_t
 template void backward_cols<double>(const BlockSparseCpuBackward<double>&, int64_t, int64_t, double*);
 template void backward_fused<float>(const BlockSparseCpuBackward<float>&, int64_t, int64_t, float*);
 template void backward_fused<double>(const BlockSparseCpuBackward<double>&, int64_t, int64_t, double*);
+template void backward_fused_reduce_bias<float>(const BlockSparseCpuBackward<float>&, int64_t, int64_t);
+template void backward_fused_reduce_bias<double>(const BlockSparseCpuBackward<double>&, int64_t, int64_t);
 
 }  // namespace cpu
 }  // namespace af2_ext

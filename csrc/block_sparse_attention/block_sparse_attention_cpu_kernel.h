@@ -123,13 +123,16 @@ static inline void scale_row(T* x, int n, T a) {
 // the score) for padded keys; rows of the query block past its end get no bias (their probabilities are
 // discarded or forced to 0 by lse = +inf).
 template <typename T, int VL>
-static inline void finish_logits(T* St, int cols, int rows, int bs, T scale, const T* bias, int64_t ld_bias,
+static inline void finish_logits(T* St, int cols, int rows, int bs, T scale, const T* bias_t, int64_t ld_bias_t,
                                  const T* mask_add) {
   if (!fold_scale(scale))
     for (int j = 0; j < cols; ++j) scale_row<T, VL>(St + j * bs, bs, scale);
-  if (bias != nullptr)
-    for (int i = 0; i < rows; ++i)
-      for (int j = 0; j < cols; ++j) St[j * bs + i] += bias[i * ld_bias + j];
+  if (bias_t != nullptr)  // the bias is read transposed too: contiguous along the queries, as St
+    for (int j = 0; j < cols; ++j) {
+      T* dst = St + j * bs;
+      const T* src = bias_t + j * ld_bias_t;
+      for (int i = 0; i < rows; ++i) dst[i] += src[i];
+    }
   if (mask_add != nullptr)
     for (int j = 0; j < cols; ++j)
       if (mask_add[j] != T(0)) std::fill(St + j * bs, St + (j + 1) * bs, neg_inf<T>());
@@ -166,8 +169,8 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
     const T* Vn = head_rows(p.v, p.v_stride, b, h);
     const int64_t ldk = p.k_stride[2], ldv = p.v_stride[2];
     const T* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
-    const T* bias = bias_block(s, p.bias, b, h);
-    if (bias != nullptr) bias += r0 * s.seq_k;
+    const T* bias = bias_block(s, p.bias_t, b, h);
+    if (bias != nullptr) bias += r0;
     transpose_block(head_rows(p.q, p.q_stride, b, h) + r0 * p.q_stride[2], p.q_stride[2], rows, D, fold, Qt, bs);
     std::fill(m, m + bs, neg_inf<T>());
     std::fill(l, l + bs, T(0));
@@ -182,7 +185,7 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
         const int64_t c0 = block_start + chunk;
         const int cols = std::min(kKeyChunk, block_cols - chunk);
         gemm<T, VL>(cols, bs, D, Kn + c0 * ldk, ldk, 1, Qt, bs, St, bs, false);
-        finish_logits<T, VL>(St, cols, rows, bs, p.scale, bias ? bias + c0 : nullptr, s.seq_k,
+        finish_logits<T, VL>(St, cols, rows, bs, p.scale, bias ? bias + c0 * s.seq_q : nullptr, s.seq_q,
                              mask ? mask + c0 : nullptr);
         const vec ninf = V::broadcast(neg_inf<T>()), zero = V::broadcast(T(0));
         for (int i = 0; i < bs; i += VL) {
@@ -307,7 +310,7 @@ static inline void recompute_block(const BlockSparseCpuBackward<T>& p, const T* 
   typedef typename V::type vec;
   const int bs = p.s.block_size, D = int(p.s.head_dim);
   gemm<T, VL>(cols, bs, D, Kb, ldk, 1, Qt, bs, St, bs, false);
-  finish_logits<T, VL>(St, cols, rows, bs, p.scale, bias, p.s.seq_k, mask);
+  finish_logits<T, VL>(St, cols, rows, bs, p.scale, bias, p.s.seq_q, mask);
   gemm<T, VL>(cols, bs, D, Vb, ldv, 1, dOt, bs, dPt, bs, false);
   const vec ninf = V::broadcast(neg_inf<T>()), zero = V::broadcast(T(0));
   for (int j = 0; j < cols; ++j)
@@ -353,8 +356,8 @@ void backward_rows_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
         const T* Vn = head_rows(p.v, p.v_stride, b, h);
         const int64_t ldk = p.k_stride[2], ldv = p.v_stride[2];
         const T* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
-        const T* bias = bias_block(s, p.bias, b, h);
-        if (bias != nullptr) bias += r0 * s.seq_k;
+        const T* bias = bias_block(s, p.bias_t, b, h);
+        if (bias != nullptr) bias += r0;
         load_query_block(p, bh, qb, rows, Qt, dOt, lse, delta);
         std::fill(dQ, dQ + bs * D, T(0));
         const int32_t count = p.row_count[hl * nqb + qb];
@@ -363,7 +366,7 @@ void backward_rows_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
           const int64_t c0 = int64_t(idx[e]) * bs;
           const int cols = int(std::min<int64_t>(bs, s.seq_k - c0));
           const T* mask_c = mask ? mask + c0 : nullptr;
-          recompute_block(p, Kn + c0 * ldk, ldk, Vn + c0 * ldv, ldv, cols, rows, bias ? bias + c0 : nullptr, mask_c,
+          recompute_block(p, Kn + c0 * ldk, ldk, Vn + c0 * ldv, ldv, cols, rows, bias ? bias + c0 * s.seq_q : nullptr, mask_c,
                           Qt, dOt, lse, delta, St, dSt);
           if (grad_bias != nullptr)
             for (int i = 0; i < rows; ++i)
@@ -412,7 +415,7 @@ void backward_cols_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
     const T* dOn = head_rows(p.grad_out, p.grad_out_stride, b, h);
     const int64_t ldq = p.q_stride[2], ldo = p.grad_out_stride[2];
     const T* mask = p.mask_add ? p.mask_add + b * s.seq_k + c0 : nullptr;
-    const T* bias = bias_block(s, p.bias, b, h);
+    const T* bias = bias_block(s, p.bias_t, b, h);
     std::fill(dK, dK + cols * D, T(0));
     std::fill(dV, dV + cols * D, T(0));
     const int32_t count = p.col_count[hl * nkb + kb];
@@ -421,7 +424,7 @@ void backward_cols_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
       const int64_t qb = idx[e], r0 = qb * bs;
       const int rows = int(std::min<int64_t>(bs, s.seq_q - r0));
       load_query_block(p, bh, qb, rows, Qt, dOt, lse, delta);
-      recompute_block(p, Kb, p.k_stride[2], Vb, p.v_stride[2], cols, rows, bias ? bias + r0 * s.seq_k + c0 : nullptr,
+      recompute_block(p, Kb, p.k_stride[2], Vb, p.v_stride[2], cols, rows, bias ? bias + c0 * s.seq_q + r0 : nullptr,
                       mask, Qt, dOt, lse, delta, St, dSt);
       gemm<T, VL>(cols, D, rows, St, bs, 1, dOn + r0 * ldo, ldo, dV, D, true);  // dV += Pᵀ dO
       gemm<T, VL>(cols, D, rows, dSt, bs, 1, Qn + r0 * ldq, ldq, dK, D, true);  // dK += dSᵀ Q (scaled below)
@@ -444,14 +447,15 @@ void backward_cols_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
   }
 }
 
-// One pass for all gradients, one task per (batch, head): each (query block, key block) pair of the layout is
+// One pass for all gradients of one (batch b, head h): each (query block, key block) pair of the layout is
 // recomputed once (Pᵀ and dSᵀ, two products) and feeds dQ += dS K, dV += Pᵀ dO and dK += dSᵀ Q: five products
-// per pair where the row and column passes take seven. The gradients accumulate straight into the task's own rows
-// of grad_q, grad_k and grad_v, and a bias gradient (only taken here when each (batch, head) has its own bias)
-// into its own rows of grad_bias: no two tasks write the same element, and each sums in a fixed order. The longer
-// side is the outer loop, so the gradient blocks it accumulates stay in cache while the shorter side streams.
+// per pair where the row and column passes take seven. The gradients accumulate straight into (b, h)'s own rows of
+// grad_q, grad_k and grad_v. dS goes to (b, h)'s own rows of grad_bias when the bias is per (batch, head)
+// (bias_sum_t null), or is added to bias_sum_t, a (Nk x Nq) transposed partial sum of the bias block that
+// (b, h) shares with other batch rows and heads. The longer side is the outer loop, so the gradient blocks it
+// accumulates stay in cache while the shorter side streams.
 template <typename T>
-void backward_fused_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* ws) {
+static void backward_fused_member(const BlockSparseCpuBackward<T>& p, int64_t b, int64_t h, T* ws, T* bias_sum_t) {
   constexpr int VL = Lanes<T>::value;
   const BlockSparseShape& s = p.s;
   const int bs = s.block_size;
@@ -466,8 +470,8 @@ void backward_fused_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int6
   T* Ks = delta + bs;  // bs x D: a key block with the rows of padded keys zeroed, when it has some
   const T* Qt = nullptr;
   const T* dOt = nullptr;
-  for (int64_t bh = begin; bh < end; ++bh) {
-    const int64_t b = bh / s.heads, h = bh % s.heads;
+  {
+    const int64_t bh = b * s.heads + h;
     const int64_t hl = s.layout_heads == 1 ? 0 : h;
     const T* Kn = head_rows(p.k, p.k_stride, b, h);
     const T* Vn = head_rows(p.v, p.v_stride, b, h);
@@ -475,8 +479,8 @@ void backward_fused_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int6
     const T* dOn = head_rows(p.grad_out, p.grad_out_stride, b, h);
     const int64_t ldk = p.k_stride[2], ldv = p.v_stride[2], ldq = p.q_stride[2], ldo = p.grad_out_stride[2];
     const T* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
-    const T* bias = bias_block(s, p.bias, b, h);
-    T* grad_bias = p.grad_bias != nullptr ? p.grad_bias + bh * s.seq_q * s.seq_k : nullptr;
+    const T* bias = bias_block(s, p.bias_t, b, h);
+    T* grad_bias = p.grad_bias != nullptr && bias_sum_t == nullptr ? p.grad_bias + bh * s.seq_q * s.seq_k : nullptr;
     const int64_t ldgq = p.grad_q_stride[2], ldgk = p.grad_k_stride[2], ldgv = p.grad_v_stride[2];
     T* gq = grad_rows(p.grad_q, p.grad_q_stride, b, h);
     T* gk = grad_rows(p.grad_k, p.grad_k_stride, b, h);
@@ -493,11 +497,17 @@ void backward_fused_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int6
       const int64_t r0 = qb * bs;
       const T* mask_c = mask ? mask + c0 : nullptr;
       load_query_block(p, bh, qb, rows, Qt, dOt, lse, delta);
-      recompute_block(p, Kn + c0 * ldk, ldk, Vn + c0 * ldv, ldv, cols, rows, bias ? bias + r0 * s.seq_k + c0 : nullptr,
+      recompute_block(p, Kn + c0 * ldk, ldk, Vn + c0 * ldv, ldv, cols, rows, bias ? bias + c0 * s.seq_q + r0 : nullptr,
                       mask_c, Qt, dOt, lse, delta, St, dSt);
       if (grad_bias != nullptr)
         for (int i = 0; i < rows; ++i)
           for (int j = 0; j < cols; ++j) grad_bias[(r0 + i) * s.seq_k + c0 + j] = dSt[j * bs + i];
+      if (bias_sum_t != nullptr)  // lane-wise adds down the key rows of the transposed partial
+        for (int j = 0; j < cols; ++j) {
+          T* dst = bias_sum_t + (c0 + j) * s.seq_q + r0;
+          const T* src = dSt + j * bs;
+          for (int i = 0; i < rows; ++i) dst[i] += src[i];
+        }
       gemm<T, VL>(cols, D, rows, St, bs, 1, dOn + r0 * ldo, ldo, gv + c0 * ldgv, ldgv, true);  // dV += Pᵀ dO
       gemm<T, VL>(cols, D, rows, dSt, bs, 1, Qn + r0 * ldq, ldq, gk + c0 * ldgk, ldgk, true);  // dK += dSᵀ Q
       gemm<T, VL>(rows, D, cols, dSt, 1, bs, Kd, ldkd, dq, lddq, true);                        // dQ += dS K
@@ -551,5 +561,47 @@ void backward_fused_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int6
           std::fill(gk + j * ldgk, gk + j * ldgk + D, T(0));
           std::fill(gv + j * ldgv, gv + j * ldgv + D, T(0));
         }
+  }
+}
+
+// The fused pass's tasks. Without a shared bias gradient, task t is (batch, head) t. With one, the (B / Bb) *
+// (H / Hb) members (batch row, head) sharing each bias block are split into `splits` contiguous ranges (a number
+// from the shape alone), task t = (bias block g, range r): its members run in order and add dS into partial
+// (r, g); backward_fused_reduce_bias then sums the partials of each bias block in range order. Fixed ranges
+// and fixed orders: the bias gradient's bits depend on neither the threads nor the schedule.
+template <typename T>
+void backward_fused_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* ws) {
+  const BlockSparseShape& s = p.s;
+  if (p.bias_partials == nullptr) {
+    for (int64_t t = begin; t < end; ++t) backward_fused_member(p, t / s.heads, t % s.heads, ws, (T*)nullptr);
+    return;
+  }
+  const int64_t splits = p.bias_splits, groups = s.bias_batch * s.bias_heads;
+  const int64_t batch_per_group = s.batch / s.bias_batch, heads_per_group = s.heads / s.bias_heads;
+  const int64_t members = batch_per_group * heads_per_group;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t g = t / splits, r = t % splits, bg = g / s.bias_heads, hg = g % s.bias_heads;
+    T* partial = p.bias_partials + (r * groups + g) * s.seq_k * s.seq_q;
+    for (int64_t m = r * members / splits; m < (r + 1) * members / splits; ++m)
+      backward_fused_member(p, bg * batch_per_group + m / heads_per_group, hg * heads_per_group + m % heads_per_group,
+                            ws, partial);
+  }
+}
+
+// grad_bias[g, i, j] = sum over ranges r, in order, of partial[r, g, j, i]; task t = key j of bias block g.
+template <typename T>
+void backward_fused_reduce_bias_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end) {
+  const BlockSparseShape& s = p.s;
+  const int64_t groups = s.bias_batch * s.bias_heads, Nq = s.seq_q, Nk = s.seq_k;
+  const int64_t range_stride = groups * Nk * Nq;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t g = t / Nk, j = t % Nk;
+    const T* src = p.bias_partials + (g * Nk + j) * Nq;  // range 0; range r is r * range_stride further
+    T* dst = p.grad_bias + g * Nq * Nk + j;
+    for (int64_t i = 0; i < Nq; ++i) {
+      T sum = 0;
+      for (int64_t r = 0; r < p.bias_splits; ++r) sum += src[r * range_stride + i];
+      dst[i * Nk] = sum;
+    }
   }
 }
