@@ -103,6 +103,9 @@ int64_t backward_fused_bias_splits(const BlockSparseShape& s, bool with_grad_bia
 int64_t backward_fused_num_tasks(const BlockSparseShape& s, bool with_grad_bias);
 int64_t backward_fused_reduce_num_tasks(const BlockSparseShape& s);
 bool backward_fused_applies(const BlockSparseShape& s, bool want_q, bool want_kv, bool want_bias, int num_threads);
+// The fused pass with queries outer transposes each query block in its workspace and reads neither q_t_blocks
+// nor grad_out_t_blocks (backward_prepare is skipped); with keys outer it reads them.
+bool backward_fused_stages_queries(const BlockSparseShape& s);
 int64_t backward_workspace_elems(const BlockSparseShape& s);
 
 template <typename T>

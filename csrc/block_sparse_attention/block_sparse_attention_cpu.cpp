@@ -143,8 +143,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const bool fused = plan != BackwardPlan::two_pass &&
                      cpu::backward_fused_applies(s, want_q, want_kv, want_bias,
                                                  plan == BackwardPlan::fused ? 1 : at::get_num_threads());
-  auto q_t_blocks = at::empty({s.batch, s.heads, s.num_q_blocks, s.head_dim, block_size}, qa.options());
-  auto go_t_blocks = at::empty_like(q_t_blocks);
+  const bool prepare = !(fused && cpu::backward_fused_stages_queries(s));
+  auto q_t_blocks = prepare ? at::empty({s.batch, s.heads, s.num_q_blocks, s.head_dim, block_size}, qa.options())
+                            : at::Tensor();
+  auto go_t_blocks = prepare ? at::empty_like(q_t_blocks) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "block_sparse_attention_backward_cpu", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
     {  // delta = rowsum(grad_out * out), one query row at a time, both read at their strides
@@ -193,8 +195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     p.grad_bias = ptr(gb);
     p.q_t_blocks = ptr(q_t_blocks);
     p.grad_out_t_blocks = ptr(go_t_blocks);
-    at::parallel_for(0, cpu::backward_prepare_num_tasks(s), 1,
-                     [&](int64_t b, int64_t e) { cpu::backward_prepare<scalar_t>(p, b, e); });
+    if (prepare)
+      at::parallel_for(0, cpu::backward_prepare_num_tasks(s), 1,
+                       [&](int64_t b, int64_t e) { cpu::backward_prepare<scalar_t>(p, b, e); });
     const int64_t ws = cpu::backward_workspace_elems(s);
     if (fused) {
       const int64_t splits = cpu::backward_fused_bias_splits(s, want_bias);

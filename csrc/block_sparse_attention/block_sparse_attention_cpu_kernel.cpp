@@ -61,6 +61,8 @@ int64_t backward_fused_num_tasks(const BlockSparseShape& s, bool with_grad_bias)
 
 int64_t backward_fused_reduce_num_tasks(const BlockSparseShape& s) { return s.bias_batch * s.bias_heads * s.seq_k; }
 
+bool backward_fused_stages_queries(const BlockSparseShape& s) { return s.seq_q >= s.seq_k; }
+
 bool backward_fused_applies(const BlockSparseShape& s, bool want_q, bool want_kv, bool want_bias, int num_threads) {
   if (!want_kv || !want_q) return false;  // one pass alone is cheaper than the fused one then
   // Enough tasks to keep every thread busy to the end; otherwise the passes' finer tasks win.
@@ -69,7 +71,7 @@ bool backward_fused_applies(const BlockSparseShape& s, bool want_q, bool want_kv
 }
 
 int64_t backward_workspace_elems(const BlockSparseShape& s) {
-  return 2 * int64_t(s.block_size) * s.block_size + 3 * s.block_size * s.head_dim + 2 * s.block_size;
+  return 2 * int64_t(s.block_size) * s.block_size + 5 * s.block_size * s.head_dim + 2 * s.block_size;
 }
 
 template <typename T>

@@ -468,6 +468,8 @@ static void backward_fused_member(const BlockSparseCpuBackward<T>& p, int64_t b,
   T* lse = dQ + bs * D;
   T* delta = lse + bs;
   T* Ks = delta + bs;  // bs x D: a key block with the rows of padded keys zeroed, when it has some
+  T* Qs = Ks + bs * D;   // D x bs: queries outer, scale * the query block transposed
+  T* dOs = Qs + D * bs;  // D x bs: queries outer, the grad_out block transposed
   const T* Qt = nullptr;
   const T* dOt = nullptr;
   {
@@ -491,12 +493,11 @@ static void backward_fused_member(const BlockSparseCpuBackward<T>& p, int64_t b,
     }
     if (!queries_outer)
       for (int64_t i = 0; i < s.seq_q; ++i) std::fill(gq + i * ldgq, gq + i * ldgq + D, T(0));
-    // One pair of the layout; dq (row stride lddq) is the query block's gradient accumulator, Kd the key block
-    // with padded keys' rows read as zero.
+    // One pair of the layout, the query block's Qt, dOt, lse and delta loaded; dq (row stride lddq) is the query
+    // block's gradient accumulator, Kd the key block with padded keys' rows read as zero.
     auto pair = [&](int64_t qb, int64_t c0, int rows, int cols, T* dq, int64_t lddq, const T* Kd, int64_t ldkd) {
       const int64_t r0 = qb * bs;
       const T* mask_c = mask ? mask + c0 : nullptr;
-      load_query_block(p, bh, qb, rows, Qt, dOt, lse, delta);
       recompute_block(p, Kn + c0 * ldk, ldk, Vn + c0 * ldv, ldv, cols, rows, bias ? bias + c0 * s.seq_q + r0 : nullptr,
                       mask_c, Qt, dOt, lse, delta, St, dSt);
       if (grad_bias != nullptr)
@@ -522,6 +523,15 @@ static void backward_fused_member(const BlockSparseCpuBackward<T>& p, int64_t b,
         const int64_t r0 = qb * bs;
         const int rows = int(std::min<int64_t>(bs, s.seq_q - r0));
         std::fill(dQ, dQ + bs * D, T(0));
+        // Each query block is visited once here: staged in the workspace (no prepared copies of Q and grad_out).
+        transpose_block(Qn + r0 * ldq, ldq, rows, D, fold_scale(p.scale) ? p.scale : T(1), Qs, bs);
+        transpose_block(dOn + r0 * ldo, ldo, rows, D, T(1), dOs, bs);
+        Qt = Qs;
+        dOt = dOs;
+        for (int i = 0; i < bs; ++i) {
+          lse[i] = i < rows ? p.lse[bh * s.seq_q + r0 + i] : std::numeric_limits<T>::infinity();
+          delta[i] = i < rows ? p.delta[bh * s.seq_q + r0 + i] : T(0);
+        }
         const int32_t count = p.row_count[hl * nqb + qb];
         const int32_t* idx = p.row_index + (hl * nqb + qb) * nkb;
         for (int32_t e = 0; e < count; ++e) {
@@ -546,6 +556,7 @@ static void backward_fused_member(const BlockSparseCpuBackward<T>& p, int64_t b,
         const int32_t* idx = p.col_index + (hl * nkb + kb) * nqb;
         for (int32_t e = 0; e < count; ++e) {
           const int64_t qb = idx[e];
+          load_query_block(p, bh, qb, int(std::min<int64_t>(bs, s.seq_q - qb * bs)), Qt, dOt, lse, delta);
           pair(qb, c0, int(std::min<int64_t>(bs, s.seq_q - qb * bs)), cols, gq + qb * bs * ldgq, ldgq, Kd, ldkd);
         }
       }
