@@ -36,6 +36,10 @@ struct BlockSparseCpuForward {
   int64_t v_stride[3] = {0, 0, 0};
   const T* bias_t = nullptr;  // (Bb, Hb, Nk, Nq): the bias transposed, read contiguously along the queries
   const T* mask_add = nullptr;
+  // (B, H, num_k_blocks): 1 where a padded key of the block holds a non-finite k or v, the only blocks whose k / v
+  // rows the kernels must read through a copy with the padded rows zeroed (0 * NaN is not 0); nullptr: every
+  // block with a padded key is copied.
+  const uint8_t* padded_nonfinite = nullptr;
   const int32_t* row_count = nullptr;
   const int32_t* row_index = nullptr;
   T scale = 1;
@@ -59,6 +63,10 @@ struct BlockSparseCpuBackward {
   const T* delta = nullptr;  // (B, H, Nq): rowsum(grad_out * out)
   const T* bias_t = nullptr;  // (Bb, Hb, Nk, Nq): the bias transposed, read contiguously along the queries
   const T* mask_add = nullptr;
+  // (B, H, num_k_blocks): 1 where a padded key of the block holds a non-finite k or v, the only blocks whose k / v
+  // rows the kernels must read through a copy with the padded rows zeroed (0 * NaN is not 0); nullptr: every
+  // block with a padded key is copied.
+  const uint8_t* padded_nonfinite = nullptr;
   const int32_t* row_count = nullptr;
   const int32_t* row_index = nullptr;
   const int32_t* col_count = nullptr;

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -53,6 +54,33 @@ BackwardPlan backward_plan() {
   TORCH_CHECK(false, "AF2_EXT_CPU_BACKWARD must be 'auto', 'fused' or 'two_pass', got '", v, "'");
 }
 
+// (B, H, num_k_blocks) uint8: 1 where a padded key of the block holds a non-finite k or v (see the params'
+// padded_nonfinite). Reads only the padded rows.
+template <typename T>
+at::Tensor padded_nonfinite_blocks(const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask_add,
+                                   const BlockSparseShape& s) {
+  auto flags = at::zeros({s.batch, s.heads, s.num_k_blocks}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* f = flags.data_ptr<uint8_t>();
+  const T* m = mask_add.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  at::parallel_for(0, s.batch * s.heads, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / s.heads, h = bh % s.heads;
+      const T* kr = kp + b * k.stride(0) + h * k.stride(1);
+      const T* vr = vp + b * v.stride(0) + h * v.stride(1);
+      for (int64_t j = 0; j < s.seq_k; ++j) {
+        if (m[b * s.seq_k + j] == T(0)) continue;
+        bool finite = true;
+        for (int64_t d = 0; d < s.head_dim; ++d)
+          finite &= std::isfinite(kr[j * k.stride(2) + d]) && std::isfinite(vr[j * v.stride(2) + d]);
+        if (!finite) f[bh * s.num_k_blocks + j / s.block_size] = 1;
+      }
+    }
+  });
+  return flags;
+}
+
 template <typename T, typename Fn>
 void parallel_tasks(int64_t num_tasks, int64_t workspace_elems, const Fn& fn) {
   at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
@@ -92,6 +120,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
     set_strides(p.v_stride, va);
     p.bias_t = bias_t.defined() ? bias_t.data_ptr<scalar_t>() : nullptr;
     p.mask_add = mask_add.defined() ? mask_add.data_ptr<scalar_t>() : nullptr;
+    const auto nonfinite = mask_add.defined() ? padded_nonfinite_blocks<scalar_t>(ka, va, mask_add, s) : at::Tensor();
+    p.padded_nonfinite = nonfinite.defined() ? nonfinite.data_ptr<uint8_t>() : nullptr;
     p.row_count = rc.data_ptr<int32_t>();
     p.row_index = ri.data_ptr<int32_t>();
     p.scale = scalar_t(scale);
@@ -179,6 +209,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     p.delta = ptr(delta);
     p.bias_t = ptr(bias_t);
     p.mask_add = ptr(mask_add);
+    const auto nonfinite = mask_add.defined() ? padded_nonfinite_blocks<scalar_t>(ka, va, mask_add, s) : at::Tensor();
+    p.padded_nonfinite = nonfinite.defined() ? nonfinite.data_ptr<uint8_t>() : nullptr;
     p.row_count = rc.data_ptr<int32_t>();
     p.row_index = ri.data_ptr<int32_t>();
     p.col_count = cc.data_ptr<int32_t>();

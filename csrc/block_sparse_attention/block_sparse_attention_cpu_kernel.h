@@ -71,11 +71,17 @@ static inline typename Vec<T, VL>::type exp_lanes(typename Vec<T, VL>::type x) {
   }
 }
 
-// Gradient of a scaled product: a zero stays zero whatever the scale (an infinite scale must not turn the zero
-// gradient of a row with no visible key into NaN).
-template <typename T>
-static inline T scaled_grad(T g, T scale) {
-  return g == T(0) ? T(0) : g * scale;
+// dst[0:D] = src[0:D] * scale, the gradient of a scaled product, lane-wise (D is a multiple of the lanes; dst may
+// be src). A zero stays zero whatever the scale: an infinite scale must not turn the zero gradient of a row with no
+// visible key into NaN.
+template <typename T, int VL>
+static inline void scaled_grad_row(T* dst, const T* src, int D, T scale) {
+  typedef Vec<T, VL> V;
+  const typename V::type zero = V::broadcast(T(0)), mul = V::broadcast(scale);
+  for (int d = 0; d < D; d += VL) {
+    const typename V::type g = V::load(src + d);
+    V::store(dst + d, V::select(g == zero, zero, g * mul));
+  }
 }
 
 // The logit scale is folded into the query block when finite; an infinite one is applied to the scores after the
@@ -83,6 +89,13 @@ static inline T scaled_grad(T g, T scale) {
 template <typename T>
 static inline bool fold_scale(T scale) {
   return std::isfinite(scale);
+}
+
+// Whether key block kb of (b, h) must be read through a copy with its padded rows zeroed.
+template <typename P>
+static inline bool may_stage(const P& p, int64_t b, int64_t h, int64_t kb) {
+  return p.mask_add != nullptr &&
+         (p.padded_nonfinite == nullptr || p.padded_nonfinite[(b * p.s.heads + h) * p.s.num_k_blocks + kb] != 0);
 }
 
 // dst (n x D, contiguous) = the n rows of src (row stride ld), rows whose key is padded (mask_add != 0) zeroed.
@@ -243,7 +256,7 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
         // probability is 0, but 0 * (a NaN or inf in its v) would not be: such chunks read V with those rows zeroed.
         const T* Vc = Vn + c0 * ldv;
         int64_t ldvc = ldv;
-        if (stage_unpadded_rows(Vc, ldv, cols, D, mask ? mask + c0 : nullptr, Vs)) {
+        if (may_stage(p, b, h, idx[e]) && stage_unpadded_rows(Vc, ldv, cols, D, mask ? mask + c0 : nullptr, Vs)) {
           Vc = Vs;
           ldvc = D;
         }
@@ -374,7 +387,7 @@ void backward_rows_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
           // dQ (rows x D) += dS (rows x cols) * K (cols x D); dS is read out of dSt transposed. As in the forward's
           // P V, padded keys' rows of K are read as zero.
           if (p.grad_q != nullptr) {
-            const bool staged = stage_unpadded_rows(Kn + c0 * ldk, ldk, cols, D, mask_c, Ks);
+            const bool staged = may_stage(p, b, h, idx[e]) && stage_unpadded_rows(Kn + c0 * ldk, ldk, cols, D, mask_c, Ks);
             gemm<T, VL>(rows, D, cols, dSt, 1, bs, staged ? Ks : Kn + c0 * ldk, staged ? D : ldk, dQ, D, true);
           }
         }
@@ -382,7 +395,7 @@ void backward_rows_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
           const int64_t ldgq = p.grad_q_stride[2];
           T* gq = grad_rows(p.grad_q, p.grad_q_stride, b, h) + r0 * ldgq;
           for (int i = 0; i < rows; ++i)
-            for (int d = 0; d < D; ++d) gq[i * ldgq + d] = scaled_grad(dQ[i * D + d], p.scale);
+            scaled_grad_row<T, VL>(gq + i * ldgq, dQ + i * D, D, p.scale);
         }
       }
     }
@@ -432,11 +445,10 @@ void backward_cols_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64
     const int64_t ldgk = p.grad_k_stride[2], ldgv = p.grad_v_stride[2];
     T* gk = grad_rows(p.grad_k, p.grad_k_stride, b, h) + c0 * ldgk;
     T* gv = grad_rows(p.grad_v, p.grad_v_stride, b, h) + c0 * ldgv;
-    for (int j = 0; j < cols; ++j)
-      for (int d = 0; d < D; ++d) {
-        gk[j * ldgk + d] = scaled_grad(dK[j * D + d], p.scale);
-        gv[j * ldgv + d] = dV[j * D + d];
-      }
+    for (int j = 0; j < cols; ++j) {
+      scaled_grad_row<T, VL>(gk + j * ldgk, dK + j * D, D, p.scale);
+      std::copy(dV + j * D, dV + (j + 1) * D, gv + j * ldgv);
+    }
     // A padded key's gradients are zero (its P and dS are, but 0 times a NaN q or grad_out row would not be).
     if (mask != nullptr)
       for (int j = 0; j < cols; ++j)
@@ -514,7 +526,8 @@ static void backward_fused_member(const BlockSparseCpuBackward<T>& p, int64_t b,
       gemm<T, VL>(rows, D, cols, dSt, 1, bs, Kd, ldkd, dq, lddq, true);                        // dQ += dS K
     };
     auto key_block = [&](int64_t c0, int cols, const T*& Kd, int64_t& ldkd) {
-      const bool staged = stage_unpadded_rows(Kn + c0 * ldk, ldk, cols, D, mask ? mask + c0 : nullptr, Ks);
+      const bool staged = may_stage(p, b, h, c0 / bs) &&
+                          stage_unpadded_rows(Kn + c0 * ldk, ldk, cols, D, mask ? mask + c0 : nullptr, Ks);
       Kd = staged ? Ks : Kn + c0 * ldk;
       ldkd = staged ? D : ldk;
     };
@@ -543,7 +556,7 @@ static void backward_fused_member(const BlockSparseCpuBackward<T>& p, int64_t b,
           pair(qb, c0, rows, cols, dQ, D, Kd, ldkd);
         }
         for (int i = 0; i < rows; ++i)
-          for (int d = 0; d < D; ++d) gq[(r0 + i) * ldgq + d] = scaled_grad(dQ[i * D + d], p.scale);
+          scaled_grad_row<T, VL>(gq + (r0 + i) * ldgq, dQ + i * D, D, p.scale);
       }
     } else {
       for (int64_t kb = 0; kb < nkb; ++kb) {
@@ -561,10 +574,10 @@ static void backward_fused_member(const BlockSparseCpuBackward<T>& p, int64_t b,
         }
       }
       for (int64_t i = 0; i < s.seq_q; ++i)
-        for (int d = 0; d < D; ++d) gq[i * ldgq + d] = scaled_grad(gq[i * ldgq + d], p.scale);
+        scaled_grad_row<T, VL>(gq + i * ldgq, gq + i * ldgq, D, p.scale);
     }
     for (int64_t j = 0; j < s.seq_k; ++j)
-      for (int d = 0; d < D; ++d) gk[j * ldgk + d] = scaled_grad(gk[j * ldgk + d], p.scale);
+      scaled_grad_row<T, VL>(gk + j * ldgk, gk + j * ldgk, D, p.scale);
     // A padded key's gradients are zero (its P and dS are, but 0 times a NaN q or grad_out row would not be).
     if (mask != nullptr)
       for (int64_t j = 0; j < s.seq_k; ++j)
