@@ -14,7 +14,7 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 NO_DEVICES = "#!/bin/sh\necho 'No devices were found'\nexit 6\n"
 ONE_GPU = "#!/bin/sh\necho 'GPU 0: Stand-in GPU (UUID: GPU-0)'\n"
 FULL_STEPS = ("deps", "build", "cuda_tests_build", "ctest", "sanitizer", "pytest", "bench_attention",
-              "bench_compressed_attention", "bench_reversible", "bench_model")
+              "bench_compressed_attention", "bench_reversible", "bench_model", "bench_triangle")
 
 
 def _run(tmp_path, *args: str, nvidia_smi: str) -> subprocess.CompletedProcess:

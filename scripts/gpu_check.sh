@@ -43,6 +43,8 @@ KERNEL_TEST_MODULES=(
   python_tests/test_compressed_attention.py
   python_tests/test_coupling.py
   python_tests/test_reversible.py
+  python_tests/test_triangle_attention.py
+  python_tests/test_triangle_modules.py
 )
 
 # Packages the tests import that a bare CUDA image may lack: installed from the wheelhouse when missing.
@@ -64,6 +66,7 @@ declare -A BUDGET=(
   [bench_compressed_attention]=40
   [bench_reversible]=40
   [bench_model]=40
+  [bench_triangle]=60
 )
 MIN_STEP_S=10  # a step is started only with at least this much of the whole run's budget left
 
@@ -280,6 +283,8 @@ step_bench_attention() { bench attention --impls ours sdpa reference --reps 10; 
 step_bench_compressed_attention() { bench compressed_attention --reps 5; }
 step_bench_reversible() { bench reversible; }
 step_bench_model() { bench model; }
+# Issue 16's GPU case: bf16, N 1024, H 4, D 32, beside trifast / cuEquivariance / DS4Sci where installed.
+step_bench_triangle() { bench triangle --dtype bfloat16 --lengths 1024 --no-memory; }
 
 # --- running steps and the summary -------------------------------------------------------------------------
 
@@ -392,7 +397,8 @@ write_summary() {
     done
     echo
     echo "build and cuda_tests_build run side by side. Logs: \`<step>.log\`."
-    for file in pytest.xml bench_attention.md bench_compressed_attention.md bench_reversible.md bench_model.md; do
+    for file in pytest.xml bench_attention.md bench_compressed_attention.md bench_reversible.md bench_model.md \
+      bench_triangle.md; do
       if [[ -f $OUTDIR/$file ]]; then echo "- \`$file\`"; fi
     done
   } >"$OUTDIR/summary.md.tmp" && mv "$OUTDIR/summary.md.tmp" "$OUTDIR/summary.md"
@@ -523,6 +529,7 @@ main() {
     run_step bench_compressed_attention
     run_step bench_reversible
     run_step bench_model
+    run_step bench_triangle
   fi
 
   if [[ $DRY_RUN == 1 ]]; then
