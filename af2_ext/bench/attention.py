@@ -414,25 +414,16 @@ def format_records(records: Sequence[dict]) -> str:
 
 def format_targets(targets: Sequence[dict]) -> str:
     shape = ", ".join(f"{k}={v}" for k, v in TARGET_SHAPE.items() if k != "target_density")
-    lines = [f"targets ({shape}, BigBird ~25% density):"]
-    for t in targets:
-        value = "-" if t["value"] is None else f"{t['value']:.2f}x"
-        line = f"  {t['name']:<45} {value:>7}  (target >= {t['threshold']:.0f}x)  {t['status']}"
-        if t["note"]:
-            line += f"  [{t['note']}]"
-        lines.append(line)
-    return "\n".join(lines)
+    rows = [dict(t, value=None if t["value"] is None else f"{t['value']:.2f}x",
+                 threshold_text=f"target >= {t['threshold']:.0f}x") for t in targets]
+    return common.format_targets(f"targets ({shape}, BigBird ~25% density):", rows, value_spec="")
 
 
 def plot(records: Sequence[dict], path: str) -> bool:
     """Speedup of ours over SDPA vs density, one line per (N, D, block), forward and fwd+bwd side by side.
     Returns False (and writes nothing) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     series: dict = {}
@@ -527,8 +518,5 @@ def main(args: argparse.Namespace) -> int:
     common.write_json_atomic(path, doc)
     print(f"\nwrote {path} ({settings['wall_s']:.0f} s)")
     if args.plot:
-        if plot(records, args.plot):
-            print(f"wrote {args.plot}")
-        else:
-            print("--plot: matplotlib is not installed (pip install matplotlib); no plot written", file=sys.stderr)
+        common.say_plot(args.plot, plot(records, args.plot))
     return 0

@@ -230,6 +230,44 @@ def note_lines(records: Sequence[dict]) -> list[str]:
     return [f"note: {impl} {note} ({count} of {len(records)} rows)" for (impl, note), count in seen.items()]
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def say_plot(path: str, written: bool) -> None:
+    """Reports a --plot: where it went, or why there is none."""
+    if written:
+        print(f"wrote {path}")
+    else:
+        print("--plot: matplotlib is not installed (pip install matplotlib); no plot written", file=sys.stderr)
+
+
+def format_targets(title: str, targets: Sequence[dict], *, width: int = 45, value_spec: str = ".3f") -> str:
+    """The targets block of a report: ``title``, then one line per target dict (name, value, status, and
+    optionally threshold_text, baseline, note)."""
+    lines = [title]
+    for t in targets:
+        value = "-" if t["value"] is None else format(t["value"], value_spec)
+        line = f"  {t['name']:<{width}} {value:>7}  "
+        if t.get("threshold_text"):
+            line += f"({t['threshold_text']})  "
+        line += t["status"]
+        if t.get("baseline"):
+            line += f"  (vs {t['baseline']})"
+        if t.get("note"):
+            line += f"  [{t['note']}]"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def fmt(value: Optional[float], spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 

@@ -319,24 +319,14 @@ def format_records(records: Sequence[dict]) -> str:
 
 
 def format_targets(targets: Sequence[dict]) -> str:
-    lines = [f"targets (Nq={TARGET.Nq}, Nk={TARGET.Nk}, ratio={TARGET.ratio}, H={TARGET.H}, D={TARGET.D}):"]
-    for t in targets:
-        value = "-" if t["value"] is None else f"{t['value']:.3f}"
-        line = f"  {t['name']:<45} {value:>7}  {t['status']}"
-        if t["note"]:
-            line += f"  [{t['note']}]"
-        lines.append(line)
-    return "\n".join(lines)
+    return common.format_targets(f"targets (Nq={TARGET.Nq}, Nk={TARGET.Nk}, ratio={TARGET.ratio}, H={TARGET.H}, "
+                                 f"D={TARGET.D}):", targets)
 
 
 def plot(records: Sequence[dict], path: str) -> bool:
     """Forward+backward speedup and peak-memory ratio vs ratio, one line per (n, M). False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     series: dict = {}
@@ -414,8 +404,5 @@ def main(args: argparse.Namespace) -> int:
     common.write_json_atomic(path, doc)
     print(f"\nwrote {path} ({settings['wall_s']:.0f} s)")
     if args.plot:
-        if plot(records, args.plot):
-            print(f"wrote {args.plot}")
-        else:
-            print("--plot: matplotlib is not installed (pip install matplotlib); no plot written", file=sys.stderr)
+        common.say_plot(args.plot, plot(records, args.plot))
     return 0

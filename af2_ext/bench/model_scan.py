@@ -620,15 +620,11 @@ def _peak_mib(record: dict) -> Optional[float]:
 
 
 def plot(records: Sequence[dict], impls: Sequence[Impl], budget_bytes: Optional[int], path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     from af2_ext.bench import common
 
+    plt = common.pyplot()
+    if plt is None:
+        return False
     cuda = any("device_peak_mib" in r for r in records)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for impl in impls:
@@ -772,8 +768,5 @@ def main(args: argparse.Namespace) -> int:
     common.write_json_atomic(path, doc)
     print(f"\nwrote {path} ({wall:.0f} s)")
     if args.plot:
-        if plot(records, args.impls, budget_bytes, args.plot):
-            print(f"wrote {args.plot}")
-        else:
-            print("--plot: matplotlib is not installed; no plot written", file=sys.stderr)
+        common.say_plot(args.plot, plot(records, args.impls, budget_bytes, args.plot))
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from typing import Optional, Sequence
 
@@ -204,12 +203,8 @@ def format_records(records: Sequence[dict], depths: Sequence[int]) -> str:
 
 
 def plot(records: Sequence[dict], depths: Sequence[int], path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for mode in MODES:
@@ -284,8 +279,5 @@ def main(args: argparse.Namespace) -> int:
     common.write_json_atomic(path, doc)
     print(f"\nwrote {path} ({wall:.0f} s)")
     if args.plot:
-        if plot(records, depths, args.plot):
-            print(f"wrote {args.plot}")
-        else:
-            print("--plot: matplotlib is not installed; no plot written", file=sys.stderr)
+        common.say_plot(args.plot, plot(records, depths, args.plot))
     return 0

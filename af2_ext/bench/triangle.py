@@ -558,26 +558,14 @@ def format_returned(records: Sequence[dict]) -> str:
 
 def format_targets(targets: Sequence[dict]) -> str:
     shape = ", ".join(f"{k}={v}" for k, v in TARGET_SHAPE.items())
-    lines = [f"targets ({shape}; the baseline: the fastest passing one of {', '.join(TORCH_BASELINES)}):"]
-    for t in targets:
-        value = "-" if t["value"] is None else f"{t['value']:.3f}"
-        line = f"  {t['name']:<52} {value:>7}  {t['status']}"
-        if t["baseline"]:
-            line += f"  (vs {t['baseline']})"
-        if t["note"]:
-            line += f"  [{t['note']}]"
-        lines.append(line)
-    return "\n".join(lines)
+    return common.format_targets(f"targets ({shape}; the baseline: the fastest passing one of "
+                                 f"{', '.join(TORCH_BASELINES)}):", targets, width=52)
 
 
 def plot(records: Sequence[dict], path: str) -> bool:
     """Forward+backward time and peak memory against N, one line per implementation. False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for impl in IMPLS:
@@ -673,8 +661,5 @@ def main(args: argparse.Namespace) -> int:
     common.write_json_atomic(path, doc)
     print(f"\nwrote {path} ({settings['wall_s']:.0f} s)")
     if args.plot:
-        if plot(records, args.plot):
-            print(f"wrote {args.plot}")
-        else:
-            print("--plot: matplotlib is not installed (pip install matplotlib); no plot written", file=sys.stderr)
+        common.say_plot(args.plot, plot(records, args.plot))
     return 0
