@@ -37,13 +37,18 @@ from torch import nn
 
 from af2_ext import layouts, ops
 from af2_ext.blocks import AxialAttention, CrossAttention, FeedForward, MSARowAttention, SelfAttention
+from af2_ext.evoformer import EvoformerBlock
+from af2_ext.evoformer_trunk import block_couplings
 from af2_ext.reversible import Coupling, ReversibleCouplings, SequentialCouplings
+from af2_ext.triangle import _GatedAttention
 
 NUM_AMINO_ACIDS = 21
 NUM_EMBEDDS_TR = 1280  # ESM-1b embedding width
 MAX_NUM_MSA = 20
 DISTOGRAM_BUCKETS = 37
 FF_CHUNK_SIZE = 4096  # tokens per feed-forward chunk (ff_chunk_size="auto")
+EVOFORMER_CHUNK_ROWS = 64  # rows i per chunk of the Evoformer's n^2-sized updates (ff_chunk_size not None)
+TRUNKS = ("seed", "evoformer")
 
 # Halves of the reversible trunk: the pair x = (x1, x2) and the MSA m = (m1, m2), each a copy of the stream at
 # the start (the seed's duplication); the outputs are averaged. The sequential trunk has two: x and m.
@@ -103,6 +108,16 @@ class Alphafold2(nn.Module):
             same function either way. Measured at the seed README's width, n = 192, 2-core CPU: chunks of 4096
             make the step 10 % faster (smaller working set, despite the recompute) and its peak 21 % lower
             (BENCHMARKS.md).
+        trunk: "seed" (default: the seed's axial + cross-attention layers above) or "evoformer": AlphaFold2's
+            Evoformer blocks (:mod:`af2_ext.evoformer`, supplementary Algorithm 6) with MSA width ``dim``, pair
+            width ``pair_dim``, ``heads`` x ``dim_head`` for the MSA and triangle attentions, dropout
+            ``ff_dropout`` (MSA and pair), and the n^2-sized updates in chunks of 64 rows unless ``ff_chunk_size``
+            is None. The MSA must be aligned to the sequence (N = n); without an MSA the sequence is its one row;
+            ``embedds`` give n rows (their outer sum). The pair starts as AlphaFold2's input embedder does:
+            projections of (token + position) for i and for j, summed (+ ``relative_positions``). ``reversible``
+            runs it through :mod:`af2_ext.evoformer_trunk`'s four-half couplings. Not with ``sparse_self_attn``
+            or ``cross_attn_compress_ratio`` > 1 (seed-trunk options).
+        pair_dim: the Evoformer's pair width c_z (default ``dim``); only with ``trunk="evoformer"``.
     """
 
     def __init__(self, *, dim: int, max_seq_len: int = 2048, depth: int = 6, heads: int = 8, dim_head: int = 64,
@@ -111,7 +126,7 @@ class Alphafold2(nn.Module):
                  sparse_self_attn: Union[bool, Sequence[bool]] = False, cross_attn_compress_ratio: int = 1,
                  inter_msa_self_attn: bool = True, impl: Optional[str] = None, block_size: int = 64,
                  sparse_block_size: int = 16, layout_seed: int = 0, relative_positions: int = 0,
-                 ff_chunk_size: Union[int, None, str] = "auto"):
+                 ff_chunk_size: Union[int, None, str] = "auto", trunk: str = "seed", pair_dim: Optional[int] = None):
         super().__init__()
         for name, value, low in (("dim", dim, 1), ("max_seq_len", max_seq_len, 1), ("depth", depth, 1),
                                  ("heads", heads, 1), ("num_tokens", num_tokens, 1), ("num_embedds", num_embedds, 1),
@@ -135,6 +150,21 @@ class Alphafold2(nn.Module):
         else:
             raise ValueError(f"ff_chunk_size must be 'auto', None or a positive int, got {ff_chunk_size!r}")
         sparse = _per_layer(sparse_self_attn, depth, "sparse_self_attn")
+        if trunk not in TRUNKS:
+            raise ValueError(f"trunk must be one of {TRUNKS}, got {trunk!r}")
+        if trunk == "seed" and pair_dim is not None:
+            raise ValueError("pair_dim is the Evoformer's pair width: pass it with trunk='evoformer'")
+        if trunk == "evoformer":
+            if pair_dim is not None and (isinstance(pair_dim, bool) or not isinstance(pair_dim, int) or pair_dim < 1):
+                raise ValueError(f"pair_dim must be None or an int >= 1, got {pair_dim!r}")
+            if any(sparse):
+                raise ValueError("sparse_self_attn is not supported with trunk='evoformer' yet")
+            if cross_attn_compress_ratio != 1:
+                raise ValueError("cross_attn_compress_ratio applies to the seed trunk's cross-attention; "
+                                 "trunk='evoformer' has none")
+        self.trunk_kind = trunk
+        pair_dim = dim if pair_dim is None else pair_dim
+        self.pair_dim = pair_dim
         self.dim, self.max_seq_len, self.num_tokens, self.num_embedds = dim, max_seq_len, num_tokens, num_embedds
         self.reversible, self.inter_msa_self_attn, self.pos_token = reversible, inter_msa_self_attn, pos_token
         self.sparse_msa = any(sparse)
@@ -146,7 +176,9 @@ class Alphafold2(nn.Module):
         self.msa_num_pos_emb = nn.Embedding(MAX_NUM_MSA, dim)
         self.embedd_project = nn.Linear(num_embedds, dim)
         self.relative_positions = relative_positions
-        self.rel_pos_emb = nn.Embedding(2 * relative_positions + 1, dim) if relative_positions else None
+        self.rel_pos_emb = nn.Embedding(2 * relative_positions + 1, pair_dim) if relative_positions else None
+        if trunk == "evoformer":  # AlphaFold2's input embedder: z_ij = left(a_i) + right(a_j) (+ relpos)
+            self.pair_left, self.pair_right = nn.Linear(dim, pair_dim), nn.Linear(dim, pair_dim)
 
         seed_layout = _SeedSparseLayout(max_seq_len, sparse_block_size, heads, layout_seed) if any(sparse) else None
         attn = dict(heads=heads, dim_head=dim_head, attn_dropout=attn_dropout)
@@ -155,7 +187,7 @@ class Alphafold2(nn.Module):
         def ff() -> FeedForward:
             return FeedForward(dim, dropout=ff_dropout, chunk_size=ff_chunk)
 
-        for layer_sparse in sparse:
+        for layer_sparse in (sparse if trunk == "seed" else ()):
             tile = dict(block_size=sparse_block_size, layout_fn=seed_layout) if layer_sparse else \
                 dict(block_size=block_size)
             msa_attn_class = SelfAttention if inter_msa_self_attn else MSARowAttention
@@ -177,6 +209,11 @@ class Alphafold2(nn.Module):
                     Coupling(ff(), X, [X]),
                     Coupling(ff(), M, [M]),
                 ]))
+        if trunk == "evoformer":
+            evo = dict(c_hidden_msa_att=dim_head, c_hidden_pair_att=dim_head, heads_msa=heads, heads_pair=heads,
+                       c_hidden_mul=pair_dim, msa_dropout=ff_dropout, pair_dropout=ff_dropout, block_size=block_size,
+                       chunk_size=None if ff_chunk is None else EVOFORMER_CHUNK_ROWS, impl=impl)
+            layers = [block_couplings(EvoformerBlock(dim, pair_dim, **evo), reversible) for _ in range(depth)]
         self.layers = nn.ModuleList(layers)
         # The trunks wrap self.layers without registering it again (one state dict, whatever runs it).
         num_halves = 4 if reversible else 2
@@ -184,7 +221,7 @@ class Alphafold2(nn.Module):
             self.layers, num_halves))
         object.__setattr__(self, "_reference_trunk", SequentialCouplings(self.layers, num_halves))
 
-        self.to_distogram_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, DISTOGRAM_BUCKETS))
+        self.to_distogram_logits = nn.Sequential(nn.LayerNorm(pair_dim), nn.Linear(pair_dim, DISTOGRAM_BUCKETS))
         self.impl = None
         self.set_impl(impl)
 
@@ -195,7 +232,7 @@ class Alphafold2(nn.Module):
             raise ValueError(f"impl must be one of {ops.IMPLS} or None, got {impl!r}")
         self.impl = impl
         for module in self.modules():
-            if isinstance(module, (SelfAttention, CrossAttention)):
+            if isinstance(module, (SelfAttention, CrossAttention, _GatedAttention)):
                 module.impl = impl
         return self
 
@@ -229,6 +266,9 @@ class Alphafold2(nn.Module):
             if not 1 <= msa.shape[2] <= self.max_seq_len:
                 raise ValueError(f"msa row length must be in [1, max_seq_len={self.max_seq_len}], got {msa.shape[2]}")
             check_tokens("msa", msa)
+            if self.trunk_kind == "evoformer" and msa.shape[2] != n:
+                raise ValueError(f"trunk='evoformer' needs the MSA aligned to the sequence: msa (b, M, N={n}), got "
+                                 f"{tuple(msa.shape)}")
             if msa_mask is not None and (msa_mask.dtype != torch.bool or msa_mask.shape != msa.shape):
                 raise ValueError(f"msa_mask must be bool with msa's shape {tuple(msa.shape)}, got {msa_mask.dtype} "
                                  f"{tuple(msa_mask.shape)}")
@@ -267,6 +307,8 @@ class Alphafold2(nn.Module):
         id). A training-mode reversible trunk draws its couplings' seeds on the host: graph breaks there.
         """
         self._check_inputs(seq, msa, embedds, mask, msa_mask)
+        if self.trunk_kind == "evoformer":
+            return self._forward_evoformer(seq, msa, embedds, mask, msa_mask)
         b, n = seq.shape
         device = seq.device
         positions = torch.arange(n, device=device)
@@ -310,3 +352,44 @@ class Alphafold2(nn.Module):
         x = rearrange(x, "b (i j) d -> b i j d", i=n)
         x = (x + x.transpose(1, 2)) * 0.5  # symmetrise
         return self.to_distogram_logits(x)
+
+    def _forward_evoformer(self, seq, msa, embedds, mask, msa_mask) -> torch.Tensor:
+        """forward() with trunk="evoformer": the same embeddings (the pair through AlphaFold2's input embedder),
+        the Evoformer couplings on (m, z) or, reversible, (m1, m2, z1, z2), the distogram from z."""
+        b, n = seq.shape
+        device = seq.device
+        positions = torch.arange(n, device=device)
+        tokens = self.token_emb(seq)  # [b, n, d]
+        row = tokens + self.pos_emb(positions)[None]
+        col = tokens + self.pos_emb_ax(positions)[None]
+        z = self.pair_left(row)[:, :, None] + self.pair_right(col)[:, None, :]  # [b, i, j, c_z]
+        if self.rel_pos_emb is not None:
+            r = self.relative_positions
+            offsets = (positions[None, :] - positions[:, None]).clamp(-r, r) + r  # [i, j]
+            z = z + self.rel_pos_emb(offsets)[None]
+        pair_mask = None if mask is None else mask[:, :, None] & mask[:, None, :]  # [b, i, j]
+        if msa is not None:
+            rows = msa.shape[1]
+            m = self.token_emb(msa) + self.msa_pos_emb(positions)[None, None] \
+                + self.msa_num_pos_emb(torch.arange(rows, device=device))[None, :, None]  # [b, M, n, d]
+        elif embedds is not None:
+            e = self.embedd_project(embedds)  # [b, n, d]
+            m = e[:, :, None] + e[:, None, :]  # [b, n rows, n, d]
+            if msa_mask is None and mask is not None:
+                msa_mask = mask[:, :, None] & mask[:, None, :]
+        else:  # the sequence as the MSA's one row
+            m = (tokens + self.msa_pos_emb(positions)[None] + self.msa_num_pos_emb.weight[0])[:, None]  # [b, 1, n, d]
+            msa_mask = None if mask is None else mask[:, None]
+        if msa_mask is None and mask is not None:
+            msa_mask = mask[:, None].expand(b, m.shape[1], n)  # padded residues in every row
+        elif msa_mask is not None and mask is not None:
+            msa_mask = msa_mask & mask[:, None]
+        context = dict(msa_mask=msa_mask, pair_mask=pair_mask)
+        trunk = self._reference_trunk if self.impl == "reference" else self._trunk
+        if self.reversible:
+            _, _, z1, z2 = trunk(m, m, z, z, **context)
+            z = (z1 + z2) * 0.5
+        else:
+            _, z = trunk(m, z, **context)
+        z = (z + z.transpose(1, 2)) * 0.5  # symmetrise
+        return self.to_distogram_logits(z)
