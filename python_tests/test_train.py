@@ -219,10 +219,29 @@ def test_config_file_errors_name_the_problem(tmp_path):
     (dict(target="cz"), "target"),
     (dict(lr=0.0), "lr"),
     (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(trunk="openfold"), "trunk"),
+    (dict(pair_dim=32), "pair_dim"),  # the Evoformer's width, with the seed trunk
 ])
 def test_config_invalid_values_name_the_field(values, field):
     with pytest.raises(ValueError, match=field):
         train.TrainConfig(**values).validate()
+
+
+@pytest.mark.slow
+def test_cli_train_evoformer_then_fold(tmp_path):
+    """--trunk evoformer trains, its checkpoint rebuilds the Evoformer model, and fold runs it."""
+    out = tmp_path / "run"
+    result = _cli("train", "--trunk", "evoformer", "--pair-dim", "16", "--dim", "16", "--depth", "1", "--heads", "2",
+                  "--dim-head", "16", "--crop-len", "16", "--max-seq-len", "64", "--steps", "2", "--no-eval-fold",
+                  "--device", "cpu", "--output-dir", out)
+    assert result.returncode == 0, result.stderr
+    model, ckpt = checkpoint.load_model(out / "checkpoint.pt")
+    assert ckpt["model_config"]["trunk"] == "evoformer" and ckpt["model_config"]["pair_dim"] == 16
+    assert model.trunk_kind == "evoformer" and model.pair_dim == 16
+    folded = _cli("fold", "--checkpoint", out / "checkpoint.pt", "--sequence", "MKTAYIAKQRQISFVKSHFSRQ",
+                  "--device", "cpu", "-o", tmp_path / "fold")
+    assert folded.returncode == 0, folded.stderr
+    assert (tmp_path / "fold" / "query.pdb").exists()
 
 
 def test_flags_override_config_file(tmp_path):

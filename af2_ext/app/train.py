@@ -42,14 +42,14 @@ from af2_ext.app import data
 from af2_ext.app.plots import plot_loss_curve
 from af2_ext.devices import resolve_device as _resolve_device
 from af2_ext.fileio import atomic_open, check_input_file, check_output_dir
-from af2_ext.model import Alphafold2
+from af2_ext.model import TRUNKS, Alphafold2
 from af2_ext.residue_constants import DISTOGRAM_BUCKETS, UNKNOWN_TOKEN
 
 IGNORE = -100
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl")  # an output directory holding either holds a run
 MODEL_KEYS = ("dim", "depth", "heads", "dim_head", "max_seq_len", "attn_dropout", "ff_dropout", "reversible",
               "sparse_self_attn", "cross_attn_compress_ratio", "inter_msa_self_attn", "block_size",
-              "sparse_block_size", "relative_positions")
+              "sparse_block_size", "relative_positions", "trunk")
 
 
 @dataclasses.dataclass
@@ -80,6 +80,8 @@ class TrainConfig:
     block_size: int = 64
     sparse_block_size: int = 16
     relative_positions: int = 32  # AlphaFold2's clipped relative position embedding (0 = the seed's model)
+    trunk: str = "seed"  # "seed" (axial + cross-attention) | "evoformer" (AlphaFold2's Evoformer blocks)
+    pair_dim: int = 0  # the Evoformer's pair width (0: dim)
     # optimisation
     steps: int = 200
     grad_accum: int = 1
@@ -99,7 +101,10 @@ class TrainConfig:
     trusted_data: bool = False  # unpickle any class the --data pickle names (only for a trusted source)
 
     def model_config(self) -> dict:
-        return {k: getattr(self, k) for k in MODEL_KEYS}
+        config = {k: getattr(self, k) for k in MODEL_KEYS}
+        if self.trunk == "evoformer" and self.pair_dim:
+            config["pair_dim"] = self.pair_dim
+        return config
 
     def validate(self) -> "TrainConfig":
         for field in dataclasses.fields(self):
@@ -124,8 +129,11 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.weight_decay < 0 or self.clip_grad < 0:
             raise ValueError("weight_decay and clip_grad must be >= 0")
+        if self.pair_dim < 0 or (self.pair_dim and self.trunk != "evoformer"):
+            raise ValueError(f"pair_dim must be >= 0 and is the Evoformer's pair width (--trunk evoformer), got "
+                             f"{self.pair_dim!r} with trunk {self.trunk!r}")
         for name, allowed in (("target", ("ca", "cb")), ("msa", ("single", "none")),
-                              ("precision", ("auto", "fp32", "bf16"))):
+                              ("precision", ("auto", "fp32", "bf16")), ("trunk", TRUNKS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.crop_len > self.max_seq_len:
@@ -618,6 +626,8 @@ HELP = {
     "eval_fold": "fold the validation chains (MDS) for lDDT-Ca at each evaluation",
     "device": "auto (CUDA when available), cpu, cuda, cuda:1, ...",
     "relative_positions": "clipped relative-position embedding of the pair (0: the seed's model)",
+    "trunk": "seed: the seed's axial + cross-attention layers; evoformer: AlphaFold2's Evoformer blocks",
+    "pair_dim": "the Evoformer's pair width (0: --dim)",
     "trusted_data": "the --data pickle comes from a source you trust: unpickle any class it names (that can run "
                     "code from the file); without it only numpy arrays and plain values are read",
 }
@@ -630,7 +640,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run OUTPUT_DIR holds (its files go once the new run has written its "
                              "first); without --resume or this, an OUTPUT_DIR holding a run is refused")
-    choices = {"target": ("ca", "cb"), "msa": ("single", "none"), "precision": ("auto", "fp32", "bf16")}
+    choices = {"target": ("ca", "cb"), "msa": ("single", "none"), "precision": ("auto", "fp32", "bf16"),
+               "trunk": TRUNKS}
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = type(field.default)
