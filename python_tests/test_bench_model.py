@@ -203,6 +203,41 @@ def test_model_flops_match_a_brute_force_count(inter_msa, ratio, reversible, imp
     assert counted["total"] == counted["forward"] + expected
 
 
+@pytest.mark.parametrize("reversible, impl", [(False, "reference"), (True, "reference"), (True, "kernel")])
+def test_evoformer_flops_match_a_brute_force_count(reversible, impl, monkeypatch):
+    """The Evoformer trunk's count (af2_ext.bench.evoformer_flops) against torch's FLOP counter, as above (the
+    triangle and MSA attentions reach af2_ext.ops.block_sparse_attention: plain attention there)."""
+    from af2_ext import ops
+    from af2_ext.bench.evoformer_flops import evoformer_flops
+
+    def attention(q, k, v, layout, *, block_size=16, key_padding_mask=None, bias=None, **kwargs):
+        logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [b, h, q, k]
+        if bias is not None:
+            logits = logits + bias.repeat_interleave(q.shape[0] // bias.shape[0], dim=0)
+        if key_padding_mask is not None:
+            logits = logits.masked_fill(~key_padding_mask[:, None, None], torch.finfo(q.dtype).min)
+        return logits.softmax(-1) @ v
+
+    monkeypatch.setattr(ops, "block_sparse_attention", attention)
+
+    n, rows = 10, 3
+    torch.manual_seed(0)
+    model = Alphafold2(dim=32, depth=2, heads=2, dim_head=16, trunk="evoformer", pair_dim=16, reversible=reversible,
+                       impl=impl)
+    data = model_scan.make_batch(n, rows, torch.device("cpu"))
+    inputs = {k: v for k, v in data.items() if k != "target"}
+    with _PlainAttention():
+        with _CountFlops() as forward:
+            logits = model(**inputs)
+        with _CountFlops() as backward:
+            torch.nn.functional.cross_entropy(logits.reshape(-1, 37), data["target"].reshape(-1)).backward()
+    counted = evoformer_flops(n=n, msa_rows=rows, c_m=32, c_z=16, heads=2, dim_head=16, depth=2,
+                              reversible=reversible, recompute=reversible and impl == "kernel")
+    assert forward.total == pytest.approx(counted["forward"], rel=1e-9), (forward.total, counted)
+    assert backward.total == pytest.approx(counted["backward"] + counted["recompute"], rel=0.05), \
+        (backward.total, counted)
+
+
 def test_model_flops_sparse_counts_the_layout_the_model_builds():
     """Sparse: the axial and MSA self-attention products scale by the fraction of pairs the model's own layout
     computes; everything else is the dense count."""
@@ -256,6 +291,22 @@ def test_scan_runs_a_fresh_process_per_length_and_implementation(tmp_path):
 
 
 @pytest.mark.slow
+def test_scan_evoformer_trunk(tmp_path):
+    """--trunk evoformer: ours and the pure-PyTorch reference measured in their children, the seed reported as not
+    having that trunk, the Evoformer FLOP count in the records."""
+    from af2_ext.bench.evoformer_flops import evoformer_flops
+
+    doc = _scan(tmp_path, "--trunk", "evoformer", "--pair-dim", "16", "--lengths", "8",
+                "--impls", "ours,reference,seed")
+    results = {r["impl"]: r for r in doc["results"]}
+    assert doc["settings"]["config"]["trunk"] == "evoformer" and doc["settings"]["config"]["pair_dim"] == 16
+    for impl in ("ours", "reference"):
+        assert results[impl]["status"] == "ok" and results[impl]["step_ms"] > 0, results[impl]
+    assert results["seed"]["status"] == "not available" and "no evoformer trunk" in results["seed"]["reason"]
+    expected = evoformer_flops(n=8, msa_rows=2, c_m=32, c_z=16, heads=2, dim_head=16, depth=1)
+    assert results["ours"]["flops"]["forward"] == pytest.approx(expected["forward"])
+
+
 def test_scan_stops_a_child_over_budget_and_skips_longer_lengths(tmp_path):
     """A 0.05 GiB budget is below what the child's interpreter and torch alone hold: the first length is over
     budget (killed, the RSS seen recorded), the next skipped, and no length trains within the budget."""

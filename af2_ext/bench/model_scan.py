@@ -97,6 +97,8 @@ class ScanConfig:
     inter_msa_self_attn: bool = True
     cross_attn_compress_ratio: int = 1
     max_seq_len: Optional[int] = None  # None: max(2048, n, msa_rows * n)
+    trunk: str = "seed"  # Alphafold2(trunk=...): "seed" or "evoformer"
+    pair_dim: Optional[int] = None  # the Evoformer's pair width (None: dim)
 
     def seq_len_limit(self, n: int) -> int:
         return self.max_seq_len if self.max_seq_len is not None else max(2048, n, self.msa_rows * n)
@@ -245,6 +247,13 @@ def model_flops(config: ScanConfig, n: int, *, msa_rows: Optional[int] = None, m
 
 def impl_flops(config: ScanConfig, impl: Impl, n: int) -> dict:
     chunked = impl.base in ("ours", "floor") and not impl.ffwhole  # af2_ext's default ff_chunk_size
+    if config.trunk == "evoformer":
+        from af2_ext.bench.evoformer_flops import evoformer_flops  # the parent only: children import no af2_ext
+
+        return evoformer_flops(n=n, msa_rows=config.msa_rows, c_m=config.dim, c_z=config.pair_dim or config.dim,
+                               heads=config.heads, dim_head=config.dim_head, depth=config.depth,
+                               reversible=impl.reversible, recompute=impl.recomputes,
+                               attention=impl.base != "floor", chunked=impl.base != "seed" and not impl.ffwhole)
     return model_flops(config, n, reversible=impl.reversible, recompute=impl.recomputes, sparse=impl.sparse,
                        attention=impl.base != "floor", ff_chunk=FF_CHUNK if chunked else None)
 
@@ -298,6 +307,8 @@ def _build_model(p: dict, device: torch.device) -> tuple[torch.nn.Module, Callab
         kwargs["sparse_self_attn"] = True
     if p.get("ffwhole"):
         kwargs["ff_chunk_size"] = None
+    if p.get("trunk", "seed") != "seed":
+        kwargs.update(trunk=p["trunk"], pair_dim=p.get("pair_dim"))
     around = contextlib.nullcontext
     if p["base"] == "seed":
         from alphafold2_pytorch import Alphafold2 as SeedAlphafold2
@@ -517,7 +528,9 @@ def scan(config: ScanConfig, lengths: Sequence[int], impls: Sequence[Impl], *, r
         record = {"impl": impl.name, "n": n, "msa_rows": config.msa_rows, "msa_cols": n,
                   "max_seq_len": config.seq_len_limit(n), "status": None, "reason": None,
                   "flops": impl_flops(config, impl, n)}
-        if impl.base == "seed" and seed_exe is None:
+        if impl.base == "seed" and config.trunk != "seed":
+            record.update(status="not available", reason=f"not available: the seed has no {config.trunk} trunk")
+        elif impl.base == "seed" and seed_exe is None:
             record.update(status="not available", reason=f"not available: {seed_why}")
         elif impl.name in stopped:
             record.update(status="skipped", reason=f"skipped: {stopped[impl.name]}")
@@ -527,6 +540,7 @@ def scan(config: ScanConfig, lengths: Sequence[int], impls: Sequence[Impl], *, r
                        "msa_rows": config.msa_rows, "dim": config.dim, "depth": config.depth, "heads": config.heads,
                        "dim_head": config.dim_head, "inter_msa_self_attn": config.inter_msa_self_attn,
                        "cross_attn_compress_ratio": config.cross_attn_compress_ratio,
+                       "trunk": config.trunk, "pair_dim": config.pair_dim,
                        "max_seq_len": config.seq_len_limit(n), "reps": reps, "warmup": warmup, "threads": threads,
                        "device": device, "budget_bytes": budget_bytes}
             python = seed_exe if impl.base == "seed" else sys.executable
@@ -698,6 +712,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--msa-row-attn", action="store_true",
                         help="inter_msa_self_attn=False (attention within each MSA row; default across the MSA)")
     parser.add_argument("--compress-ratio", type=int, default=1, help="cross_attn_compress_ratio (default 1)")
+    parser.add_argument("--trunk", choices=("seed", "evoformer"), default="seed",
+                        help="Alphafold2(trunk=...): the seed's layers (default) or AlphaFold2's Evoformer blocks "
+                             "(MSA width --dim, pair width --pair-dim; 'reference' is then the same blocks in pure "
+                             "PyTorch, math attention)")
+    parser.add_argument("--pair-dim", type=int, default=None, help="the Evoformer's pair width (default --dim)")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="the model's max_seq_len (default max(2048, n, msa_rows * n) per length)")
     parser.add_argument("--budget-gb", type=float, default=None,
@@ -735,11 +754,13 @@ def main(args: argparse.Namespace) -> int:
     budget_bytes = None if budget_gib is None else int(budget_gib * _GIB)
     config = ScanConfig(dim=args.dim, depth=args.depth, heads=args.heads, dim_head=args.dim_head,
                         msa_rows=args.msa_rows, inter_msa_self_attn=not args.msa_row_attn,
-                        cross_attn_compress_ratio=args.compress_ratio, max_seq_len=args.max_seq_len)
+                        cross_attn_compress_ratio=args.compress_ratio, max_seq_len=args.max_seq_len,
+                        trunk=args.trunk, pair_dim=args.pair_dim)
     env = common.environment(torch.device(device))
     env["threads"] = threads
     print(f"af2_ext model length scan: {env['device_name']} ({device}, threads={threads}), torch {env['torch']}; "
-          f"dim {config.dim}, depth {config.depth}, heads {config.heads}, dim_head {config.dim_head}, MSA "
+          f"{config.trunk} trunk, dim {config.dim}{f', pair_dim {config.pair_dim}' if config.pair_dim else ''}, "
+          f"depth {config.depth}, heads {config.heads}, dim_head {config.dim_head}, MSA "
           f"{config.msa_rows} x n, budget {'the GPU memory' if budget_gib is None else f'{budget_gib:g} GiB'}",
           flush=True)
     started = time.perf_counter()
