@@ -288,6 +288,20 @@ class Alphafold2(nn.Module):
                                  f"rows * columns <= max_seq_len={self.max_seq_len}, got {length}; raise max_seq_len "
                                  "or use inter_msa_self_attn=False")
 
+    def _embed_sequence(self, seq: torch.Tensor):
+        """(positions [n], tokens [b, n, d], row = tokens + position i, col = tokens + position j)."""
+        positions = torch.arange(seq.shape[1], device=seq.device)
+        tokens = self.token_emb(seq)  # [b, n, d]
+        return positions, tokens, tokens + self.pos_emb(positions)[None], tokens + self.pos_emb_ax(positions)[None]
+
+    def _with_relative_positions(self, pair: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """pair [b, i, j, c] plus the embedding of the clipped offset j - i, when ``relative_positions``."""
+        if self.rel_pos_emb is None:
+            return pair
+        r = self.relative_positions
+        offsets = (positions[None, :] - positions[:, None]).clamp(-r, r) + r  # [i, j]
+        return pair + self.rel_pos_emb(offsets)[None]
+
     def forward(self, seq: torch.Tensor, msa: Optional[torch.Tensor] = None, embedds: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None, msa_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Distogram logits.
@@ -311,15 +325,8 @@ class Alphafold2(nn.Module):
             return self._forward_evoformer(seq, msa, embedds, mask, msa_mask)
         b, n = seq.shape
         device = seq.device
-        positions = torch.arange(n, device=device)
-        tokens = self.token_emb(seq)  # [b, n, d]
-        row = tokens + self.pos_emb(positions)[None]
-        col = tokens + self.pos_emb_ax(positions)[None]
-        x = row[:, :, None] + col[:, None, :]  # [b, i, j, d]
-        if self.rel_pos_emb is not None:
-            r = self.relative_positions
-            offsets = (positions[None, :] - positions[:, None]).clamp(-r, r) + r  # [i, j]
-            x = x + self.rel_pos_emb(offsets)[None]
+        positions, tokens, row, col = self._embed_sequence(seq)
+        x = self._with_relative_positions(row[:, :, None] + col[:, None, :], positions)  # [b, i, j, d]
         x = rearrange(x, "b i j d -> b (i j) d")  # [b, n*n, d]
         pair_mask = None
         if mask is not None:  # deliberate difference from the seed: AND (the seed's OR kept padded rows)
@@ -358,15 +365,9 @@ class Alphafold2(nn.Module):
         the Evoformer couplings on (m, z) or, reversible, (m1, m2, z1, z2), the distogram from z."""
         b, n = seq.shape
         device = seq.device
-        positions = torch.arange(n, device=device)
-        tokens = self.token_emb(seq)  # [b, n, d]
-        row = tokens + self.pos_emb(positions)[None]
-        col = tokens + self.pos_emb_ax(positions)[None]
-        z = self.pair_left(row)[:, :, None] + self.pair_right(col)[:, None, :]  # [b, i, j, c_z]
-        if self.rel_pos_emb is not None:
-            r = self.relative_positions
-            offsets = (positions[None, :] - positions[:, None]).clamp(-r, r) + r  # [i, j]
-            z = z + self.rel_pos_emb(offsets)[None]
+        positions, tokens, row, col = self._embed_sequence(seq)
+        z = self._with_relative_positions(self.pair_left(row)[:, :, None] + self.pair_right(col)[:, None, :],
+                                          positions)  # [b, i, j, c_z]
         pair_mask = None if mask is None else mask[:, :, None] & mask[:, None, :]  # [b, i, j]
         if msa is not None:
             rows = msa.shape[1]
