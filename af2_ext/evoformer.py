@@ -474,24 +474,30 @@ class EvoformerBlock(nn.Module):
         block_size, impl: the attention kernels' tile and "auto" | "kernel" | "reference" (None = the default).
         chunk_size: rows per chunk of the outer product mean, the multiplicative updates and the transitions (see
             the module docstring); None = whole.
+        row_layout_fn, row_block_size: a block-sparse layout (``num_blocks -> bool (H or 1, nb, nb)``, blocks of
+            ``row_block_size``, default ``block_size``) for the MSA row attention and both triangle attentions, all
+            over the residues (heads_msa and heads_pair must then both fit the layout's heads); None = dense.
     """
 
     def __init__(self, c_m: int, c_z: int, *, c_hidden_msa_att: int = 32, c_hidden_opm: int = 32,
                  c_hidden_mul: int = 128, c_hidden_pair_att: int = 32, heads_msa: int = 8, heads_pair: int = 4,
                  transition_n: int = 4, msa_dropout: float = 0.15, pair_dropout: float = 0.25, block_size: int = 64,
-                 chunk_size: Optional[int] = None, impl: Optional[str] = None):
+                 chunk_size: Optional[int] = None, impl: Optional[str] = None, row_layout_fn=None,
+                 row_block_size: Optional[int] = None):
         super().__init__()
         self.c_m, self.c_z = check_int("c_m", c_m, minimum=1), check_int("c_z", c_z, minimum=1)
         chunk_size = _check_chunk_size(chunk_size)
         attention = dict(block_size=block_size, impl=impl)
-        self.msa_att_row = MSARowAttentionWithPairBias(c_m, c_z, c_hidden_msa_att, heads_msa, **attention)
+        # The row attentions (MSA rows, triangle around either node) may be block-sparse over the residues.
+        rows = dict(block_size=row_block_size or block_size, impl=impl, layout_fn=row_layout_fn)
+        self.msa_att_row = MSARowAttentionWithPairBias(c_m, c_z, c_hidden_msa_att, heads_msa, **rows)
         self.msa_att_col = MSAColumnAttention(c_m, c_hidden_msa_att, heads_msa, **attention)
         self.msa_transition = MSATransition(c_m, transition_n, chunk_size=chunk_size)
         self.outer_product_mean = OuterProductMean(c_m, c_z, c_hidden_opm, chunk_size=chunk_size)
         self.tri_mul_out = TriangleMultiplicationOutgoing(c_z, c_hidden_mul, chunk_size=chunk_size)
         self.tri_mul_in = TriangleMultiplicationIncoming(c_z, c_hidden_mul, chunk_size=chunk_size)
-        self.tri_att_start = TriangleAttention(c_z, c_hidden_pair_att, heads_pair, True, **attention)
-        self.tri_att_end = TriangleAttention(c_z, c_hidden_pair_att, heads_pair, False, **attention)
+        self.tri_att_start = TriangleAttention(c_z, c_hidden_pair_att, heads_pair, True, **rows)
+        self.tri_att_end = TriangleAttention(c_z, c_hidden_pair_att, heads_pair, False, **rows)
         self.pair_transition = PairTransition(c_z, transition_n, chunk_size=chunk_size)
         self.msa_dropout_layer = DropoutRowwise(msa_dropout)
         self.ps_dropout_row_layer = DropoutRowwise(pair_dropout)

@@ -115,8 +115,9 @@ class Alphafold2(nn.Module):
             is None. The MSA must be aligned to the sequence (N = n); without an MSA the sequence is its one row;
             ``embedds`` give n rows (their outer sum). The pair starts as AlphaFold2's input embedder does:
             projections of (token + position) for i and for j, summed (+ ``relative_positions``). ``reversible``
-            runs it through :mod:`af2_ext.evoformer_trunk`'s four-half couplings. Not with ``sparse_self_attn``
-            or ``cross_attn_compress_ratio`` > 1 (seed-trunk options).
+            runs it through :mod:`af2_ext.evoformer_trunk`'s four-half couplings. ``sparse_self_attn`` gives the
+            row attentions (MSA rows, triangle attention around either node) the seed's layout over the residues,
+            per layer; the column attention stays dense. Not with ``cross_attn_compress_ratio`` > 1.
         pair_dim: the Evoformer's pair width c_z (default ``dim``); only with ``trunk="evoformer"``.
     """
 
@@ -157,8 +158,6 @@ class Alphafold2(nn.Module):
         if trunk == "evoformer":
             if pair_dim is not None and (isinstance(pair_dim, bool) or not isinstance(pair_dim, int) or pair_dim < 1):
                 raise ValueError(f"pair_dim must be None or an int >= 1, got {pair_dim!r}")
-            if any(sparse):
-                raise ValueError("sparse_self_attn is not supported with trunk='evoformer' yet")
             if cross_attn_compress_ratio != 1:
                 raise ValueError("cross_attn_compress_ratio applies to the seed trunk's cross-attention; "
                                  "trunk='evoformer' has none")
@@ -213,7 +212,9 @@ class Alphafold2(nn.Module):
             evo = dict(c_hidden_msa_att=dim_head, c_hidden_pair_att=dim_head, heads_msa=heads, heads_pair=heads,
                        c_hidden_mul=pair_dim, msa_dropout=ff_dropout, pair_dropout=ff_dropout, block_size=block_size,
                        chunk_size=None if ff_chunk is None else EVOFORMER_CHUNK_ROWS, impl=impl)
-            layers = [block_couplings(EvoformerBlock(dim, pair_dim, **evo), reversible) for _ in range(depth)]
+            layers = [block_couplings(EvoformerBlock(dim, pair_dim, **evo, **(
+                dict(row_layout_fn=seed_layout, row_block_size=sparse_block_size) if layer_sparse else {})), reversible)
+                for layer_sparse in sparse]
         self.layers = nn.ModuleList(layers)
         # The trunks wrap self.layers without registering it again (one state dict, whatever runs it).
         num_halves = 4 if reversible else 2
@@ -281,7 +282,8 @@ class Alphafold2(nn.Module):
                                  f"{tuple(msa_mask.shape)}")
         elif msa_mask is not None:
             raise ValueError("msa_mask given without msa or embedds")
-        if self.sparse_msa and self.inter_msa_self_attn and (msa is not None or embedds is not None):
+        if self.trunk_kind == "seed" and self.sparse_msa and self.inter_msa_self_attn and \
+                (msa is not None or embedds is not None):
             length = msa.shape[1] * msa.shape[2] if msa is not None else n * n
             if length > self.max_seq_len:
                 raise ValueError(f"sparse MSA self-attention across the whole MSA (inter_msa_self_attn=True) needs "

@@ -88,11 +88,15 @@ class _GatedAttention(nn.Module):
     Args:
         c_in: input and output width. c_hidden: per-head width. heads: number of heads.
         block_size, impl: passed to :func:`af2_ext.ops.triangle_attention`.
+        layout_fn: None (dense) or ``num_blocks -> bool (H or 1, nb, nb)``: a block-sparse layout over the
+            (query, key) blocks of each row, blocks of ``block_size``.
     """
 
-    def __init__(self, c_in: int, c_hidden: int, heads: int, *, block_size: int, impl: Optional[str]):
+    def __init__(self, c_in: int, c_hidden: int, heads: int, *, block_size: int, impl: Optional[str],
+                 layout_fn=None):
         super().__init__()
         self.c_hidden, self.heads, self.block_size, self.impl = c_hidden, heads, block_size, impl
+        self.layout_fn, self._layouts = layout_fn, {}
         inner = heads * c_hidden
         self.linear_q = nn.Linear(c_in, inner, bias=False)
         self.linear_k = nn.Linear(c_in, inner, bias=False)
@@ -103,6 +107,15 @@ class _GatedAttention(nn.Module):
             _init_glorot_(linear)
         _init_gating_(self.linear_g)
         _init_final_(self.linear_o)
+
+    def layout(self, n: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The (cached) block-sparse layout for rows of n, or None (dense)."""
+        if self.layout_fn is None:
+            return None
+        key = (-(-n // self.block_size), str(device))
+        if key not in self._layouts:
+            self._layouts[key] = self.layout_fn(key[0]).to(device)
+        return self._layouts[key]
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """
@@ -118,8 +131,8 @@ class _GatedAttention(nn.Module):
         # merges B and R in place, without a copy.
         q, k, v = (rearrange(linear(x), "b r n (h d) -> b r h n d", h=self.heads)  # [b, r, h, n, d]
                    for linear in (self.linear_q, self.linear_k, self.linear_v))
-        out = ops.triangle_attention(q, k, v, bias, mask, block_size=self.block_size,
-                                     impl=self.impl)  # [b, r, h, n, d]
+        out = ops.triangle_attention(q, k, v, bias, mask, layout=self.layout(x.shape[2], x.device),
+                                     block_size=self.block_size, impl=self.impl)  # [b, r, h, n, d]
         out = rearrange(out, "b r h n d -> b r n (h d)")  # [b, r, n, h*d]
         return self.linear_o(torch.sigmoid(self.linear_g(x)) * out)  # [b, r, n, c_in]
 
@@ -137,12 +150,14 @@ class TriangleAttention(nn.Module):
         starting: True for Algorithm 13 (around the starting node), False for Algorithm 14 (ending node).
         inf: kept for OpenFold's signature; unused, since the op takes the mask as a mask (no additive -inf).
         block_size: the attention kernels' tile, 16, 32, 64 or 128.
+        layout_fn: None (dense) or ``num_blocks -> bool (H or 1, nb, nb)``, a block-sparse layout over each row's
+            (query, key) blocks of ``block_size``.
         impl: "auto" | "kernel" | "reference" for :func:`af2_ext.ops.triangle_attention`; None = the process
             default.
     """
 
     def __init__(self, c_z: int, c_hidden: int, heads: int, starting: bool = True, *, inf: float = 1e9,
-                 block_size: int = 64, impl: Optional[str] = None):
+                 block_size: int = 64, impl: Optional[str] = None, layout_fn=None):
         super().__init__()
         _check_config(c_hidden, heads, block_size, impl, c_z=c_z)
         self.c_z, self.c_hidden, self.heads = c_z, c_hidden, heads
@@ -150,7 +165,7 @@ class TriangleAttention(nn.Module):
         self.layer_norm = nn.LayerNorm(c_z)
         self.linear = nn.Linear(c_z, heads, bias=False)  # the pair bias; OpenFold's name
         _init_normal_(self.linear)
-        self.mha = _GatedAttention(c_z, c_hidden, heads, block_size=block_size, impl=impl)
+        self.mha = _GatedAttention(c_z, c_hidden, heads, block_size=block_size, impl=impl, layout_fn=layout_fn)
 
     def forward(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
@@ -187,12 +202,14 @@ class MSARowAttentionWithPairBias(nn.Module):
     Args:
         c_m: MSA width. c_z: pair width. c_hidden: per-head width, one of 16, 32, 64, 128. heads: number of heads.
         block_size: the attention kernels' tile, 16, 32, 64 or 128.
+        layout_fn: None (dense) or ``num_blocks -> bool (H or 1, nb, nb)``, a block-sparse layout over each row's
+            (query, key) blocks of ``block_size``.
         impl: "auto" | "kernel" | "reference" for :func:`af2_ext.ops.triangle_attention`; None = the process
             default.
     """
 
     def __init__(self, c_m: int, c_z: int, c_hidden: int, heads: int, *, block_size: int = 64,
-                 impl: Optional[str] = None):
+                 impl: Optional[str] = None, layout_fn=None):
         super().__init__()
         _check_config(c_hidden, heads, block_size, impl, c_m=c_m, c_z=c_z)
         self.c_m, self.c_z, self.c_hidden, self.heads = c_m, c_z, c_hidden, heads
@@ -200,7 +217,7 @@ class MSARowAttentionWithPairBias(nn.Module):
         self.layer_norm_z = nn.LayerNorm(c_z)
         self.linear_z = nn.Linear(c_z, heads, bias=False)
         _init_normal_(self.linear_z)
-        self.mha = _GatedAttention(c_m, c_hidden, heads, block_size=block_size, impl=impl)
+        self.mha = _GatedAttention(c_m, c_hidden, heads, block_size=block_size, impl=impl, layout_fn=layout_fn)
 
     def forward(self, m: torch.Tensor, z: torch.Tensor, msa_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """

@@ -31,7 +31,7 @@ def _batch(device, *, b=2, n=20, rows=3, msa=True, embedds=False, pad=True, seed
     if msa:
         batch["msa"] = torch.randint(0, 21, (b, rows, n), generator=g)
         batch["msa_mask"] = torch.ones(b, rows, n, dtype=torch.bool)
-        batch["msa_mask"][0, 2, 5:9] = False  # a gap in one aligned sequence
+        batch["msa_mask"][0, rows - 1, 5:9] = False  # a gap in one aligned sequence
     if embedds:
         batch["embedds"] = torch.randn(b, n, num_embedds, generator=g)
     if pad:  # a shorter second protein
@@ -55,6 +55,9 @@ CONFIGS = {
     "reversible_embedds": dict(reversible=True, num_embedds=24, _batch=dict(msa=False, embedds=True)),
     "relative_positions_unchunked": dict(relative_positions=4, ff_chunk_size=None),
     "no_padding": dict(reversible=True, _batch=dict(pad=False)),
+    "sparse": dict(sparse_self_attn=True, max_seq_len=128, _batch=dict(n=72)),
+    "sparse_tuple_reversible": dict(sparse_self_attn=(False, True), reversible=True, max_seq_len=128,
+                                    _batch=dict(n=72, rows=2)),
 }
 
 
@@ -67,7 +70,8 @@ def test_kernel_matches_reference(device, name):
     model = _model(device, **config)
     logits, grads = _forward_backward(model.set_impl("kernel"), batch)
     ref_logits, ref_grads = _forward_backward(model.set_impl("reference"), batch)
-    assert logits.shape == (2, 20, 20, 37)
+    n = batch["seq"].shape[1]
+    assert logits.shape == (2, n, n, 37)
     helpers.assert_finite("logits", logits)
     torch.testing.assert_close(logits, ref_logits, atol=5e-5, rtol=5e-5)
     torch.testing.assert_close(logits, logits.transpose(1, 2), atol=0, rtol=0)
@@ -110,10 +114,25 @@ def test_chunked_is_the_same_function():
         torch.testing.assert_close(ga[name], gb[name], atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+def test_sparse_layouts_reach_the_row_attentions():
+    """sparse_self_attn (per layer) gives the MSA row and both triangle attentions the seed's layout over the
+    residues, which at n = 72 (5 blocks of 16) leaves blocks out; the column attention stays dense."""
+    model = _model("cpu", sparse_self_attn=(True, False), max_seq_len=128)
+    for layer, sparse in zip(model.layers, (True, False)):
+        modules = {type(c.fn.module).__name__ + ("" if not hasattr(c.fn.module, "starting") else
+                                                  str(c.fn.module.starting)): c.fn.module for c in layer}
+        for name in ("MSARowAttentionWithPairBias", "TriangleAttentionTrue", "TriangleAttentionFalse"):
+            layout = modules[name].mha.layout(72, torch.device("cpu"))
+            if sparse:
+                assert layout is not None and layout.shape[1:] == (5, 5) and not layout.all(), name
+            else:
+                assert layout is None, name
+        assert modules["MSAColumnAttention"]._msa_att.mha.layout_fn is None
+
+
 @pytest.mark.parametrize("kwargs, error", [
     (dict(trunk="openfold"), "trunk must be one of"),
     (dict(trunk="seed", pair_dim=16), "pair_dim is the Evoformer's pair width"),
-    (dict(sparse_self_attn=True), "sparse_self_attn is not supported with trunk='evoformer'"),
     (dict(cross_attn_compress_ratio=2), "trunk='evoformer' has none"),
     (dict(pair_dim=0), "pair_dim must be None or an int >= 1"),
 ])
