@@ -118,6 +118,24 @@ def test_cli_quick_runs_one_setting_and_names_a_missing_seed(tmp_path):
         assert seed["step_ms"] is None and seed["notes"][0].startswith("skipped: alphafold2-pytorch"), seed
 
 
+def test_cli_evoformer_trunk_measures_ours_and_the_reference(tmp_path):
+    path = tmp_path / "model.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench_cli.main(["model", "--trunk", "evoformer", "--n", "8", "--reps", "1", "--warmup", "0",
+                               "--threads", "1", "--device", "cpu", "--json", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads(path.read_text())
+    assert doc["settings"]["trunk"] == "evoformer"
+    assert [r["impl"] for r in doc["results"]] == ["ours", "reference"]
+    for r in doc["results"]:
+        assert r["config"]["trunk"] == "evoformer" and r["config"]["msa_cols"] == 8, r
+        assert r["step_ms"] > 0 and r["peak_mib"] is not None and not r["notes"], r
+    target = doc["targets"][0]
+    assert target["speedup_vs_reference"] == pytest.approx(doc["results"][1]["step_ms"] / doc["results"][0]["step_ms"])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The length scan: python -m af2_ext.bench model_scan
 # ----------------------------------------------------------------------------------------------------------

@@ -48,6 +48,12 @@ class ModelConfig:
     inter_msa_self_attn: bool = True
     reversible: bool = False
     cross_attn_compress_ratio: int = 1
+    trunk: str = "seed"  # Alphafold2(trunk=...)
+    pair_dim: Optional[int] = None  # the Evoformer's pair width
+
+
+# --trunk evoformer: issue 17's size (c_m 64, c_z 128, depth 2, MSA 8 x n aligned to the sequence)
+EVOFORMER = dict(dim=64, pair_dim=128, depth=2, heads=4, dim_head=32, msa_rows=8, trunk="evoformer")
 
 
 def seed_available() -> Optional[str]:
@@ -64,6 +70,8 @@ def build(impl: str, config: ModelConfig, device: torch.device, seed: int = 0) -
     kwargs = dict(dim=config.dim, depth=config.depth, heads=config.heads, dim_head=config.dim_head,
                   inter_msa_self_attn=config.inter_msa_self_attn, reversible=config.reversible,
                   cross_attn_compress_ratio=config.cross_attn_compress_ratio)
+    if config.trunk != "seed":
+        kwargs.update(trunk=config.trunk, pair_dim=config.pair_dim)
     if impl == "seed":
         from alphafold2_pytorch import Alphafold2 as SeedAlphafold2
 
@@ -166,6 +174,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reversible", action="store_true",
                         help="every model (ours, reference, seed, floor) with reversible=True")
     parser.add_argument("--n", type=int, default=ModelConfig.n, help="sequence length (default 128)")
+    parser.add_argument("--trunk", choices=("seed", "evoformer"), default="seed",
+                        help="evoformer: Alphafold2(trunk='evoformer') at c_m 64, c_z 128, depth 2, MSA 8 x n, "
+                             "ours against the same blocks in pure PyTorch (impl='reference'); for lengths and "
+                             "the longest within a budget, model_scan --trunk evoformer")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="results file (default bench_results/model-<device>.json)")
 
@@ -178,6 +190,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"af2_ext model benchmark: {env['device_name']} ({device.type}, threads={env['threads']}), torch "
           f"{env['torch']}", flush=True)
     reps = args.reps if args.reps is not None else 3 if args.quick else 5
+    if args.trunk == "evoformer":
+        return _main_evoformer(args, device, env, reps)
     inter_msa = (True,) if args.quick else (True, False)
     started = time.perf_counter()
     results = []
@@ -217,6 +231,36 @@ def main(args: argparse.Namespace) -> int:
            "memory": args.memory, "quick": args.quick, "device": device.type, "wall_s": wall},
            "results": results, "targets": targets}
     path = args.json or os.path.join("bench_results", f"model-{device.type}.json")
+    common.write_json_atomic(path, doc)
+    print(f"\nwrote {path} ({wall:.0f} s)")
+    return 0
+
+
+def _main_evoformer(args: argparse.Namespace, device: torch.device, env: dict, reps: int) -> int:
+    """``--trunk evoformer``: ours and the pure-PyTorch reference, issue 17's target (>= 2x, <= 1/3 peak)."""
+    started = time.perf_counter()
+    config = ModelConfig(n=args.n, msa_cols=args.n, reversible=args.reversible, **EVOFORMER)
+    results = [measure(impl, config, device, reps=reps, warmup=args.warmup, memory=args.memory)
+               for impl in common.progress(["ours", "reference"], lambda impl: impl)]
+    ours, ref = results
+    speed, mem = _ratio(ref["step_ms"], ours["step_ms"]), _ratio(ours["peak_mib"], ref["peak_mib"])
+    status = "n/a" if speed is None or mem is None else "PASS" if speed >= 2 and mem <= 1 / 3 else "MISS"
+    print(f"Evoformer trunk: c_m {config.dim}, c_z {config.pair_dim}, depth {config.depth}, heads {config.heads} x "
+          f"{config.dim_head}, MSA {config.msa_rows} x n, n {config.n}, reversible {config.reversible}")
+    print(common.format_table(["impl", "step ms", "peak MiB"],
+                              [[r["impl"], common.fmt(r["step_ms"], ".0f"), common.fmt(r["peak_mib"], ".0f")]
+                               for r in results]))
+    for r in results:
+        for note in r["notes"]:
+            print(f"note: {r['impl']}: {note}")
+    targets = [{"speedup_vs_reference": speed, "memory_vs_reference": mem, "status": status}]
+    print(f"target (>= 2x faster and <= 1/3 the peak memory of the pure-PyTorch blocks): speed "
+          f"{common.fmt(speed)}x, memory {common.fmt(mem, '.3f')}  {status}")
+    wall = round(time.perf_counter() - started, 1)
+    doc = {"benchmark": "model", "environment": env, "settings": {"reps": reps, "warmup": args.warmup,
+           "memory": args.memory, "quick": args.quick, "device": device.type, "trunk": "evoformer", "wall_s": wall},
+           "results": results, "targets": targets}
+    path = args.json or os.path.join("bench_results", f"model-evoformer-{device.type}.json")
     common.write_json_atomic(path, doc)
     print(f"\nwrote {path} ({wall:.0f} s)")
     return 0
