@@ -32,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 from af2_ext import ops
 from af2_ext._checks import check_int
 from af2_ext.triangle import (MSARowAttentionWithPairBias, TriangleAttention, _check_config, _check_features,
-                              _check_mask, _GatedAttention, _init_final_, _init_gating_)
+                              _check_mask, _check_msa_and_pair, _GatedAttention, _init_final_,
+                              _init_gating_)
 
 # Standard deviation of a unit normal truncated to [-2, 2]: OpenFold's truncated inits divide by it so that the
 # weights keep the intended fan-in variance.
@@ -504,14 +505,7 @@ class EvoformerBlock(nn.Module):
         self.ps_dropout_col_layer = DropoutColumnwise(pair_dropout)
 
     def _check_inputs(self, m, z, msa_mask, pair_mask) -> None:
-        _check_features("m", m, f"(B, S, N, c_m={self.c_m})", self.c_m)
-        B, S, N = m.shape[:3]
-        _check_features("z", z, f"(B={B}, N={N}, N={N}, c_z={self.c_z}) to match m", self.c_z)
-        if z.shape[:3] != (B, N, N):
-            raise ValueError(f"z must be (B={B}, N={N}, N={N}, c_z={self.c_z}) to match m {tuple(m.shape)}, got "
-                             f"{tuple(z.shape)}")
-        if z.device != m.device or z.dtype != m.dtype:
-            raise ValueError(f"z must have m's device and dtype ({m.device}, {m.dtype}), got {z.device}, {z.dtype}")
+        B, S, N = _check_msa_and_pair(m, z, self.c_m, self.c_z, same_dtype=True)
         _check_mask("msa_mask", msa_mask, (B, S, N), f"(B={B}, S={S}, N={N})", m.device)
         _check_mask("pair_mask", pair_mask, (B, N, N), f"(B={B}, N={N}, N={N})", m.device)
 

@@ -53,6 +53,22 @@ def _check_features(name: str, t, shape_doc: str, channels: int) -> torch.Tensor
     return t
 
 
+def _check_msa_and_pair(m, z, c_m: int, c_z: int, *, same_dtype: bool = False) -> tuple[int, int, int]:
+    """m (B, S, N, c_m) and z (B, N, N, c_z) on one device (and of one dtype with ``same_dtype``); returns
+    (B, S, N). Errors name the argument."""
+    _check_features("m", m, f"(B, S, N, c_m={c_m})", c_m)
+    B, S, N = m.shape[:3]
+    _check_features("z", z, f"(B={B}, N={N}, N={N}, c_z={c_z}) to match m", c_z)
+    if z.shape[:3] != (B, N, N):
+        raise ValueError(f"z must be (B={B}, N={N}, N={N}, c_z={c_z}) to match m {tuple(m.shape)}, got "
+                         f"{tuple(z.shape)}")
+    if same_dtype and (z.device != m.device or z.dtype != m.dtype):
+        raise ValueError(f"z must have m's device and dtype ({m.device}, {m.dtype}), got {z.device}, {z.dtype}")
+    if z.device != m.device:
+        raise ValueError(f"z must be on m's device {m.device}, got {z.device}")
+    return B, S, N
+
+
 def _check_mask(name: str, mask, shape: tuple, shape_doc: str, device: torch.device) -> None:
     """``mask`` None or a bool tensor of ``shape`` on ``device``; errors name the argument."""
     if mask is None:
@@ -231,14 +247,7 @@ class MSARowAttentionWithPairBias(nn.Module):
         Returns:
             (B, S, N, c_m): the update, not added to m.
         """
-        _check_features("m", m, f"(B, S, N, c_m={self.c_m})", self.c_m)
-        B, S, N = m.shape[:3]
-        _check_features("z", z, f"(B={B}, N={N}, N={N}, c_z={self.c_z}) to match m", self.c_z)
-        if z.shape[:3] != (B, N, N):
-            raise ValueError(f"z must be (B={B}, N={N}, N={N}, c_z={self.c_z}) to match m {tuple(m.shape)}, got "
-                             f"{tuple(z.shape)}")
-        if z.device != m.device:
-            raise ValueError(f"z must be on m's device {m.device}, got {z.device}")
+        B, S, N = _check_msa_and_pair(m, z, self.c_m, self.c_z)
         _check_mask("msa_mask", msa_mask, (B, S, N), f"(B={B}, S={S}, N={N})", m.device)
         bias = rearrange(self.linear_z(self.layer_norm_z(z)), "b q k h -> b h q k")  # [b, h, i, k]: shared by rows s
         return self.mha(self.layer_norm_m(m), bias, msa_mask)  # [b, s, i, c_m]
