@@ -331,8 +331,8 @@ class TriangleMultiplicativeUpdate(nn.Module):
     Args:
         c_z: pair width. c_hidden: width of a and b (128 in AF2).
         outgoing: True for Algorithm 11, False for Algorithm 12.
-        chunk_size: None, or compute this many rows i at a time (a, the product, its LayerNorm and the gate), each
-            chunk recomputed in the backward; only b is held whole.
+        chunk_size: None, or compute this many rows i at a time (the input LayerNorm, a, the product, its
+            LayerNorm and the gate), each chunk recomputed in the backward; only b is held whole.
     """
 
     def __init__(self, c_z: int, c_hidden: int = 128, outgoing: bool = True, *, chunk_size: Optional[int] = None):
@@ -387,13 +387,33 @@ class TriangleMultiplicativeUpdate(nn.Module):
         _check_pair(z, self.c_z)
         B, N = z.shape[:2]
         _check_mask("mask", mask, (B, N, N), f"(B={B}, N={N}, N={N})", z.device)
-        z = self.layer_norm_in(z)  # [b, i, j, c]
-        x, x_mask = z, mask
-        if not self.outgoing:  # sum_k a_ki b_kj is Algorithm 11's sum_k a'_ik b'_jk on the transposed pair
-            x = rearrange(z, "b i j c -> b j i c")  # [b, j, i, c]
-            x_mask = None if mask is None else rearrange(mask, "b i j -> b j i")  # [b, j, i]
-        b = _by_row_chunks(self, self._b_rows, self.chunk_size, (x, x_mask), out_dim=2)  # [b, c, j, k]
-        return _by_row_chunks(self, self._rows, self.chunk_size, (x, x_mask, z), (b,))  # [b, i, j, c_z]
+        if self.chunk_size is None or N <= self.chunk_size:
+            z = self.layer_norm_in(z)  # [b, i, j, c]
+            x, x_mask = self._edge_rows(z, mask)
+            return self._rows(x, x_mask, z, self._b_rows(x, x_mask))  # [b, i, j, c_z]
+        # In chunks, each normalises its own rows (LayerNorm is per pair): the normalised pair is never held
+        # whole, and the backward recomputes it a chunk at a time. The gate reads z's rows i, which are x's
+        # (outgoing: passed as None) or, incoming, x's columns.
+        x, x_mask = self._edge_rows(z, mask)
+        b = _by_row_chunks(self, self._b_rows_raw, self.chunk_size, (x, x_mask), out_dim=2)  # [b, c, j, k]
+        return _by_row_chunks(self, self._rows_raw, self.chunk_size,
+                              (x, x_mask, None if self.outgoing else z), (b,))  # [b, i, j, c_z]
+
+    def _edge_rows(self, z: torch.Tensor, mask: Optional[torch.Tensor]):
+        """The pair (and mask) whose rows the edges a, b run along: z itself (outgoing) or, incoming, its
+        transpose: sum_k a_ki b_kj is Algorithm 11's sum_k a'_ik b'_jk on the transposed pair. Views."""
+        if self.outgoing:
+            return z, mask
+        return (rearrange(z, "b i j c -> b j i c"),  # [b, j, i, c]
+                None if mask is None else rearrange(mask, "b i j -> b j i"))  # [b, j, i]
+
+    def _b_rows_raw(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return self._b_rows(self.layer_norm_in(x), mask)
+
+    def _rows_raw(self, x: torch.Tensor, mask: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                  b: torch.Tensor) -> torch.Tensor:
+        x = self.layer_norm_in(x)
+        return self._rows(x, mask, x if z is None else self.layer_norm_in(z), b)
 
 
 class TriangleMultiplicationOutgoing(TriangleMultiplicativeUpdate):

@@ -14,6 +14,7 @@ import warnings
 import weakref
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 from af2_ext import reference
@@ -78,6 +79,14 @@ _KERNELS = {
 
 def _has_kernel(op: str, device: torch.device) -> bool:
     return _KERNELS.get((op, device.type), False)
+
+
+def kernel_runs(op: str, device: torch.device, impl: Optional[str] = None) -> bool:
+    """Whether a call of ``op`` ("block_sparse_attention_forward", "kv_compress_forward", "coupling_forward_")
+    with ``impl`` (None = the process default) on ``device`` has a kernel to run, without warning. A call whose
+    configuration the kernel does not support may still fall back to the reference."""
+    impl = _default_impl if impl is None else impl
+    return impl != "reference" and _has_kernel(op, device)
 
 
 def _check_dropout(dropout_p) -> float:
@@ -316,7 +325,9 @@ def _cached_layout_index(layout: torch.Tensor):
         return layout_index(layout)
     key = id(layout)
     hit = _INDEX_CACHE.get(key)
-    if hit is not None and hit[0]() is layout and torch.equal(hit[1], layout):
+    # The content is compared through numpy, below torch's dispatcher: a hit then runs no torch op, so a region
+    # that missed in its forward and hits in a checkpoint's recompute replays no op its forward did not record.
+    if hit is not None and hit[0]() is layout and np.array_equal(hit[1].numpy(), layout.detach().numpy()):
         return hit[2]
     snapshot = layout.clone()
     index = layout_index(snapshot)

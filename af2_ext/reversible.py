@@ -221,6 +221,25 @@ def _running_stats_kept(fn: nn.Module):
                 b.copy_(old)
 
 
+_recompute_depth = 0
+
+
+@contextlib.contextmanager
+def _recomputing():
+    global _recompute_depth
+    _recompute_depth += 1
+    try:
+        yield
+    finally:
+        _recompute_depth -= 1
+
+
+def recomputing() -> bool:
+    """True while a reversible backward recomputes a coupling's function: its graph is differentiated at once and
+    freed, so modules need not save less for a later backward (e.g. checkpoint their own activations)."""
+    return _recompute_depth > 0
+
+
 @functools.lru_cache(maxsize=None)
 def _malloc_trim():
     """glibc's ``malloc_trim``, or None (another C library, another OS)."""
@@ -281,7 +300,8 @@ class _ReversibleFunction(torch.autograd.Function):
                 view[i] = leaf
             params = [p for p in c.fn.parameters() if id(p) in ctx.param_index]
             with _running_stats_kept(c.fn):  # restored after the vjp, which reads them
-                with torch.enable_grad(), _seeded(seed, ctx.devices), _replay_autocast(ctx.autocast):
+                with torch.enable_grad(), _seeded(seed, ctx.devices), _replay_autocast(ctx.autocast), \
+                        _recomputing():
                     out = c.compute(tuple(view), context)
                 vjp = torch.autograd.grad(out, leaves + params, grads[c.target], allow_unused=True)
             out = out.detach()

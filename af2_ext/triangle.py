@@ -10,13 +10,15 @@ projection), where OpenFold's -1e9 swamps every logit into a uniform average ove
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from af2_ext import ops
+from af2_ext import ops, reversible
 from af2_ext._checks import check_int
 
 
@@ -97,6 +99,30 @@ def _check_config(c_hidden: int, heads: int, block_size: int, impl: Optional[str
         raise ValueError(f"impl must be None or one of {ops.IMPLS}, got {impl!r}")
 
 
+def _keep_attention_output(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective-checkpoint policy: keep the attention kernel's outputs (out and the log-sum-exp its backward
+    reads), recompute every other op (LayerNorms, projections, bias, gate) in the backward."""
+    if ops.extension_available() and op is torch.ops.af2_ext.block_sparse_attention_forward.default:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _recomputing_around_kernel(module: nn.Module, fn: Callable[..., torch.Tensor], *inputs) -> torch.Tensor:
+    """``fn(*inputs)``; in training on the attention kernel with ``module.recompute`` True, under a selective
+    checkpoint that saves only the inputs and the kernel's out / log-sum-exp, so the n x n x c_hidden projections
+    and the normalised input are recomputed (a few GEMMs) in the backward instead of held from forward to backward.
+    The reference attention runs without (recomputing it would need its n^3 logits again), and so does a reversible
+    backward's recompute (its graph is differentiated at once)."""
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    recording = torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
+                                             or any(p.requires_grad for p in module.parameters()))
+    if not (recording and module.recompute and not reversible.recomputing()
+            and ops.kernel_runs("block_sparse_attention_forward", tensors[0].device, module.mha.impl)):
+        return fn(*inputs)
+    return checkpoint(fn, *inputs, use_reentrant=False,
+                      context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_attention_output))
+
+
 class _GatedAttention(nn.Module):
     """Gated multi-head self-attention within each row of x, with a bias shared by the rows: OpenFold's
     ``primitives.Attention`` with one input for queries, keys and values.
@@ -170,13 +196,18 @@ class TriangleAttention(nn.Module):
             (query, key) blocks of ``block_size``.
         impl: "auto" | "kernel" | "reference" for :func:`af2_ext.ops.triangle_attention`; None = the process
             default.
+        recompute: in training on the attention kernel, hold only the input and the kernel's output and
+            log-sum-exp from forward to backward and recompute the LayerNorm, the projections and the gate there
+            (a selective checkpoint; the attention itself is not recomputed). Such a graph can be differentiated
+            once: pass False (or set ``.recompute = False``) for ``retain_graph`` / ``gradcheck``; False holds them
+            all.
     """
 
     def __init__(self, c_z: int, c_hidden: int, heads: int, starting: bool = True, *, inf: float = 1e9,
-                 block_size: int = 64, impl: Optional[str] = None, layout_fn=None):
+                 block_size: int = 64, impl: Optional[str] = None, layout_fn=None, recompute: bool = True):
         super().__init__()
         _check_config(c_hidden, heads, block_size, impl, c_z=c_z)
-        self.c_z, self.c_hidden, self.heads = c_z, c_hidden, heads
+        self.c_z, self.c_hidden, self.heads, self.recompute = c_z, c_hidden, heads, bool(recompute)
         self.starting, self.inf = bool(starting), inf
         self.layer_norm = nn.LayerNorm(c_z)
         self.linear = nn.Linear(c_z, heads, bias=False)  # the pair bias; OpenFold's name
@@ -199,6 +230,9 @@ class TriangleAttention(nn.Module):
             raise ValueError(f"z must be (B, N, N, c_z={self.c_z}) with two equal N, got {tuple(z.shape)}")
         B, N = z.shape[:2]
         _check_mask("mask", mask, (B, N, N), f"(B={B}, N={N}, N={N})", z.device)
+        return _recomputing_around_kernel(self, self._attend, z, mask)
+
+    def _attend(self, z: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if not self.starting:
             z = rearrange(z, "b i j c -> b j i c")  # [b, j, i, c]: the ending node attends along i
             mask = None if mask is None else rearrange(mask, "b i j -> b j i")  # [b, j, i]
@@ -222,13 +256,18 @@ class MSARowAttentionWithPairBias(nn.Module):
             (query, key) blocks of ``block_size``.
         impl: "auto" | "kernel" | "reference" for :func:`af2_ext.ops.triangle_attention`; None = the process
             default.
+        recompute: in training on the attention kernel, hold only the input and the kernel's output and
+            log-sum-exp from forward to backward and recompute the LayerNorm, the projections and the gate there
+            (a selective checkpoint; the attention itself is not recomputed). Such a graph can be differentiated
+            once: pass False (or set ``.recompute = False``) for ``retain_graph`` / ``gradcheck``; False holds them
+            all.
     """
 
     def __init__(self, c_m: int, c_z: int, c_hidden: int, heads: int, *, block_size: int = 64,
-                 impl: Optional[str] = None, layout_fn=None):
+                 impl: Optional[str] = None, layout_fn=None, recompute: bool = True):
         super().__init__()
         _check_config(c_hidden, heads, block_size, impl, c_m=c_m, c_z=c_z)
-        self.c_m, self.c_z, self.c_hidden, self.heads = c_m, c_z, c_hidden, heads
+        self.c_m, self.c_z, self.c_hidden, self.heads, self.recompute = c_m, c_z, c_hidden, heads, bool(recompute)
         self.layer_norm_m = nn.LayerNorm(c_m)
         self.layer_norm_z = nn.LayerNorm(c_z)
         self.linear_z = nn.Linear(c_z, heads, bias=False)
@@ -249,5 +288,8 @@ class MSARowAttentionWithPairBias(nn.Module):
         """
         B, S, N = _check_msa_and_pair(m, z, self.c_m, self.c_z)
         _check_mask("msa_mask", msa_mask, (B, S, N), f"(B={B}, S={S}, N={N})", m.device)
+        return _recomputing_around_kernel(self, self._attend, m, z, msa_mask)
+
+    def _attend(self, m: torch.Tensor, z: torch.Tensor, msa_mask: Optional[torch.Tensor]) -> torch.Tensor:
         bias = rearrange(self.linear_z(self.layer_norm_z(z)), "b q k h -> b h q k")  # [b, h, i, k]: shared by rows s
         return self.mha(self.layer_norm_m(m), bias, msa_mask)  # [b, s, i, c_m]

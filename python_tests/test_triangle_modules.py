@@ -213,32 +213,113 @@ def test_msa_row_attention_matches_algorithm(device, masked):
 @pytest.mark.parametrize("device", helpers.DEVICES)
 def test_kernel_matches_reference(device, kind):
     helpers.require_device(device, OP)
-    if kind == "msa_row":
-        inputs, grad_out = msa_inputs(device, True), helpers.randn(B, S, N, C_M, seed=30, device=device)
-    else:
-        inputs = pair_inputs(device, True, kind == "starting")
-        grad_out = helpers.randn(B, N, N, C_Z, seed=30, device=device)
-
-    def make(impl: str) -> torch.nn.Module:  # the same random weights for both
-        return msa_row(device, impl=impl) if kind == "msa_row" else triangle(kind == "starting", device, impl=impl)
-
-    got = run(call, make("kernel"), inputs, grad_out)
-    ref = run(call, make("reference"), inputs, grad_out)
+    inputs, grad_out = make_inputs(kind, device)
+    got = run(call, make_module(kind, device, impl="kernel"), inputs, grad_out)  # the same random weights
+    ref = run(call, make_module(kind, device, impl="reference"), inputs, grad_out)
     assert_same_run(got, ref)
+
+
+def make_module(kind: str, device="cpu", **kwargs) -> torch.nn.Module:
+    return msa_row(device, **kwargs) if kind == "msa_row" else triangle(kind == "starting", device, **kwargs)
+
+
+def make_inputs(kind: str, device="cpu") -> tuple:
+    """(inputs, grad_out), masked, for ``kind``."""
+    if kind == "msa_row":
+        return msa_inputs(device, True), helpers.randn(B, S, N, C_M, seed=30, device=device)
+    return pair_inputs(device, True, kind == "starting"), helpers.randn(B, N, N, C_Z, seed=30, device=device)
+
+
+def fresh_layout(num_blocks: int) -> torch.Tensor:
+    """A new layout tensor per call (dense but for one left-out block): the op's index cache has never seen it."""
+    layout = torch.ones(HEADS, num_blocks, num_blocks, dtype=torch.bool)
+    layout[:, 0, -1] = False
+    return layout
+
+
+@pytest.mark.parametrize("kind", ["starting", "ending", "msa_row"])
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_recompute_gives_the_same_gradients(device, kind):
+    """recompute=True (the default: the projections recomputed in the backward around the kept kernel output) gives
+    the outputs and gradients of recompute=False, bitwise; the first call runs on a layout the op's index cache has
+    not seen (its forward converts the layout, the recompute finds it cached)."""
+    helpers.require_device(device, OP)
+    inputs, grad_out = make_inputs(kind, device)
+    got = run(call, make_module(kind, device, impl="kernel", layout_fn=fresh_layout), inputs, grad_out)
+    ref = run(call, make_module(kind, device, impl="kernel", layout_fn=fresh_layout, recompute=False), inputs,
+              grad_out)
+    assert torch.equal(got[0], ref[0]), "recompute changed the output"
+    for name in ref[1]:
+        assert torch.equal(got[1][name], ref[1][name]), f"recompute changed the gradient of {name}"
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["starting", "ending", "msa_row"])
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_recompute_reruns_the_projections_not_the_attention(kind, impl):
+    """With the kernel, the backward recomputes the LayerNorms and projections (they are not held from the
+    forward) but not the attention (its output and log-sum-exp are kept). The reference attention is not
+    checkpointed: its backward recomputes nothing."""
+    inputs, grad_out = make_inputs(kind)
+    counts = {}
+    for recompute in (True, False):
+        module = make_module(kind, impl=impl, recompute=recompute)
+        leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) if v is not None else None
+                  for k, v in inputs.items()}
+        out = module(**leaves)
+        with _OpCounter() as counter:
+            out.backward(grad_out)
+        counts[recompute] = counter.counts
+    with_recompute, without = counts[True], counts[False]
+    assert with_recompute.get(OP, 0) == 0 and without.get(OP, 0) == 0, "the backward ran the attention forward"
+    if impl == "kernel":
+        assert with_recompute.get("native_layer_norm", 0) >= 1 and without.get("native_layer_norm", 0) == 0, \
+            (with_recompute, without)
+        recomputed_mm = with_recompute.get("mm", 0) + with_recompute.get("addmm", 0)
+        assert recomputed_mm > without.get("mm", 0) + without.get("addmm", 0), (with_recompute, without)
+    else:
+        assert with_recompute == without, "the reference attention was checkpointed"
+
+
+def test_recompute_graph_is_differentiated_once():
+    """A recompute graph's kept attention output serves one backward; recompute=False allows retain_graph."""
+    inputs, grad_out = make_inputs("starting")
+    for recompute in (True, False):
+        z = inputs["z"].detach().clone().requires_grad_()
+        out = make_module("starting", impl="kernel", recompute=recompute)(z, inputs["mask"])
+        out.backward(grad_out, retain_graph=True)
+        if recompute:
+            with pytest.raises(RuntimeError, match="backward an extra time"):
+                out.backward(grad_out)
+        else:
+            out.backward(grad_out)
 
 
 @pytest.mark.parametrize("kind", ["starting", "ending", "msa_row"])
 def test_gradcheck_fp64(kind):
-    """fp64 gradcheck on the CPU kernel, through the inputs and every parameter, with a fully masked row."""
+    """fp64 gradcheck on the CPU kernel, through the inputs and every parameter, with a fully masked row
+    (recompute=False: gradcheck differentiates the graph more than once)."""
     n = 5
     if kind == "msa_row":
-        module = randomise_(MSARowAttentionWithPairBias(4, 3, 16, 2, block_size=16, impl="kernel"), 1).double()
+        module = randomise_(MSARowAttentionWithPairBias(4, 3, 16, 2, block_size=16, impl="kernel",
+                                                        recompute=False), 1).double()
         mask = keep_mask(1, 2, n, seed=41)
         mask[0, 1] = False
         inputs = (helpers.randn(1, 2, n, 4, seed=42, dtype=torch.float64, requires_grad=True),
                   helpers.randn(1, n, n, 3, seed=43, dtype=torch.float64, requires_grad=True))
     else:
-        module = randomise_(TriangleAttention(4, 16, 2, kind == "starting", block_size=16, impl="kernel"), 1).double()
+        module = randomise_(TriangleAttention(4, 16, 2, kind == "starting", block_size=16, impl="kernel",
+                                              recompute=False), 1).double()
         mask = keep_mask(1, n, n, seed=41)
         mask[0, 1] = False
         inputs = (helpers.randn(1, n, n, 4, seed=42, dtype=torch.float64, requires_grad=True),)
@@ -336,3 +417,29 @@ def test_triangle_bad_inputs(args, error, match):
 def test_msa_row_bad_inputs(args, error, match):
     with pytest.raises(error, match=match):
         MSARowAttentionWithPairBias(C_M, C_Z, C_HIDDEN, HEADS, block_size=BLOCK)(*args)
+
+
+def test_no_recompute_inside_a_reversible_backward():
+    """A reversible backward recomputes a coupling and differentiates it at once: the module does not checkpoint
+    there (the backward would recompute the projections a second time), and its gradients are unchanged."""
+    from af2_ext.reversible import Coupling, ReversibleCouplings
+
+    class Update(torch.nn.Module):  # halves[1] += attention(halves[0])
+        def __init__(self, recompute: bool):
+            super().__init__()
+            self.attention = make_module("starting", impl="kernel", recompute=recompute)
+
+        def forward(self, z):
+            return self.attention(z)
+
+    inputs, grad_out = make_inputs("starting")
+    counts, grads = {}, {}
+    for recompute in (True, False):
+        sequence = ReversibleCouplings([Coupling(Update(recompute), 1, [0])], 2)
+        z = inputs["z"].detach().clone().requires_grad_()
+        _, out = sequence(z, z.detach().clone())
+        with _OpCounter() as counter:
+            out.backward(grad_out)
+        counts[recompute], grads[recompute] = counter.counts, z.grad
+    assert counts[True].get("native_layer_norm") == counts[False].get("native_layer_norm"), counts
+    assert torch.equal(grads[True], grads[False])
