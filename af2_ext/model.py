@@ -112,7 +112,9 @@ class Alphafold2(nn.Module):
             Evoformer blocks (:mod:`af2_ext.evoformer`, supplementary Algorithm 6) with MSA width ``dim``, pair
             width ``pair_dim``, ``heads`` x ``dim_head`` for the MSA and triangle attentions, dropout
             ``ff_dropout`` (MSA and pair), and the n^2-sized updates in chunks of 64 rows unless ``ff_chunk_size``
-            is None. The MSA must be aligned to the sequence (N = n); without an MSA the sequence is its one row;
+            is None; in training on the kernels the row and triangle attentions keep only their input and the
+            kernel's output and recompute their projections in the backward (``recompute`` of
+            :class:`af2_ext.triangle.TriangleAttention`: one backward per forward). The MSA must be aligned to the sequence (N = n); without an MSA the sequence is its one row;
             ``embedds`` give n rows (their outer sum). The pair starts as AlphaFold2's input embedder does:
             projections of (token + position) for i and for j, summed (+ ``relative_positions``). ``reversible``
             runs it through :mod:`af2_ext.evoformer_trunk`'s four-half couplings. ``sparse_self_attn`` gives the
