@@ -26,7 +26,7 @@ try:
 except ImportError as error:  # the package still imports; ops fall back to the reference
     _EXTENSION_ERROR = error
 
-CPU_ISAS = ("generic", "avx2", "avx512")
+CPU_ISAS = ("generic", "avx2", "avx512", "avx512_bf16")
 if os.environ.get("AF2_EXT_CPU_ISA") and os.environ["AF2_EXT_CPU_ISA"] not in CPU_ISAS:
     warnings.warn(f"AF2_EXT_CPU_ISA={os.environ['AF2_EXT_CPU_ISA']!r} is not one of {CPU_ISAS}; ignored (the "
                   "CPU kernels use the best instruction set this CPU has)", RuntimeWarning)
@@ -43,7 +43,8 @@ def extension_available() -> bool:
 
 
 def cpu_isa() -> str:
-    """Instruction set the CPU kernels dispatch to here ("avx512", "avx2" or "generic")."""
+    """Instruction set the CPU kernels dispatch to here ("avx512_bf16", "avx512", "avx2" or "generic"; bf16 inputs
+    run the bf16 dot-product kernels only at "avx512_bf16", the fp32 kernels on fp32 copies below it)."""
     if not extension_available():
         return "none (extension not built)"
     return torch.ops.af2_ext.cpu_isa()

@@ -169,6 +169,39 @@ def test_block_size_head_dim(device, block_size, D):
     _check_against_reference(inputs)
 
 
+@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("block_size, D", BLOCK_SIZE_HEAD_DIM)
+def test_bf16_block_size_head_dim(device, block_size, D):
+    """bf16 at every block size and head dim (on a CPU with AVX512-BF16: the bf16 dot-product kernel), odd
+    lengths (an odd number of keys leaves the last key pair half empty), a padded key and a row with no key."""
+    helpers.require_device(device, OP)
+    Nq, Nk = 2 * block_size + 3, block_size + 5
+    inputs = _inputs(device, torch.bfloat16, B=2, H=2, Nq=Nq, Nk=Nk, D=D, block_size=block_size, mask=True,
+                     fully_padded=(1,), bias=(1, 2), neg_inf=0.05, empty_rows=(1,), seed=64)
+    _check_against_reference(inputs)
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
+def test_bf16_odd_row_strides(device):
+    """bf16 q, k, v whose rows are an odd number of elements apart (views of wider NaN-filled storage): the
+    results equal the contiguous run bit for bit (the CPU bf16 kernel reads k in 32-bit pairs: such a k is copied)."""
+    helpers.require_device(device, OP)
+    base = _inputs(device, torch.bfloat16, B=2, H=1, Nq=40, Nk=33, D=32, mask=True, bias=(1, 1), seed=65)
+    inputs = dict(base)
+    for name in ("q", "k", "v"):
+        t = base[name].detach()
+        storage = torch.full((*t.shape[:3], t.shape[3] + 1), NAN, dtype=t.dtype, device=device)
+        view = storage[..., :t.shape[3]]
+        view.copy_(t)
+        assert view.stride(2) % 2 == 1
+        inputs[name] = view.requires_grad_()
+    out, grads = _run_kernel(inputs)
+    clean_out, clean_grads = _run_kernel(base)
+    assert torch.equal(out, clean_out), f"out differs by up to {helpers.max_abs_err(out, clean_out):.3g}"
+    for name in grads:
+        assert torch.equal(grads[name], clean_grads[name]), f"grad {name} differs"
+
+
 LENGTHS = [(1, 1), (17, 50), (50, 17), (33, 33), (100, 7)]
 
 
@@ -486,7 +519,7 @@ def test_impl_choice(device):
 # CPU instruction-set variants (AF2_EXT_CPU_ISA lowers the dispatch; it is read once per process)
 # ----------------------------------------------------------------------------------------------------------
 
-ISA_RANK = {"generic": 0, "avx2": 1, "avx512": 2}
+ISA_RANK = {"generic": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}
 ISA_CHILD = r"""
 import sys
 import torch
@@ -513,7 +546,7 @@ def test_isa_variants_cpu(tmp_path):
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     native = ops.cpu_isa()
     children = {}
-    for isa in ("avx2", "generic"):  # both at once: most of the time is interpreter start-up
+    for isa in ("avx512", "avx2", "generic"):  # at once: most of the time is interpreter start-up
         env = {**os.environ, "AF2_EXT_CPU_ISA": isa, "OMP_NUM_THREADS": "1"}
         path = tmp_path / f"{isa}.pt"
         proc = subprocess.Popen([sys.executable, "-c", ISA_CHILD, tests_dir, str(path)], env=env,
@@ -1295,7 +1328,7 @@ def test_isa_variants_nonfinite_cpu(tmp_path):
     """The non-finite semantics under every instruction set the CPU kernels dispatch to (AF2_EXT_CPU_ISA)."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     children = {}
-    for isa in ("avx2", "generic"):
+    for isa in ("avx512", "avx2", "generic"):
         env = {**os.environ, "AF2_EXT_CPU_ISA": isa, "OMP_NUM_THREADS": "1"}
         path = tmp_path / f"{isa}.pt"
         proc = subprocess.Popen([sys.executable, "-c", ISA_NONFINITE_CHILD, tests_dir, str(path)], env=env,

@@ -89,7 +89,46 @@ struct BlockSparseCpuBackward {
   int64_t bias_splits = 0;
 };
 
+// bf16 forward on bf16 dot-product instructions (AVX512-BF16 vdpbf16ps): q, k and the output stay bf16 (raw
+// bits), v comes packed in key pairs, scores, softmax and accumulation are fp32, and the probabilities are rounded
+// to bf16 for the product with v, as flash kernels do. mask_add and bias_t as in BlockSparseCpuForward<float>.
+struct BlockSparseCpuForwardBf16 {
+  BlockSparseShape s;
+  const uint16_t* q = nullptr;
+  const uint16_t* k = nullptr;
+  int64_t q_stride[3] = {0, 0, 0};
+  int64_t k_stride[3] = {0, 0, 0};
+  // (B, H, ceil(Nk / 2), D), contiguous: element (u, d) holds v[2u, d] (low half) and v[2u + 1, d] (high half),
+  // a padded key's (or the odd tail's missing key's) half zero; see pack_v_pairs_bf16.
+  const uint32_t* v_pairs = nullptr;
+  const float* bias_t = nullptr;
+  const float* mask_add = nullptr;
+  const int32_t* row_count = nullptr;
+  const int32_t* row_index = nullptr;
+  float scale = 1;
+  uint16_t* out = nullptr;
+  int64_t out_stride[3] = {0, 0, 0};
+  float* lse = nullptr;
+};
+
+// Input of pack_v_pairs_bf16: v (bf16 bits) at {batch, head, row} strides, the key padding mask (or nullptr).
+struct PackVPairsBf16 {
+  BlockSparseShape s;
+  const uint16_t* v = nullptr;
+  int64_t v_stride[3] = {0, 0, 0};
+  const float* mask_add = nullptr;
+  uint32_t* v_pairs = nullptr;
+};
+
 namespace cpu {
+
+// Whether the bf16 kernels run here: the CPU has AVX512-BF16 and AF2_EXT_CPU_ISA does not lower the choice below
+// "avx512_bf16". Otherwise bf16 inputs are computed by the fp32 kernels on fp32 copies.
+bool bf16_kernels_available();
+int64_t forward_bf16_workspace_floats(const BlockSparseShape& s);
+// One task per (batch, head) of pack_v_pairs_bf16, per (batch, head, query block) of forward_bf16.
+void pack_v_pairs_bf16(const PackVPairsBf16& p, int64_t begin, int64_t end);
+void forward_bf16(const BlockSparseCpuForwardBf16& p, int64_t begin, int64_t end, float* workspace);
 
 // Work is split into independent tasks; each function runs tasks [begin, end) with `workspace` of at least
 // *_workspace_elems(shape) elements of T, private to the calling thread.
@@ -129,7 +168,8 @@ void backward_fused(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t e
 template <typename T>
 void backward_fused_reduce_bias(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end);
 
-// Name of the instruction set the CPU kernels dispatch to on this machine ("avx512", "avx2" or "generic").
+// Name of the instruction set the CPU kernels dispatch to on this machine ("avx512_bf16", "avx512", "avx2" or
+// "generic").
 const char* isa_name();
 
 }  // namespace cpu

@@ -89,6 +89,51 @@ void parallel_tasks(int64_t num_tasks, int64_t workspace_elems, const Fn& fn) {
   });
 }
 
+// bf16 on the CPU's bf16 dot products: q, k read in place as bf16 (k's rows an even number of elements apart, for
+// the kernel's 32-bit pair loads), v packed once into key pairs, out written in bf16, lse in fp32.
+std::tuple<at::Tensor, at::Tensor> forward_bf16_cpu(const BlockSparseShape& s, const at::Tensor& q,
+                                                    const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& row_count, const at::Tensor& row_index,
+                                                    const std::optional<at::Tensor>& key_padding_mask,
+                                                    const std::optional<at::Tensor>& bias, double scale) {
+  const auto qb = unit_last_stride(q);
+  auto kb = unit_last_stride(k);
+  if (kb.stride(2) % 2 != 0) kb = kb.contiguous();
+  const auto vb = unit_last_stride(v);
+  const auto mask_add = additive_key_mask(key_padding_mask, at::kFloat);
+  const auto bias_t = bias.has_value() ? bias->to(at::kFloat).transpose(2, 3).contiguous() : at::Tensor();
+  const auto rc = row_count.contiguous();
+  const auto ri = row_index.contiguous();
+  auto v_pairs = at::empty({s.batch, s.heads, (s.seq_k + 1) / 2, s.head_dim}, q.options().dtype(at::kInt));
+  PackVPairsBf16 pack;
+  pack.s = s;
+  pack.v = reinterpret_cast<const uint16_t*>(vb.data_ptr<at::BFloat16>());
+  set_strides(pack.v_stride, vb);
+  pack.mask_add = mask_add.defined() ? mask_add.data_ptr<float>() : nullptr;
+  pack.v_pairs = reinterpret_cast<uint32_t*>(v_pairs.data_ptr<int32_t>());
+  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t b, int64_t e) { cpu::pack_v_pairs_bf16(pack, b, e); });
+  auto out = at::empty({s.batch, s.seq_q, s.heads, s.head_dim}, q.options()).permute({0, 2, 1, 3});
+  auto lse = at::empty({s.batch, s.heads, s.seq_q}, q.options().dtype(at::kFloat));
+  BlockSparseCpuForwardBf16 p;
+  p.s = s;
+  p.q = reinterpret_cast<const uint16_t*>(qb.data_ptr<at::BFloat16>());
+  p.k = reinterpret_cast<const uint16_t*>(kb.data_ptr<at::BFloat16>());
+  set_strides(p.q_stride, qb);
+  set_strides(p.k_stride, kb);
+  p.v_pairs = pack.v_pairs;
+  p.bias_t = bias_t.defined() ? bias_t.data_ptr<float>() : nullptr;
+  p.mask_add = pack.mask_add;
+  p.row_count = rc.data_ptr<int32_t>();
+  p.row_index = ri.data_ptr<int32_t>();
+  p.scale = float(scale);
+  p.out = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  set_strides(p.out_stride, out);
+  p.lse = lse.data_ptr<float>();
+  parallel_tasks<float>(cpu::forward_num_tasks(s), cpu::forward_bf16_workspace_floats(s),
+                        [&](int64_t b, int64_t e, float* ws) { cpu::forward_bf16(p, b, e, ws); });
+  return {out, lse};
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const at::Tensor& row_count, const at::Tensor& row_index,
                                                const at::Tensor& col_count, const at::Tensor& col_index,
@@ -98,6 +143,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   const BlockSparseShape s = check_block_sparse_inputs(q, k, v, row_count, row_index, col_count, col_index,
                                                        block_size, key_padding_mask, bias);
   check_index_values(row_count, row_index, "row_index", s.num_k_blocks);
+  if (q.scalar_type() == at::kBFloat16 && cpu::bf16_kernels_available())
+    return forward_bf16_cpu(s, q, k, v, row_count, row_index, key_padding_mask, bias, scale);
   const auto acc = cpu_accumulate_type(q.scalar_type());
   const auto qa = staged(q, acc), ka = staged(k, acc), va = staged(v, acc);
   const auto mask_add = additive_key_mask(key_padding_mask, acc);

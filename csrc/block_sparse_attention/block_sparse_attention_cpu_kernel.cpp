@@ -21,6 +21,7 @@ namespace cpu {
 
 const char* isa_name() {
   switch (active_isa()) {
+    case Isa::avx512_bf16: return "avx512_bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "generic";

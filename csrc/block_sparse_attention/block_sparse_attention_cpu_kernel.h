@@ -151,6 +151,68 @@ static inline void finish_logits(T* St, int cols, int rows, int bs, T scale, con
       if (mask_add[j] != T(0)) std::fill(St + j * bs, St + (j + 1) * bs, neg_inf<T>());
 }
 
+// One step of the online softmax over a chunk of scores St (cols x bs, keys x queries): the running max m and
+// sum l of each query updated, St replaced by the probabilities exp(St - m_new), and the unnormalised output
+// acc (rows x D) rescaled by exp(m_old - m_new). alpha and block_sum are bs-long scratch.
+template <typename T, int VL>
+static inline void online_softmax_step(T* St, int cols, int rows, int bs, int D, T* m, T* l, T* alpha, T* block_sum,
+                                       T* acc) {
+  typedef Vec<T, VL> V;
+  typedef typename V::type vec;
+  const vec ninf = V::broadcast(neg_inf<T>()), zero = V::broadcast(T(0));
+  for (int i = 0; i < bs; i += VL) {
+    // Four independent chains down the column strip hide the latency of max and add.
+    vec mx0 = V::load(St + i), mx1 = mx0, mx2 = mx0, mx3 = mx0;
+    int j = 1;
+    for (; j + 4 <= cols; j += 4) {
+      mx0 = max_nan<T, VL>(mx0, V::load(St + j * bs + i));
+      mx1 = max_nan<T, VL>(mx1, V::load(St + (j + 1) * bs + i));
+      mx2 = max_nan<T, VL>(mx2, V::load(St + (j + 2) * bs + i));
+      mx3 = max_nan<T, VL>(mx3, V::load(St + (j + 3) * bs + i));
+    }
+    for (; j < cols; ++j) mx0 = max_nan<T, VL>(mx0, V::load(St + j * bs + i));
+    const vec mx = max_nan<T, VL>(max_nan<T, VL>(mx0, mx1), max_nan<T, VL>(mx2, mx3));
+    const vec m_old = V::load(m + i);
+    vec m_new = max_nan<T, VL>(m_old, mx);
+    V::store(m + i, m_new);
+    // A query with nothing visible yet subtracts 0 instead of -inf: its probabilities stay exactly 0. A NaN
+    // max stays NaN: alpha and every probability of the row become NaN.
+    m_new = V::select(m_new == ninf, zero, m_new);
+    V::store(alpha + i, m_old - m_new);
+    if constexpr (sizeof(T) == 4) {  // exp, store and sum in one pass over the column strip
+      vec sum0 = zero, sum1 = zero;
+      j = 0;
+      for (; j + 2 <= cols; j += 2) {
+        const vec e0 = vexp<VL>(V::load(St + j * bs + i) - m_new);
+        const vec e1 = vexp<VL>(V::load(St + (j + 1) * bs + i) - m_new);
+        V::store(St + j * bs + i, e0);
+        V::store(St + (j + 1) * bs + i, e1);
+        sum0 += e0;
+        sum1 += e1;
+      }
+      if (j < cols) {
+        const vec e0 = vexp<VL>(V::load(St + j * bs + i) - m_new);
+        V::store(St + j * bs + i, e0);
+        sum0 += e0;
+      }
+      V::store(block_sum + i, sum0 + sum1);
+    } else {
+      for (j = 0; j < cols; ++j) V::store(St + j * bs + i, V::load(St + j * bs + i) - m_new);
+    }
+  }
+  if constexpr (sizeof(T) != 4) {
+    for (int j = 0; j < cols; ++j) exp_inplace<T, VL>(St + j * bs, bs);
+    std::fill(block_sum, block_sum + bs, T(0));
+    for (int j = 0; j < cols; ++j)
+      for (int i = 0; i < bs; i += VL) V::store(block_sum + i, V::load(block_sum + i) + V::load(St + j * bs + i));
+  }
+  exp_inplace<T, VL>(alpha, bs);
+  for (int i = 0; i < bs; i += VL)
+    V::store(l + i, V::load(l + i) * V::load(alpha + i) + V::load(block_sum + i));
+  for (int i = 0; i < rows; ++i)
+    if (alpha[i] != T(1)) scale_row<T, VL>(acc + i * D, D, alpha[i]);
+}
+
 // Keys per step of the forward's online softmax: block_size 128 takes two steps per block, keeping its scores
 // in L1 (measured: faster for 128, slower when 64 is split too).
 constexpr int kKeyChunk = 64;
@@ -159,7 +221,6 @@ template <typename T>
 void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end, T* ws) {
   constexpr int VL = Lanes<T>::value;
   typedef Vec<T, VL> V;
-  typedef typename V::type vec;
   const BlockSparseShape& s = p.s;
   const int bs = s.block_size;
   const int D = int(s.head_dim);
@@ -200,58 +261,7 @@ void forward_impl(const BlockSparseCpuForward<T>& p, int64_t begin, int64_t end,
         gemm<T, VL>(cols, bs, D, Kn + c0 * ldk, ldk, 1, Qt, bs, St, bs, false);
         finish_logits<T, VL>(St, cols, rows, bs, p.scale, bias ? bias + c0 * s.seq_q : nullptr, s.seq_q,
                              mask ? mask + c0 : nullptr);
-        const vec ninf = V::broadcast(neg_inf<T>()), zero = V::broadcast(T(0));
-        for (int i = 0; i < bs; i += VL) {
-          // Four independent chains down the column strip hide the latency of max and add.
-          vec mx0 = V::load(St + i), mx1 = mx0, mx2 = mx0, mx3 = mx0;
-          int j = 1;
-          for (; j + 4 <= cols; j += 4) {
-            mx0 = max_nan<T, VL>(mx0, V::load(St + j * bs + i));
-            mx1 = max_nan<T, VL>(mx1, V::load(St + (j + 1) * bs + i));
-            mx2 = max_nan<T, VL>(mx2, V::load(St + (j + 2) * bs + i));
-            mx3 = max_nan<T, VL>(mx3, V::load(St + (j + 3) * bs + i));
-          }
-          for (; j < cols; ++j) mx0 = max_nan<T, VL>(mx0, V::load(St + j * bs + i));
-          const vec mx = max_nan<T, VL>(max_nan<T, VL>(mx0, mx1), max_nan<T, VL>(mx2, mx3));
-          const vec m_old = V::load(m + i);
-          vec m_new = max_nan<T, VL>(m_old, mx);
-          V::store(m + i, m_new);
-          // A query with nothing visible yet subtracts 0 instead of -inf: its probabilities stay exactly 0. A NaN
-          // max stays NaN: alpha and every probability of the row become NaN.
-          m_new = V::select(m_new == ninf, zero, m_new);
-          V::store(alpha + i, m_old - m_new);
-          if constexpr (sizeof(T) == 4) {  // exp, store and sum in one pass over the column strip
-            vec sum0 = zero, sum1 = zero;
-            j = 0;
-            for (; j + 2 <= cols; j += 2) {
-              const vec e0 = vexp<VL>(V::load(St + j * bs + i) - m_new);
-              const vec e1 = vexp<VL>(V::load(St + (j + 1) * bs + i) - m_new);
-              V::store(St + j * bs + i, e0);
-              V::store(St + (j + 1) * bs + i, e1);
-              sum0 += e0;
-              sum1 += e1;
-            }
-            if (j < cols) {
-              const vec e0 = vexp<VL>(V::load(St + j * bs + i) - m_new);
-              V::store(St + j * bs + i, e0);
-              sum0 += e0;
-            }
-            V::store(block_sum + i, sum0 + sum1);
-          } else {
-            for (j = 0; j < cols; ++j) V::store(St + j * bs + i, V::load(St + j * bs + i) - m_new);
-          }
-        }
-        if constexpr (sizeof(T) != 4) {
-          for (int j = 0; j < cols; ++j) exp_inplace<T, VL>(St + j * bs, bs);
-          std::fill(block_sum, block_sum + bs, T(0));
-          for (int j = 0; j < cols; ++j)
-            for (int i = 0; i < bs; i += VL) V::store(block_sum + i, V::load(block_sum + i) + V::load(St + j * bs + i));
-        }
-        exp_inplace<T, VL>(alpha, bs);
-        for (int i = 0; i < bs; i += VL)
-          V::store(l + i, V::load(l + i) * V::load(alpha + i) + V::load(block_sum + i));
-        for (int i = 0; i < rows; ++i)
-          if (alpha[i] != T(1)) scale_row<T, VL>(acc + i * D, D, alpha[i]);
+        online_softmax_step<T, VL>(St, cols, rows, bs, D, m, l, alpha, block_sum, acc);
         // acc (rows x D) += P (rows x cols) * V (cols x D); P is read out of St transposed. A padded key's
         // probability is 0, but 0 * (a NaN or inf in its v) would not be: such chunks read V with those rows zeroed.
         const T* Vc = Vn + c0 * ldv;

@@ -12,7 +12,9 @@
 namespace af2_ext {
 namespace cpu {
 
-enum class Isa { generic, avx2, avx512 };
+// Ordered: each level has everything below it. avx512_bf16 adds the bf16 dot products (vdpbf16ps) that the bf16
+// kernels use; the fp32 / fp64 kernels run their avx512 code there.
+enum class Isa { generic, avx2, avx512, avx512_bf16 };
 
 inline Isa detect_isa() {
   Isa best = Isa::generic;
@@ -20,13 +22,18 @@ inline Isa detect_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::avx2;
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
     best = Isa::avx512;
+    if (__builtin_cpu_supports("avx512bf16")) best = Isa::avx512_bf16;
+  }
 #endif
-  // AF2_EXT_CPU_ISA=generic|avx2|avx512 lowers the choice (for tests and comparisons); never raises it.
+  // AF2_EXT_CPU_ISA=generic|avx2|avx512|avx512_bf16 lowers the choice (for tests and comparisons); never raises it.
   if (const char* env = std::getenv("AF2_EXT_CPU_ISA")) {
     const std::string want(env);
-    Isa asked = want == "generic" ? Isa::generic : want == "avx2" ? Isa::avx2 : Isa::avx512;
+    Isa asked = want == "generic" ? Isa::generic
+                : want == "avx2"  ? Isa::avx2
+                : want == "avx512" ? Isa::avx512
+                                   : Isa::avx512_bf16;
     if (asked < best) best = asked;
   }
   return best;
@@ -45,6 +52,7 @@ inline Isa active_isa() {
 #if AF2_EXT_X86_DISPATCH
 #define AF2_EXT_CPU_DISPATCH(fn, ...)                     \
   switch (active_isa()) {                                 \
+    case Isa::avx512_bf16:                                \
     case Isa::avx512: return isa_avx512::fn(__VA_ARGS__); \
     case Isa::avx2: return isa_avx2::fn(__VA_ARGS__);     \
     default: return isa_generic::fn(__VA_ARGS__);         \

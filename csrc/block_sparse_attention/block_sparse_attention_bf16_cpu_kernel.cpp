@@ -1,0 +1,82 @@
+// The bf16 block-sparse attention CPU kernels (block_sparse_attention_bf16_cpu_kernel.h), compiled for AVX-512 with
+// AVX512-BF16 and run only where the CPU has it (cpu::bf16_kernels_available). No torch headers here.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "block_sparse_attention/block_sparse_attention.h"
+
+#include "common/cpu_isa.h"
+
+#if AF2_EXT_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
+namespace af2_ext {
+namespace cpu {
+
+#if AF2_EXT_X86_DISPATCH
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")
+#endif
+namespace isa_avx512_bf16 {
+constexpr int kFloatLanes = 16;
+#include "common/cpu_simd.h"
+#include "block_sparse_attention/block_sparse_attention_cpu_kernel.h"
+#include "block_sparse_attention/block_sparse_attention_bf16_cpu_kernel.h"
+}  // namespace isa_avx512_bf16
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif  // AF2_EXT_X86_DISPATCH
+
+bool bf16_kernels_available() {
+#if AF2_EXT_X86_DISPATCH
+  return active_isa() >= Isa::avx512_bf16;
+#else
+  return false;
+#endif
+}
+
+int64_t forward_bf16_workspace_floats(const BlockSparseShape& s) {
+#if AF2_EXT_X86_DISPATCH
+  // kKeyChunk scores and (kKeyChunk / 2) probability pairs per query, the output block, the query pairs, 4 rows.
+  constexpr int64_t kChunk = isa_avx512_bf16::kKeyChunk;
+  const int64_t bs = s.block_size, D = s.head_dim;
+  return kChunk * bs + bs * D + (D / 2) * bs + (kChunk / 2) * bs + 4 * bs;
+#else
+  (void)s;
+  return 0;
+#endif
+}
+
+void pack_v_pairs_bf16(const PackVPairsBf16& p, int64_t begin, int64_t end) {
+#if AF2_EXT_X86_DISPATCH
+  isa_avx512_bf16::pack_v_pairs_bf16_impl(p, begin, end);
+#else
+  (void)p, (void)begin, (void)end;
+  std::abort();  // unreachable: bf16_kernels_available() is false
+#endif
+}
+
+void forward_bf16(const BlockSparseCpuForwardBf16& p, int64_t begin, int64_t end, float* workspace) {
+#if AF2_EXT_X86_DISPATCH
+  isa_avx512_bf16::forward_bf16_impl(p, begin, end, workspace);
+#else
+  (void)p, (void)begin, (void)end, (void)workspace;
+  std::abort();  // unreachable: bf16_kernels_available() is false
+#endif
+}
+
+}  // namespace cpu
+}  // namespace af2_ext

@@ -1,0 +1,205 @@
+// Block-sparse flash attention forward in bf16 on the CPU's bf16 dot products (AVX512-BF16). Included by
+// block_sparse_attention_bf16_cpu_kernel.cpp inside its avx512_bf16 region, after common/cpu_simd.h and
+// block_sparse_attention_cpu_kernel.h (whose softmax step and logit finishing it shares with the fp32 kernel);
+// no include guard, includes nothing itself.
+//
+// vdpbf16ps multiplies pairs: lane n of the result accumulates a.lo * b.lo + a.hi * b.hi in fp32, where a and b
+// hold two bf16 per 32-bit lane. Each product below has its reduction dimension in pairs:
+//   St (keys x queries) = K Qᵀ over the head dim: K read in place (two bf16 of a row are one 32-bit broadcast),
+//     the query block transposed into (D / 2) x bs pairs in the workspace;
+//   acc (queries x D) += P V over the keys: P (fp32, St's probabilities) rounded to bf16 into (keys / 2) x bs
+//     pairs, V packed once per call into (keys / 2) x D pairs (pack_v_pairs_bf16).
+
+static inline uint32_t load_u32(const void* p) {
+  uint32_t x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+// C[M x N] = (accumulate ? C : 0) + sum over KP pairs of A(r, kp) . B[kp][n], A(r, kp) = A[r * a_row + kp * a_k]
+// (32-bit pairs, broadcast), B rows of N pairs (ldb apart), C fp32 (ldc apart), N a multiple of 16.
+template <int MR, int NV>
+static inline void dot_tile(int KP, const uint32_t* __restrict A, int64_t a_row, int64_t a_k,
+                            const uint32_t* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc,
+                            bool accumulate) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < NV; ++c) acc[r][c] = accumulate ? _mm512_loadu_ps(C + r * ldc + c * 16) : _mm512_setzero_ps();
+  for (int kp = 0; kp < KP; ++kp) {
+    __m512bh b[NV];
+#pragma GCC unroll 16
+    for (int c = 0; c < NV; ++c) b[c] = (__m512bh)_mm512_loadu_si512(B + kp * ldb + c * 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(load_u32(A + r * a_row + kp * a_k)));
+#pragma GCC unroll 16
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(C + r * ldc + c * 16, acc[r][c]);
+}
+
+template <int MR, int NV>
+static inline void dot_tile_rows(int rows, int KP, const uint32_t* A, int64_t a_row, int64_t a_k, const uint32_t* B,
+                                 int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if constexpr (MR > 0) {
+    if (rows == MR) {
+      dot_tile<MR, NV>(KP, A, a_row, a_k, B, ldb, C, ldc, accumulate);
+    } else {
+      dot_tile_rows<MR - 1, NV>(rows, KP, A, a_row, a_k, B, ldb, C, ldc, accumulate);
+    }
+  }
+}
+
+template <int MR, int NV>
+static inline void dot_column_panel(int M, int KP, const uint32_t* A, int64_t a_row, int64_t a_k, const uint32_t* B,
+                                    int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  int i = 0;
+  for (; i + MR <= M; i += MR)
+    dot_tile<MR, NV>(KP, A + i * a_row, a_row, a_k, B, ldb, C + i * ldc, ldc, accumulate);
+  if (i < M) dot_tile_rows<MR - 1, NV>(M - i, KP, A + i * a_row, a_row, a_k, B, ldb, C + i * ldc, ldc, accumulate);
+}
+
+// The bf16 counterpart of cpu_simd.h's gemm: panels of 4 vectors of C per row, 4 rows per tile (the fp32 kernel's
+// measured best shape); 1 to 3 vectors for the remainder, 8 rows for 1 or 2.
+static inline void dot_gemm(int M, int N, int KP, const uint32_t* A, int64_t a_row, int64_t a_k, const uint32_t* B,
+                            int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (M <= 0) return;
+  const int nvec = N / 16;
+  int c = 0;
+  for (; c + 4 <= nvec; c += 4)
+    dot_column_panel<4, 4>(M, KP, A, a_row, a_k, B + c * 16, ldb, C + c * 16, ldc, accumulate);
+  B += c * 16;
+  C += c * 16;
+  switch (nvec - c) {
+    case 1: dot_column_panel<8, 1>(M, KP, A, a_row, a_k, B, ldb, C, ldc, accumulate); break;
+    case 2: dot_column_panel<8, 2>(M, KP, A, a_row, a_k, B, ldb, C, ldc, accumulate); break;
+    case 3: dot_column_panel<4, 3>(M, KP, A, a_row, a_k, B, ldb, C, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// 16 floats to 16 bf16 (round to nearest even; NaN stays NaN), widened to the low halves of 16 32-bit lanes.
+// The zero-masked forms: GCC 12's unmasked ones start from _mm512_undefined_epi32, which -Wall flags.
+static inline __m512i widen_u16(__m256i x) { return _mm512_maskz_cvtepu16_epi32(__mmask16(0xFFFF), x); }
+
+// 32-bit lanes: lo's low halves | hi's low halves shifted into the high halves.
+static inline __m512i pair_halves(__m512i lo, __m512i hi) {
+  return _mm512_or_si512(lo, _mm512_maskz_slli_epi32(__mmask16(0xFFFF), hi, 16));
+}
+
+static inline __m512i bf16_low_halves(__m512 x) { return widen_u16((__m256i)_mm512_cvtneps_pbh(x)); }
+
+void pack_v_pairs_bf16_impl(const PackVPairsBf16& p, int64_t begin, int64_t end) {
+  const BlockSparseShape& s = p.s;
+  const int D = int(s.head_dim);
+  const int64_t pairs = (s.seq_k + 1) / 2;
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / s.heads, h = bh % s.heads;
+    const uint16_t* V = p.v + b * p.v_stride[0] + h * p.v_stride[1];
+    const int64_t ldv = p.v_stride[2];
+    const float* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
+    uint32_t* out = p.v_pairs + bh * pairs * D;
+    for (int64_t u = 0; u < pairs; ++u) {
+      const int64_t j0 = 2 * u, j1 = 2 * u + 1;
+      // A padded key's row (and the missing key past an odd end) is zero: its probability is 0, and 0 * a NaN
+      // or inf in its v would not be.
+      const bool keep0 = mask == nullptr || mask[j0] == 0.0f;
+      const bool keep1 = j1 < s.seq_k && (mask == nullptr || mask[j1] == 0.0f);
+      for (int d = 0; d < D; d += 16) {
+        const __m512i lo = keep0 ? widen_u16(_mm256_loadu_si256((const __m256i*)(V + j0 * ldv + d)))
+                                 : _mm512_setzero_si512();
+        const __m512i hi = keep1 ? widen_u16(_mm256_loadu_si256((const __m256i*)(V + j1 * ldv + d)))
+                                 : _mm512_setzero_si512();
+        _mm512_storeu_si512(out + u * D + d, pair_halves(lo, hi));
+      }
+    }
+  }
+}
+
+void forward_bf16_impl(const BlockSparseCpuForwardBf16& p, int64_t begin, int64_t end, float* ws) {
+  constexpr int VL = 16;
+  const BlockSparseShape& s = p.s;
+  const int bs = s.block_size;
+  const int D = int(s.head_dim), DP = D / 2;
+  const int64_t nqb = s.num_q_blocks, nkb = s.num_k_blocks, pairs_k = (s.seq_k + 1) / 2;
+  float* St = ws;                                        // kKeyChunk x bs scores, then probabilities
+  float* acc = St + kKeyChunk * bs;                      // bs x D: the unnormalised output block
+  uint32_t* Qp = reinterpret_cast<uint32_t*>(acc + bs * D);  // DP x bs: the query block, transposed in pairs
+  uint32_t* Pp = Qp + DP * bs;                           // (kKeyChunk / 2) x bs: P in bf16 pairs
+  float* m = reinterpret_cast<float*>(Pp + (kKeyChunk / 2) * bs);  // running max per query
+  float* l = m + bs;                                     // running sum per query
+  float* alpha = l + bs;
+  float* block_sum = alpha + bs;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t qb = t % nqb, bh = t / nqb, b = bh / s.heads, h = bh % s.heads;
+    const int64_t hl = s.layout_heads == 1 ? 0 : h;
+    const int64_t r0 = qb * bs;
+    const int rows = int(std::min<int64_t>(bs, s.seq_q - r0));
+    const uint16_t* Kn = p.k + b * p.k_stride[0] + h * p.k_stride[1];
+    const int64_t ldk = p.k_stride[2];
+    const uint32_t* Vp = p.v_pairs + bh * pairs_k * D;
+    const float* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
+    const float* bias = bias_block(s, p.bias_t, b, h);
+    if (bias != nullptr) bias += r0;
+    {  // Qp[dp * bs + i] = (q[i, 2 dp], q[i, 2 dp + 1]); rows past the end zero
+      const uint16_t* Q = p.q + b * p.q_stride[0] + h * p.q_stride[1] + r0 * p.q_stride[2];
+      for (int dp = 0; dp < DP; ++dp)
+        for (int i = 0; i < rows; ++i) Qp[dp * bs + i] = load_u32(Q + i * p.q_stride[2] + 2 * dp);
+      if (rows < bs)
+        for (int dp = 0; dp < DP; ++dp) std::fill(Qp + dp * bs + rows, Qp + (dp + 1) * bs, 0u);
+    }
+    std::fill(m, m + bs, neg_inf<float>());
+    std::fill(l, l + bs, 0.0f);
+    std::fill(acc, acc + bs * D, 0.0f);
+    const int32_t count = p.row_count[hl * nqb + qb];
+    const int32_t* idx = p.row_index + (hl * nqb + qb) * nkb;
+    for (int32_t e = 0; e < count; ++e) {
+      const int64_t block_start = int64_t(idx[e]) * bs;
+      const int block_cols = int(std::min<int64_t>(bs, s.seq_k - block_start));
+      for (int chunk = 0; chunk < block_cols; chunk += kKeyChunk) {
+        const int64_t c0 = block_start + chunk;  // even: block sizes are even
+        const int cols = std::min(kKeyChunk, block_cols - chunk);
+        dot_gemm(cols, bs, DP, reinterpret_cast<const uint32_t*>(Kn + c0 * ldk), ldk / 2, 1, Qp, bs, St, bs, false);
+        // The scale is applied to the fp32 scores (folding it into bf16 queries would round them again).
+        if (fold_scale(p.scale))
+          for (int j = 0; j < cols; ++j) scale_row<float, VL>(St + j * bs, bs, p.scale);
+        finish_logits<float, VL>(St, cols, rows, bs, p.scale, bias ? bias + c0 * s.seq_q : nullptr, s.seq_q,
+                                 mask ? mask + c0 : nullptr);
+        online_softmax_step<float, VL>(St, cols, rows, bs, D, m, l, alpha, block_sum, acc);
+        const int cp = (cols + 1) / 2;
+        for (int u = 0; u < cp; ++u) {  // Pp[u * bs + i] = (P[i, 2u], P[i, 2u + 1]) in bf16; past the end 0
+          const float* p0 = St + (2 * u) * bs;
+          const float* p1 = 2 * u + 1 < cols ? St + (2 * u + 1) * bs : nullptr;
+          for (int i = 0; i < bs; i += VL) {
+            const __m512i lo = bf16_low_halves(_mm512_loadu_ps(p0 + i));
+            const __m512i hi = p1 ? bf16_low_halves(_mm512_loadu_ps(p1 + i)) : _mm512_setzero_si512();
+            _mm512_storeu_si512(Pp + u * bs + i, pair_halves(lo, hi));
+          }
+        }
+        // acc (rows x D) += P (rows x cols) V (cols x D), in key pairs.
+        dot_gemm(rows, D, cp, Pp, 1, bs, Vp + (c0 / 2) * D, D, acc, D, true);
+      }
+    }
+    const int64_t ldo = p.out_stride[2];
+    uint16_t* O = p.out + b * p.out_stride[0] + h * p.out_stride[1] + r0 * ldo;
+    float* lse = p.lse + bh * s.seq_q + r0;
+    for (int i = 0; i < rows; ++i) {
+      if (m[i] != neg_inf<float>()) {
+        const __m512 inv = _mm512_set1_ps(1.0f / l[i]);
+        for (int d = 0; d < D; d += VL)
+          _mm256_storeu_si256((__m256i*)(O + i * ldo + d),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + i * D + d), inv)));
+        lse[i] = m[i] + std::log(l[i]);
+      } else {  // no visible key: zeros out, lse = +inf (every recomputed probability 0)
+        std::fill(O + i * ldo, O + i * ldo + D, uint16_t(0));
+        lse[i] = std::numeric_limits<float>::infinity();
+      }
+    }
+  }
+}
