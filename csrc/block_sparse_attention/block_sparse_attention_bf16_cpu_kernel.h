@@ -84,16 +84,13 @@ static inline void dot_gemm(int M, int N, int KP, const uint32_t* A, int64_t a_r
   }
 }
 
-// 16 floats to 16 bf16 (round to nearest even; NaN stays NaN), widened to the low halves of 16 32-bit lanes.
-// The zero-masked forms: GCC 12's unmasked ones start from _mm512_undefined_epi32, which -Wall flags.
+// The zero-masked form: GCC 12's unmasked one starts from _mm512_undefined_epi32, which -Wall flags.
 static inline __m512i widen_u16(__m256i x) { return _mm512_maskz_cvtepu16_epi32(__mmask16(0xFFFF), x); }
 
 // 32-bit lanes: lo's low halves | hi's low halves shifted into the high halves.
 static inline __m512i pair_halves(__m512i lo, __m512i hi) {
   return _mm512_or_si512(lo, _mm512_maskz_slli_epi32(__mmask16(0xFFFF), hi, 16));
 }
-
-static inline __m512i bf16_low_halves(__m512 x) { return widen_u16((__m256i)_mm512_cvtneps_pbh(x)); }
 
 void pack_v_pairs_bf16_impl(const PackVPairsBf16& p, int64_t begin, int64_t end) {
   const BlockSparseShape& s = p.s;
@@ -122,6 +119,70 @@ void pack_v_pairs_bf16_impl(const PackVPairsBf16& p, int64_t begin, int64_t end)
   }
 }
 
+// Lanes (lo[i], hi[i]) of two vectors of 16 floats, rounded to bf16 (nearest even; NaN stays NaN), as 16 pairs.
+static inline __m512i pair_bf16(__m512 lo, __m512 hi) {
+  // cvtne2ps gives lo's 16 values in elements 0-15 and hi's in 16-31; the permutation interleaves them.
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// The fp32 kernel's finish_logits and online_softmax_step on a chunk of raw scores St (cols x bs, keys x
+// queries), fused into two passes per 16 queries, with the probabilities written as bf16 key pairs for P V:
+//   1. logits = St * scale (+ bias; -inf for a padded key, by a select), stored back, and their max;
+//   2. P = exp(logits - m_new), summed in fp32 into l, and written to Pp[u * bs + i] = (P[i, 2u], P[i, 2u + 1]),
+//      the missing key of an odd tail 0.
+// The same arithmetic and non-finite semantics as the fp32 path (a NaN logit poisons its row; a query with no
+// visible key keeps probabilities 0). acc (rows x D) is rescaled by exp(m_old - m_new).
+static inline void softmax_step_pairs(float* St, int cols, int rows, int bs, int D, float scale, const float* bias_t,
+                                      int64_t ld_bias_t, const float* mask_add, float* m, float* l, float* alpha,
+                                      float* acc, uint32_t* Pp) {
+  typedef Vec<float, 16> V;
+  typedef V::type vec;
+  const vec ninf = V::broadcast(neg_inf<float>()), zero = V::broadcast(0.0f), mul = V::broadcast(scale);
+  for (int i = 0; i < bs; i += 16) {
+    const int bias_lanes = bias_t == nullptr ? 0 : std::max(0, std::min(16, rows - i));  // none past the rows
+    vec mx0 = ninf, mx1 = ninf;
+    for (int j = 0; j < cols; ++j) {
+      vec x = V::load(St + j * bs + i) * mul;
+      if (bias_lanes == 16) {
+        x += V::load(bias_t + j * ld_bias_t + i);
+      } else {
+        for (int r = 0; r < bias_lanes; ++r) x[r] += bias_t[j * ld_bias_t + i + r];
+      }
+      if (mask_add != nullptr && mask_add[j] != 0.0f) x = ninf;
+      V::store(St + j * bs + i, x);
+      if (j & 1)
+        mx1 = max_nan<float, 16>(mx1, x);
+      else
+        mx0 = max_nan<float, 16>(mx0, x);
+    }
+    const vec m_old = V::load(m + i);
+    vec m_new = max_nan<float, 16>(m_old, max_nan<float, 16>(mx0, mx1));
+    V::store(m + i, m_new);
+    m_new = V::select(m_new == ninf, zero, m_new);
+    const vec a = vexp<16>(m_old - m_new);
+    vec sum0 = zero, sum1 = zero;
+    int j = 0;
+    for (; j + 2 <= cols; j += 2) {
+      const vec e0 = vexp<16>(V::load(St + j * bs + i) - m_new);
+      const vec e1 = vexp<16>(V::load(St + (j + 1) * bs + i) - m_new);
+      sum0 += e0;
+      sum1 += e1;
+      _mm512_storeu_si512(Pp + (j / 2) * bs + i, pair_bf16((__m512)e0, (__m512)e1));
+    }
+    if (j < cols) {
+      const vec e0 = vexp<16>(V::load(St + j * bs + i) - m_new);
+      sum0 += e0;
+      _mm512_storeu_si512(Pp + (j / 2) * bs + i, pair_bf16((__m512)e0, _mm512_setzero_ps()));
+    }
+    V::store(alpha + i, a);
+    V::store(l + i, V::load(l + i) * a + (sum0 + sum1));
+  }
+  for (int i = 0; i < rows; ++i)
+    if (alpha[i] != 1.0f) scale_row<float, 16>(acc + i * D, D, alpha[i]);
+}
+
 void forward_bf16_impl(const BlockSparseCpuForwardBf16& p, int64_t begin, int64_t end, float* ws) {
   constexpr int VL = 16;
   const BlockSparseShape& s = p.s;
@@ -135,7 +196,6 @@ void forward_bf16_impl(const BlockSparseCpuForwardBf16& p, int64_t begin, int64_
   float* m = reinterpret_cast<float*>(Pp + (kKeyChunk / 2) * bs);  // running max per query
   float* l = m + bs;                                     // running sum per query
   float* alpha = l + bs;
-  float* block_sum = alpha + bs;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t qb = t % nqb, bh = t / nqb, b = bh / s.heads, h = bh % s.heads;
     const int64_t hl = s.layout_heads == 1 ? 0 : h;
@@ -166,22 +226,9 @@ void forward_bf16_impl(const BlockSparseCpuForwardBf16& p, int64_t begin, int64_
         const int64_t c0 = block_start + chunk;  // even: block sizes are even
         const int cols = std::min(kKeyChunk, block_cols - chunk);
         dot_gemm(cols, bs, DP, reinterpret_cast<const uint32_t*>(Kn + c0 * ldk), ldk / 2, 1, Qp, bs, St, bs, false);
-        // The scale is applied to the fp32 scores (folding it into bf16 queries would round them again).
-        if (fold_scale(p.scale))
-          for (int j = 0; j < cols; ++j) scale_row<float, VL>(St + j * bs, bs, p.scale);
-        finish_logits<float, VL>(St, cols, rows, bs, p.scale, bias ? bias + c0 * s.seq_q : nullptr, s.seq_q,
-                                 mask ? mask + c0 : nullptr);
-        online_softmax_step<float, VL>(St, cols, rows, bs, D, m, l, alpha, block_sum, acc);
+        softmax_step_pairs(St, cols, rows, bs, D, p.scale, bias ? bias + c0 * s.seq_q : nullptr, s.seq_q,
+                           mask ? mask + c0 : nullptr, m, l, alpha, acc, Pp);
         const int cp = (cols + 1) / 2;
-        for (int u = 0; u < cp; ++u) {  // Pp[u * bs + i] = (P[i, 2u], P[i, 2u + 1]) in bf16; past the end 0
-          const float* p0 = St + (2 * u) * bs;
-          const float* p1 = 2 * u + 1 < cols ? St + (2 * u + 1) * bs : nullptr;
-          for (int i = 0; i < bs; i += VL) {
-            const __m512i lo = bf16_low_halves(_mm512_loadu_ps(p0 + i));
-            const __m512i hi = p1 ? bf16_low_halves(_mm512_loadu_ps(p1 + i)) : _mm512_setzero_si512();
-            _mm512_storeu_si512(Pp + u * bs + i, pair_halves(lo, hi));
-          }
-        }
         // acc (rows x D) += P (rows x cols) V (cols x D), in key pairs.
         dot_gemm(rows, D, cp, Pp, 1, bs, Vp + (c0 / 2) * D, D, acc, D, true);
       }
