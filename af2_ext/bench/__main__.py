@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "model": ("af2_ext.bench.model", "Alphafold2 training step vs impl='reference' and alphafold2-pytorch 0.0.19"),
     "model_scan": ("af2_ext.bench.model_scan",
                    "Alphafold2 step time, peak RSS and GFLOP/s against sequence length, a fresh process per run"),
+    "bf16": ("af2_ext.bench.bf16", "bf16 on the CPU: block-sparse attention vs SDPA / FlexAttention / fp32, model autocast"),
     "triangle": ("af2_ext.bench.triangle", "triangle attention vs OpenFold math, SDPA, FlexAttention, CUDA libraries"),
 }
 
