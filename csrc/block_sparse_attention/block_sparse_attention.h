@@ -120,6 +120,40 @@ struct PackVPairsBf16 {
   uint32_t* v_pairs = nullptr;
 };
 
+// bf16 backward on bf16 dot products, the fused pass with queries outer (seq_q >= seq_k; see backward_fused_*):
+// q, k, v, grad_out read in place as bf16 (k's and v's rows an even number of elements apart), k packed in key
+// pairs like v in the forward; P and dS are recomputed and kept in fp32 and rounded to bf16 for the three gradient
+// products; every gradient accumulates in fp32 and is rounded to bf16 once. lse, delta, bias_t, mask_add, the bias
+// gradient and its partial sums are fp32, as in BlockSparseCpuBackward<float>.
+struct BlockSparseCpuBackwardBf16 {
+  BlockSparseShape s;
+  const uint16_t* q = nullptr;
+  const uint16_t* k = nullptr;
+  const uint16_t* v = nullptr;
+  const uint16_t* grad_out = nullptr;
+  int64_t q_stride[3] = {0, 0, 0};
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+  int64_t grad_out_stride[3] = {0, 0, 0};
+  const uint32_t* k_pairs = nullptr;  // (B, H, ceil(Nk / 2), D), as PackVPairsBf16 makes of v
+  const float* lse = nullptr;          // (B, H, Nq)
+  const float* delta = nullptr;        // (B, H, Nq)
+  const float* bias_t = nullptr;
+  const float* mask_add = nullptr;
+  const int32_t* row_count = nullptr;
+  const int32_t* row_index = nullptr;
+  float scale = 1;
+  uint16_t* grad_q = nullptr;  // bf16 gradients at {batch, head, row} strides, rows of D contiguous
+  uint16_t* grad_k = nullptr;
+  uint16_t* grad_v = nullptr;
+  int64_t grad_q_stride[3] = {0, 0, 0};
+  int64_t grad_k_stride[3] = {0, 0, 0};
+  int64_t grad_v_stride[3] = {0, 0, 0};
+  float* grad_bias = nullptr;      // as BlockSparseCpuBackward<float>
+  float* bias_partials = nullptr;  // as BlockSparseCpuBackward<float>
+  int64_t bias_splits = 0;
+};
+
 namespace cpu {
 
 // Whether the bf16 kernels run here: the CPU has AVX512-BF16 and AF2_EXT_CPU_ISA does not lower the choice below
@@ -129,6 +163,10 @@ int64_t forward_bf16_workspace_floats(const BlockSparseShape& s);
 // One task per (batch, head) of pack_v_pairs_bf16, per (batch, head, query block) of forward_bf16.
 void pack_v_pairs_bf16(const PackVPairsBf16& p, int64_t begin, int64_t end);
 void forward_bf16(const BlockSparseCpuForwardBf16& p, int64_t begin, int64_t end, float* workspace);
+// The fused backward in bf16: valid where backward_fused_applies and backward_fused_stages_queries hold; its tasks are
+// backward_fused_num_tasks's, followed (with bias partials) by backward_fused_reduce_bias<float>.
+int64_t backward_bf16_workspace_floats(const BlockSparseShape& s);
+void backward_fused_bf16(const BlockSparseCpuBackwardBf16& p, int64_t begin, int64_t end, float* workspace);
 
 // Work is split into independent tasks; each function runs tasks [begin, end) with `workspace` of at least
 // *_workspace_elems(shape) elements of T, private to the calling thread.

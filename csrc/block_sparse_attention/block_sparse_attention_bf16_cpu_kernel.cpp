@@ -60,6 +60,24 @@ int64_t forward_bf16_workspace_floats(const BlockSparseShape& s) {
 #endif
 }
 
+int64_t backward_bf16_workspace_floats(const BlockSparseShape& s) {
+#if AF2_EXT_X86_DISPATCH
+  return isa_avx512_bf16::backward_bf16_workspace_elems_impl(s);
+#else
+  (void)s;
+  return 0;
+#endif
+}
+
+void backward_fused_bf16(const BlockSparseCpuBackwardBf16& p, int64_t begin, int64_t end, float* workspace) {
+#if AF2_EXT_X86_DISPATCH
+  isa_avx512_bf16::backward_fused_bf16_impl(p, begin, end, workspace);
+#else
+  (void)p, (void)begin, (void)end, (void)workspace;
+  std::abort();  // unreachable: bf16_kernels_available() is false
+#endif
+}
+
 void pack_v_pairs_bf16(const PackVPairsBf16& p, int64_t begin, int64_t end) {
 #if AF2_EXT_X86_DISPATCH
   isa_avx512_bf16::pack_v_pairs_bf16_impl(p, begin, end);

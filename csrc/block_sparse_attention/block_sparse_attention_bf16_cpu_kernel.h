@@ -277,3 +277,192 @@ void forward_bf16_impl(const BlockSparseCpuForwardBf16& p, int64_t begin, int64_
     }
   }
 }
+
+// ---- backward ----
+
+// dst[t] = (src[2t], src[2t + 1]) in bf16 for t < n / 2: n floats (a multiple of 16) rounded to n / 2 query pairs.
+static inline void bf16_row_pairs(const float* src, int n, uint32_t* dst) {
+  int i = 0;
+  for (; i + 32 <= n; i += 32)
+    _mm512_storeu_si512(dst + i / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16),
+                                                                  _mm512_loadu_ps(src + i)));
+  if (i < n) _mm256_storeu_si256((__m256i*)(dst + i / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+}
+
+// dst[dp * bs + i] = (x[i, 2 dp], x[i, 2 dp + 1]) for i < rows, zero up to bs: a row block, transposed in D-pairs.
+static inline void stage_d_pairs(const uint16_t* x, int64_t ld, int rows, int DP, int bs, uint32_t* dst) {
+  for (int dp = 0; dp < DP; ++dp) {
+    for (int i = 0; i < rows; ++i) dst[dp * bs + i] = load_u32(x + i * ld + 2 * dp);
+    std::fill(dst + dp * bs + rows, dst + (dp + 1) * bs, 0u);
+  }
+}
+
+// dst[t * D + d] = (x[2t, d], x[2t + 1, d]) for t < bs / 2, a missing row (2t + 1 >= rows) zero: a row block in
+// pairs of rows, for products that reduce over the rows.
+static inline void stage_row_pairs(const uint16_t* x, int64_t ld, int rows, int D, int bs, uint32_t* dst) {
+  for (int t = 0; t < bs / 2; ++t) {
+    const int i0 = 2 * t, i1 = 2 * t + 1;
+    for (int d = 0; d < D; d += 16) {
+      const __m512i lo = i0 < rows ? widen_u16(_mm256_loadu_si256((const __m256i*)(x + i0 * ld + d)))
+                                   : _mm512_setzero_si512();
+      const __m512i hi = i1 < rows ? widen_u16(_mm256_loadu_si256((const __m256i*)(x + i1 * ld + d)))
+                                   : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + t * D + d, pair_halves(lo, hi));
+    }
+  }
+}
+
+// rows of n floats, each scaled (a zero stays zero whatever the scale, as scaled_grad_row) and rounded to bf16.
+static inline void store_bf16_row(const float* src, int D, float scale, uint16_t* dst) {
+  const __m512 mul = _mm512_set1_ps(scale), zero = _mm512_setzero_ps();
+  for (int d = 0; d < D; d += 16) {
+    const __m512 g = _mm512_loadu_ps(src + d);
+    const __mmask16 nonzero = _mm512_cmp_ps_mask(g, zero, _CMP_NEQ_UQ);
+    _mm256_storeu_si256((__m256i*)(dst + d),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_mul_ps(nonzero, g, mul)));
+  }
+}
+
+int64_t backward_bf16_workspace_elems_impl(const BlockSparseShape& s) {
+  const int64_t bs = s.block_size, D = s.head_dim;
+  // St, dSt, dQ, lse, delta, Qp, dOp (D/2 x bs pairs), Qq, dOq (bs/2 x D pairs), Pq, dSq (bs x bs/2), dSk (bs/2 x
+  // bs), and the fp32 dK, dV accumulators of every key.
+  return 2 * bs * bs + bs * D + 2 * bs + 2 * (D / 2) * bs + 2 * (bs / 2) * D + 3 * bs * (bs / 2) + 2 * s.seq_k * D;
+}
+
+static void backward_bf16_member(const BlockSparseCpuBackwardBf16& p, int64_t b, int64_t h, float* ws,
+                                 float* bias_sum_t) {
+  constexpr int VL = 16;
+  typedef Vec<float, VL> V;
+  typedef V::type vec;
+  const BlockSparseShape& s = p.s;
+  const int bs = s.block_size, hb = bs / 2;
+  const int D = int(s.head_dim), DP = D / 2;
+  const int64_t nqb = s.num_q_blocks, nkb = s.num_k_blocks, pairs_k = (s.seq_k + 1) / 2;
+  float* St = ws;
+  float* dSt = St + bs * bs;
+  float* dQ = dSt + bs * bs;
+  float* lse = dQ + bs * D;
+  float* delta = lse + bs;
+  uint32_t* Qp = reinterpret_cast<uint32_t*>(delta + bs);
+  uint32_t* dOp = Qp + DP * bs;
+  uint32_t* Qq = dOp + DP * bs;
+  uint32_t* dOq = Qq + hb * D;
+  uint32_t* Pq = dOq + hb * D;
+  uint32_t* dSq = Pq + bs * hb;
+  uint32_t* dSk = dSq + bs * hb;
+  float* gk = reinterpret_cast<float*>(dSk + hb * bs);
+  float* gv = gk + s.seq_k * D;
+  const int64_t bh = b * s.heads + h;
+  const int64_t hl = s.layout_heads == 1 ? 0 : h;
+  const uint16_t* Kn = p.k + b * p.k_stride[0] + h * p.k_stride[1];
+  const uint16_t* Vn = p.v + b * p.v_stride[0] + h * p.v_stride[1];
+  const uint16_t* Qn = p.q + b * p.q_stride[0] + h * p.q_stride[1];
+  const uint16_t* dOn = p.grad_out + b * p.grad_out_stride[0] + h * p.grad_out_stride[1];
+  const int64_t ldk = p.k_stride[2], ldv = p.v_stride[2], ldq = p.q_stride[2], ldo = p.grad_out_stride[2];
+  const uint32_t* Kk = p.k_pairs + bh * pairs_k * D;
+  const float* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
+  const float* bias = bias_block(s, p.bias_t, b, h);
+  float* grad_bias = p.grad_bias != nullptr && bias_sum_t == nullptr ? p.grad_bias + bh * s.seq_q * s.seq_k : nullptr;
+  std::fill(gk, gk + s.seq_k * D, 0.0f);
+  std::fill(gv, gv + s.seq_k * D, 0.0f);
+  const vec ninf = V::broadcast(neg_inf<float>()), zero = V::broadcast(0.0f);
+  for (int64_t qb = 0; qb < nqb; ++qb) {
+    const int64_t r0 = qb * bs;
+    const int rows = int(std::min<int64_t>(bs, s.seq_q - r0));
+    const int rp = (rows + 1) / 2;
+    std::fill(dQ, dQ + bs * D, 0.0f);
+    stage_d_pairs(Qn + r0 * ldq, ldq, rows, DP, bs, Qp);
+    stage_d_pairs(dOn + r0 * ldo, ldo, rows, DP, bs, dOp);
+    stage_row_pairs(Qn + r0 * ldq, ldq, rows, D, bs, Qq);
+    stage_row_pairs(dOn + r0 * ldo, ldo, rows, D, bs, dOq);
+    for (int i = 0; i < bs; ++i) {
+      lse[i] = i < rows ? p.lse[bh * s.seq_q + r0 + i] : std::numeric_limits<float>::infinity();
+      delta[i] = i < rows ? p.delta[bh * s.seq_q + r0 + i] : 0.0f;
+    }
+    const int32_t count = p.row_count[hl * nqb + qb];
+    const int32_t* idx = p.row_index + (hl * nqb + qb) * nkb;
+    for (int32_t e = 0; e < count; ++e) {
+      const int64_t c0 = int64_t(idx[e]) * bs;
+      const int cols = int(std::min<int64_t>(bs, s.seq_k - c0));
+      const float* mask_c = mask ? mask + c0 : nullptr;
+      // Pᵀ and dPᵀ = V dOᵀ recomputed (keys x queries), then dSᵀ = Pᵀ (dPᵀ - delta); a masked logit gets P = dS = 0
+      // by a select, as in the fp32 kernel's recompute_block.
+      dot_gemm(cols, bs, DP, reinterpret_cast<const uint32_t*>(Kn + c0 * ldk), ldk / 2, 1, Qp, bs, St, bs, false);
+      if (fold_scale(p.scale))
+        for (int j = 0; j < cols; ++j) scale_row<float, VL>(St + j * bs, bs, p.scale);
+      finish_logits<float, VL>(St, cols, rows, bs, p.scale, bias ? bias + c0 * s.seq_q + r0 : nullptr, s.seq_q,
+                               mask_c);
+      dot_gemm(cols, bs, DP, reinterpret_cast<const uint32_t*>(Vn + c0 * ldv), ldv / 2, 1, dOp, bs, dSt, bs, false);
+      for (int j = 0; j < cols; ++j)
+        for (int i = 0; i < bs; i += VL) {
+          const vec x = V::load(St + j * bs + i);
+          const vec e = vexp<VL>(x - V::load(lse + i));
+          const auto masked = x == ninf;
+          V::store(St + j * bs + i, V::select(masked, zero, e));
+          V::store(dSt + j * bs + i, V::select(masked, zero, e * (V::load(dSt + j * bs + i) - V::load(delta + i))));
+        }
+      if (grad_bias != nullptr)
+        for (int i = 0; i < rows; ++i)
+          for (int j = 0; j < cols; ++j) grad_bias[(r0 + i) * s.seq_k + c0 + j] = dSt[j * bs + i];
+      if (bias_sum_t != nullptr)
+        for (int j = 0; j < cols; ++j) {
+          float* dst = bias_sum_t + (c0 + j) * s.seq_q + r0;
+          const float* src = dSt + j * bs;
+          for (int i = 0; i < rows; ++i) dst[i] += src[i];
+        }
+      // The three gradient products on bf16 pairs: P and dS by query pairs (rows of St, dSt) for dV and dK, dS by
+      // key pairs for dQ.
+      for (int j = 0; j < cols; ++j) {
+        bf16_row_pairs(St + j * bs, bs, Pq + j * hb);
+        bf16_row_pairs(dSt + j * bs, bs, dSq + j * hb);
+      }
+      const int cp = (cols + 1) / 2;
+      for (int u = 0; u < cp; ++u)
+        for (int i = 0; i < bs; i += VL)
+          _mm512_storeu_si512(dSk + u * bs + i,
+                              pair_bf16(_mm512_loadu_ps(dSt + 2 * u * bs + i),
+                                        2 * u + 1 < cols ? _mm512_loadu_ps(dSt + (2 * u + 1) * bs + i)
+                                                         : _mm512_setzero_ps()));
+      dot_gemm(cols, D, rp, Pq, hb, 1, dOq, D, gv + c0 * D, D, true);   // dV += Pᵀ dO
+      dot_gemm(cols, D, rp, dSq, hb, 1, Qq, D, gk + c0 * D, D, true);   // dK += dSᵀ Q
+      dot_gemm(rows, D, cp, dSk, 1, bs, Kk + (c0 / 2) * D, D, dQ, D, true);  // dQ += dS K
+    }
+    uint16_t* gq = p.grad_q + b * p.grad_q_stride[0] + h * p.grad_q_stride[1] + r0 * p.grad_q_stride[2];
+    for (int i = 0; i < rows; ++i) store_bf16_row(dQ + i * D, D, p.scale, gq + i * p.grad_q_stride[2]);
+  }
+  // A padded key's gradients are zero (its P and dS are, but 0 times a NaN q or grad_out row would not be).
+  uint16_t* gk_out = p.grad_k + b * p.grad_k_stride[0] + h * p.grad_k_stride[1];
+  uint16_t* gv_out = p.grad_v + b * p.grad_v_stride[0] + h * p.grad_v_stride[1];
+  for (int64_t j = 0; j < s.seq_k; ++j) {
+    const bool padded = mask != nullptr && mask[j] != 0.0f;
+    uint16_t* dk = gk_out + j * p.grad_k_stride[2];
+    uint16_t* dv = gv_out + j * p.grad_v_stride[2];
+    if (padded) {
+      std::fill(dk, dk + D, uint16_t(0));
+      std::fill(dv, dv + D, uint16_t(0));
+    } else {
+      store_bf16_row(gk + j * D, D, p.scale, dk);
+      store_bf16_row(gv + j * D, D, 1.0f, dv);
+    }
+  }
+}
+
+// The tasks of backward_fused_impl: (batch, head), or (bias block, range of its members) with partial sums.
+void backward_fused_bf16_impl(const BlockSparseCpuBackwardBf16& p, int64_t begin, int64_t end, float* ws) {
+  const BlockSparseShape& s = p.s;
+  if (p.bias_partials == nullptr) {
+    for (int64_t t = begin; t < end; ++t) backward_bf16_member(p, t / s.heads, t % s.heads, ws, nullptr);
+    return;
+  }
+  const int64_t splits = p.bias_splits, groups = s.bias_batch * s.bias_heads;
+  const int64_t batch_per_group = s.batch / s.bias_batch, heads_per_group = s.heads / s.bias_heads;
+  const int64_t members = batch_per_group * heads_per_group;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t g = t / splits, r = t % splits, bg = g / s.bias_heads, hg = g % s.bias_heads;
+    float* partial = p.bias_partials + (r * groups + g) * s.seq_k * s.seq_q;
+    for (int64_t m = r * members / splits; m < (r + 1) * members / splits; ++m)
+      backward_bf16_member(p, bg * batch_per_group + m / heads_per_group, hg * heads_per_group + m % heads_per_group,
+                           ws, partial);
+  }
+}

@@ -181,6 +181,108 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   return {out.to(q.scalar_type()), lse};
 }
 
+// A bf16 tensor's rows an even number of elements apart (the bf16 kernels read rows in 32-bit pairs), head dim
+// contiguous; copied otherwise.
+at::Tensor even_rows(const at::Tensor& t) {
+  auto out = unit_last_stride(t);
+  return out.stride(2) % 2 == 0 ? out : out.contiguous();
+}
+
+const uint16_t* bf16_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
+// The fused backward on bf16 dot products (cpu::backward_fused_bf16): q, k, v, grad_out read in place, k packed in
+// key pairs, the gradients written in bf16 (q, k, v's in (B, N, H, D) memory, as the fp32 path), the bias gradient
+// in fp32 and returned in the bias' dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_bf16_cpu(
+    const BlockSparseShape& s, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& row_count,
+    const at::Tensor& row_index, const std::optional<at::Tensor>& key_padding_mask,
+    const std::optional<at::Tensor>& bias, double scale, bool want_bias, std::array<bool, 4> output_mask) {
+  const auto qb = unit_last_stride(q), kb = even_rows(k), vb = even_rows(v), gob = unit_last_stride(grad_out);
+  const auto ob = unit_last_stride(out);
+  const auto mask_add = additive_key_mask(key_padding_mask, at::kFloat);
+  const auto bias_t = bias.has_value() ? bias->to(at::kFloat).transpose(2, 3).contiguous() : at::Tensor();
+  const auto lse_f = lse.to(at::kFloat).contiguous();
+  const auto rc = row_count.contiguous(), ri = row_index.contiguous();
+  auto delta = at::empty({s.batch, s.heads, s.seq_q}, q.options().dtype(at::kFloat));
+  {  // delta = rowsum(grad_out * out) in fp32, read from bf16 at their strides
+    const at::BFloat16* g = gob.data_ptr<at::BFloat16>();
+    const at::BFloat16* o = ob.data_ptr<at::BFloat16>();
+    float* dl = delta.data_ptr<float>();
+    const int64_t D = s.head_dim, H = s.heads, Nq = s.seq_q;
+    at::parallel_for(0, delta.numel(), 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / (H * Nq), h = (r / Nq) % H, i = r % Nq;
+        const at::BFloat16* gr = g + b * gob.stride(0) + h * gob.stride(1) + i * gob.stride(2);
+        const at::BFloat16* orow = o + b * ob.stride(0) + h * ob.stride(1) + i * ob.stride(2);
+        float sum = 0;
+        for (int64_t d = 0; d < D; ++d) sum += float(gr[d]) * float(orow[d]);
+        dl[r] = sum;
+      }
+    });
+  }
+  auto k_pairs = at::empty({s.batch, s.heads, (s.seq_k + 1) / 2, s.head_dim}, q.options().dtype(at::kInt));
+  PackVPairsBf16 pack;
+  pack.s = s;
+  pack.v = bf16_bits(kb);
+  set_strides(pack.v_stride, kb);
+  pack.mask_add = mask_add.defined() ? mask_add.data_ptr<float>() : nullptr;
+  pack.v_pairs = reinterpret_cast<uint32_t*>(k_pairs.data_ptr<int32_t>());
+  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t b, int64_t e) { cpu::pack_v_pairs_bf16(pack, b, e); });
+  const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
+  auto heads_inner = [&](const at::Tensor& like) {
+    return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, contiguous).permute({0, 2, 1, 3});
+  };
+  auto gq = heads_inner(q), gk = heads_inner(k), gv = heads_inner(v);
+  auto gb = want_bias ? at::zeros(bias->sizes(), bias_t.options()) : at::Tensor();
+  BlockSparseCpuBackwardBf16 p;
+  p.s = s;
+  p.q = bf16_bits(qb);
+  p.k = bf16_bits(kb);
+  p.v = bf16_bits(vb);
+  p.grad_out = bf16_bits(gob);
+  set_strides(p.q_stride, qb);
+  set_strides(p.k_stride, kb);
+  set_strides(p.v_stride, vb);
+  set_strides(p.grad_out_stride, gob);
+  p.k_pairs = pack.v_pairs;
+  p.lse = lse_f.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.bias_t = bias_t.defined() ? bias_t.data_ptr<float>() : nullptr;
+  p.mask_add = pack.mask_add;
+  p.row_count = rc.data_ptr<int32_t>();
+  p.row_index = ri.data_ptr<int32_t>();
+  p.scale = float(scale);
+  p.grad_q = reinterpret_cast<uint16_t*>(gq.data_ptr<at::BFloat16>());
+  p.grad_k = reinterpret_cast<uint16_t*>(gk.data_ptr<at::BFloat16>());
+  p.grad_v = reinterpret_cast<uint16_t*>(gv.data_ptr<at::BFloat16>());
+  set_strides(p.grad_q_stride, gq);
+  set_strides(p.grad_k_stride, gk);
+  set_strides(p.grad_v_stride, gv);
+  p.grad_bias = gb.defined() ? gb.data_ptr<float>() : nullptr;
+  const int64_t splits = cpu::backward_fused_bias_splits(s, want_bias);
+  at::Tensor partials;
+  if (splits > 0) {
+    partials = at::zeros({splits * s.bias_batch * s.bias_heads * s.seq_k * s.seq_q}, bias_t.options());
+    p.bias_partials = partials.data_ptr<float>();
+    p.bias_splits = splits;
+  }
+  parallel_tasks<float>(cpu::backward_fused_num_tasks(s, want_bias), cpu::backward_bf16_workspace_floats(s),
+                        [&](int64_t b, int64_t e, float* w) { cpu::backward_fused_bf16(p, b, e, w); });
+  if (splits > 0) {
+    BlockSparseCpuBackward<float> reduce;
+    reduce.s = s;
+    reduce.grad_bias = p.grad_bias;
+    reduce.bias_partials = p.bias_partials;
+    reduce.bias_splits = splits;
+    at::parallel_for(0, cpu::backward_fused_reduce_num_tasks(s), 16,
+                     [&](int64_t b, int64_t e) { cpu::backward_fused_reduce_bias<float>(reduce, b, e); });
+  }
+  const auto empty = at::empty({0}, q.options());
+  return {output_mask[0] ? gq : empty, output_mask[1] ? gk : empty, output_mask[2] ? gv : empty,
+          want_bias ? gb.to(bias->scalar_type()) : empty};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& row_count, const at::Tensor& row_index,
@@ -197,6 +299,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   check_index_values(col_count, col_index, "col_index", s.num_q_blocks);
   const bool want_q = output_mask[0], want_kv = output_mask[1] || output_mask[2];
   const bool want_bias = output_mask[3] && bias.has_value();
+  const BackwardPlan plan = backward_plan();
+  const bool fused = plan != BackwardPlan::two_pass &&
+                     cpu::backward_fused_applies(s, want_q, want_kv, want_bias,
+                                                 plan == BackwardPlan::fused ? 1 : at::get_num_threads());
+  if (fused && cpu::backward_fused_stages_queries(s) && q.scalar_type() == at::kBFloat16 &&
+      cpu::bf16_kernels_available())
+    return backward_bf16_cpu(s, grad_out, q, k, v, out, lse, row_count, row_index, key_padding_mask, bias, scale,
+                             want_bias, output_mask);
   const auto acc = cpu_accumulate_type(q.scalar_type());
   const auto qa = staged(q, acc), ka = staged(k, acc), va = staged(v, acc), go = staged(grad_out, acc);
   const auto oa = staged(out, acc);
@@ -216,10 +326,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto gk = want_kv ? heads_inner(k) : at::Tensor();
   auto gv = want_kv ? heads_inner(v) : at::Tensor();
   auto gb = want_bias ? at::zeros(bias->sizes(), bias_t.options()) : at::Tensor();
-  const BackwardPlan plan = backward_plan();
-  const bool fused = plan != BackwardPlan::two_pass &&
-                     cpu::backward_fused_applies(s, want_q, want_kv, want_bias,
-                                                 plan == BackwardPlan::fused ? 1 : at::get_num_threads());
   const bool prepare = !(fused && cpu::backward_fused_stages_queries(s));
   auto q_t_blocks = prepare ? at::empty({s.batch, s.heads, s.num_q_blocks, s.head_dim, block_size}, qa.options())
                             : at::Tensor();
