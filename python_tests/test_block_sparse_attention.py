@@ -402,16 +402,18 @@ def test_bias_neg_inf(device, dtype, cpu_backward):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("device, dtype", helpers.per_device(cpu=[torch.float32, torch.bfloat16],
+                                                             cuda=[torch.float32]))
 @pytest.mark.parametrize("bias", [(1, 1), (4, 4)], ids=["shared_bias", "bias_per_head"])
-def test_determinism(device, bias):
-    """Repeated runs are bitwise equal; on the CPU also with a different number of threads."""
+def test_determinism(device, dtype, bias):
+    """Repeated runs are bitwise equal; on the CPU also with a different number of threads (bf16: the bf16
+    dot-product kernels where the CPU has them)."""
     helpers.require_device(device, OP)
     default_threads = torch.get_num_threads()
     thread_counts = [default_threads, default_threads, 1] if device == "cpu" else [1, 1]
     # (1, 1): every batch row and head shares one bias, the bias gradient sums over all of them (the CPU's two
     # passes); (4, 4): a bias per (batch row, head) (the CPU's fused pass).
-    inputs = _inputs(device, B=4, H=4, Nq=96, Nk=80, D=32, bias=bias, mask=True, seed=13)
+    inputs = _inputs(device, dtype, B=4, H=4, Nq=96, Nk=80, D=32, bias=bias, mask=True, seed=13)
     runs = []
     for threads in thread_counts:
         with helpers.num_threads(threads):

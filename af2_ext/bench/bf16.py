@@ -140,7 +140,8 @@ def model_step_ms(reps: int, config=None) -> dict:
 
 def _bf16_path() -> str:
     if ops.cpu_isa() == "avx512_bf16":
-        return "bf16 forward on the bf16 dot-product kernel; backward in fp32 on fp32 copies"
+        return ("bf16 on the bf16 dot-product kernels (the backward's fused pass with queries outer; other plans in "
+                "fp32 on fp32 copies)")
     return "bf16 computed by the fp32 kernels on fp32 copies"
 
 
