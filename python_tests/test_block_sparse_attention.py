@@ -91,6 +91,15 @@ def _check_against_reference(inputs: dict, *, scale=None) -> tuple[torch.Tensor,
     return out, grads
 
 
+def _assert_runs_equal(inputs: dict, base: dict) -> None:
+    """The kernel's output and gradients for ``inputs`` equal those for ``base`` bit for bit."""
+    out, grads = _run_kernel(inputs)
+    clean_out, clean_grads = _run_kernel(base)
+    assert torch.equal(out, clean_out), f"out differs by up to {helpers.max_abs_err(out, clean_out):.3g}"
+    for name in grads:
+        assert torch.equal(grads[name], clean_grads[name]), f"grad {name} differs"
+
+
 @pytest.fixture(params=["fused", "two_pass"])
 def cpu_backward(request, monkeypatch):
     """Runs a test under each CPU backward plan (AF2_EXT_CPU_BACKWARD): the fused pass wherever it is valid
@@ -195,11 +204,7 @@ def test_bf16_odd_row_strides(device):
         view.copy_(t)
         assert view.stride(2) % 2 == 1
         inputs[name] = view.requires_grad_()
-    out, grads = _run_kernel(inputs)
-    clean_out, clean_grads = _run_kernel(base)
-    assert torch.equal(out, clean_out), f"out differs by up to {helpers.max_abs_err(out, clean_out):.3g}"
-    for name in grads:
-        assert torch.equal(grads[name], clean_grads[name]), f"grad {name} differs"
+    _assert_runs_equal(inputs, base)
 
 
 LENGTHS = [(1, 1), (17, 50), (50, 17), (33, 33), (100, 7)]
@@ -1301,11 +1306,7 @@ def test_storage_past_the_ends_is_never_read(device, dtype, cpu_backward):
         view = storage.transpose(1, 2)[:, :, :N, :D]
         view.copy_(t)
         inputs[name] = view.requires_grad_()
-    out, grads = _run_kernel(inputs)
-    clean_out, clean_grads = _run_kernel(base)
-    assert torch.equal(out, clean_out), f"out differs by up to {helpers.max_abs_err(out, clean_out):.3g}"
-    for name in grads:
-        assert torch.equal(grads[name], clean_grads[name]), f"grad {name} differs"
+    _assert_runs_equal(inputs, base)
 
 
 ISA_NONFINITE_CHILD = r"""

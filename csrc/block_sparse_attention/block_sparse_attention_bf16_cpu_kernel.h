@@ -448,21 +448,9 @@ static void backward_bf16_member(const BlockSparseCpuBackwardBf16& p, int64_t b,
   }
 }
 
-// The tasks of backward_fused_impl: (batch, head), or (bias block, range of its members) with partial sums.
+// The tasks of backward_fused_impl (fused_tasks): (batch, head), or (bias block, range of its members) with
+// partial sums.
 void backward_fused_bf16_impl(const BlockSparseCpuBackwardBf16& p, int64_t begin, int64_t end, float* ws) {
-  const BlockSparseShape& s = p.s;
-  if (p.bias_partials == nullptr) {
-    for (int64_t t = begin; t < end; ++t) backward_bf16_member(p, t / s.heads, t % s.heads, ws, nullptr);
-    return;
-  }
-  const int64_t splits = p.bias_splits, groups = s.bias_batch * s.bias_heads;
-  const int64_t batch_per_group = s.batch / s.bias_batch, heads_per_group = s.heads / s.bias_heads;
-  const int64_t members = batch_per_group * heads_per_group;
-  for (int64_t t = begin; t < end; ++t) {
-    const int64_t g = t / splits, r = t % splits, bg = g / s.bias_heads, hg = g % s.bias_heads;
-    float* partial = p.bias_partials + (r * groups + g) * s.seq_k * s.seq_q;
-    for (int64_t m = r * members / splits; m < (r + 1) * members / splits; ++m)
-      backward_bf16_member(p, bg * batch_per_group + m / heads_per_group, hg * heads_per_group + m % heads_per_group,
-                           ws, partial);
-  }
+  fused_tasks(p.s, p.bias_partials, p.bias_splits, begin, end,
+              [&](int64_t b, int64_t h, float* partial) { backward_bf16_member(p, b, h, ws, partial); });
 }

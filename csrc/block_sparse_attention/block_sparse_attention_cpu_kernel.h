@@ -603,23 +603,28 @@ static void backward_fused_member(const BlockSparseCpuBackward<T>& p, int64_t b,
 // from the shape alone), task t = (bias block g, range r): its members run in order and add dS into partial
 // (r, g); backward_fused_reduce_bias then sums the partials of each bias block in range order. Fixed ranges
 // and fixed orders: the bias gradient's bits depend on neither the threads nor the schedule.
-template <typename T>
-void backward_fused_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* ws) {
-  const BlockSparseShape& s = p.s;
-  if (p.bias_partials == nullptr) {
-    for (int64_t t = begin; t < end; ++t) backward_fused_member(p, t / s.heads, t % s.heads, ws, (T*)nullptr);
+template <typename T, typename Member>
+static inline void fused_tasks(const BlockSparseShape& s, T* bias_partials, int64_t splits, int64_t begin, int64_t end,
+                               const Member& member) {
+  if (bias_partials == nullptr) {
+    for (int64_t t = begin; t < end; ++t) member(t / s.heads, t % s.heads, (T*)nullptr);
     return;
   }
-  const int64_t splits = p.bias_splits, groups = s.bias_batch * s.bias_heads;
+  const int64_t groups = s.bias_batch * s.bias_heads;
   const int64_t batch_per_group = s.batch / s.bias_batch, heads_per_group = s.heads / s.bias_heads;
   const int64_t members = batch_per_group * heads_per_group;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t g = t / splits, r = t % splits, bg = g / s.bias_heads, hg = g % s.bias_heads;
-    T* partial = p.bias_partials + (r * groups + g) * s.seq_k * s.seq_q;
+    T* partial = bias_partials + (r * groups + g) * s.seq_k * s.seq_q;
     for (int64_t m = r * members / splits; m < (r + 1) * members / splits; ++m)
-      backward_fused_member(p, bg * batch_per_group + m / heads_per_group, hg * heads_per_group + m % heads_per_group,
-                            ws, partial);
+      member(bg * batch_per_group + m / heads_per_group, hg * heads_per_group + m % heads_per_group, partial);
   }
+}
+
+template <typename T>
+void backward_fused_impl(const BlockSparseCpuBackward<T>& p, int64_t begin, int64_t end, T* ws) {
+  fused_tasks(p.s, p.bias_partials, p.bias_splits, begin, end,
+              [&](int64_t b, int64_t h, T* partial) { backward_fused_member(p, b, h, ws, partial); });
 }
 
 // grad_bias[g, i, j] = sum over ranges r, in order, of partial[r, g, j, i]; task t = key j of bias block g.
