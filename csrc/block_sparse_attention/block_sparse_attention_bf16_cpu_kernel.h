@@ -92,6 +92,14 @@ static inline __m512i pair_halves(__m512i lo, __m512i hi) {
   return _mm512_or_si512(lo, _mm512_maskz_slli_epi32(__mmask16(0xFFFF), hi, 16));
 }
 
+// dst[dp * bs + i] = (x[i, 2 dp], x[i, 2 dp + 1]) for i < rows, zero up to bs: a row block, transposed in D-pairs.
+static inline void stage_d_pairs(const uint16_t* x, int64_t ld, int rows, int DP, int bs, uint32_t* dst) {
+  for (int dp = 0; dp < DP; ++dp) {
+    for (int i = 0; i < rows; ++i) dst[dp * bs + i] = load_u32(x + i * ld + 2 * dp);
+    std::fill(dst + dp * bs + rows, dst + (dp + 1) * bs, 0u);
+  }
+}
+
 void pack_v_pairs_bf16_impl(const PackVPairsBf16& p, int64_t begin, int64_t end) {
   const BlockSparseShape& s = p.s;
   const int D = int(s.head_dim);
@@ -234,13 +242,7 @@ void forward_bf16_impl(const BlockSparseCpuForwardBf16& p, int64_t begin, int64_
     const float* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
     const float* bias = bias_block(s, p.bias_t, b, h);
     if (bias != nullptr) bias += r0;
-    {  // Qp[dp * bs + i] = (q[i, 2 dp], q[i, 2 dp + 1]); rows past the end zero
-      const uint16_t* Q = p.q + b * p.q_stride[0] + h * p.q_stride[1] + r0 * p.q_stride[2];
-      for (int dp = 0; dp < DP; ++dp)
-        for (int i = 0; i < rows; ++i) Qp[dp * bs + i] = load_u32(Q + i * p.q_stride[2] + 2 * dp);
-      if (rows < bs)
-        for (int dp = 0; dp < DP; ++dp) std::fill(Qp + dp * bs + rows, Qp + (dp + 1) * bs, 0u);
-    }
+    stage_d_pairs(p.q + b * p.q_stride[0] + h * p.q_stride[1] + r0 * p.q_stride[2], p.q_stride[2], rows, DP, bs, Qp);
     std::fill(m, m + bs, neg_inf<float>());
     std::fill(l, l + bs, 0.0f);
     std::fill(acc, acc + bs * D, 0.0f);
@@ -287,14 +289,6 @@ static inline void bf16_row_pairs(const float* src, int n, uint32_t* dst) {
     _mm512_storeu_si512(dst + i / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16),
                                                                   _mm512_loadu_ps(src + i)));
   if (i < n) _mm256_storeu_si256((__m256i*)(dst + i / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-}
-
-// dst[dp * bs + i] = (x[i, 2 dp], x[i, 2 dp + 1]) for i < rows, zero up to bs: a row block, transposed in D-pairs.
-static inline void stage_d_pairs(const uint16_t* x, int64_t ld, int rows, int DP, int bs, uint32_t* dst) {
-  for (int dp = 0; dp < DP; ++dp) {
-    for (int i = 0; i < rows; ++i) dst[dp * bs + i] = load_u32(x + i * ld + 2 * dp);
-    std::fill(dst + dp * bs + rows, dst + (dp + 1) * bs, 0u);
-  }
 }
 
 // dst[t * D + d] = (x[2t, d], x[2t + 1, d]) for t < bs / 2, a missing row (2t + 1 >= rows) zero: a row block in
