@@ -8,6 +8,10 @@ does. Tolerances come from helpers.assert_matches only.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -627,3 +631,34 @@ def test_padded_inputs_never_reach_the_compression(device):
                 g[0, :, 4] = w[0, :, 4] = 0
                 g[1, :, 18:21] = w[1, :, 18:21] = 0
             assert torch.equal(g, w), f"{impl}: grad {name} differs from the run with the padding zeroed"
+
+
+def test_kv_compress_bf16_odd_row_stride():
+    """bf16 k, v whose rows are an odd number of elements apart (the CPU bf16 kernel reads rows in 32-bit pairs:
+    such inputs are copied): the same bits as the contiguous run."""
+    B, H, Nk, D, ratio = 2, 1, 30, 32, 3
+    weight = helpers.randn(H * D, D, ratio, seed=3, scale=0.2)
+    bias = helpers.randn(H * D, seed=4)
+    k, v = (helpers.randn(B, H, Nk, D, seed=s, dtype=torch.bfloat16) for s in (1, 2))
+    wide = [torch.full((B, H, Nk, D + 1), float("nan"), dtype=torch.bfloat16) for _ in range(2)]
+    views = []
+    for storage, t in zip(wide, (k, v)):
+        view = storage[..., :D]
+        view.copy_(t)
+        assert view.stride(2) % 2 == 1
+        views.append(view)
+    got = ops.kv_compress(*views, weight, bias, ratio, impl="kernel")
+    want = ops.kv_compress(k, v, weight, bias, ratio, impl="kernel")
+    for name, a, b in zip(("kc", "vc"), got, want):
+        assert torch.equal(a, b), f"{name} differs by up to {helpers.max_abs_err(a, b):.3g}"
+
+
+@pytest.mark.slow
+def test_kv_compress_bf16_below_avx512_bf16():
+    """The bf16 cases of test_kv_compress with the CPU kernels lowered to AVX-512 without bf16 dot products
+    (AF2_EXT_CPU_ISA=avx512: the fp32 kernel on fp32 copies), in a child process (the ISA is read once)."""
+    env = {**os.environ, "AF2_EXT_CPU_ISA": "avx512", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           f"{os.path.abspath(__file__)}::test_kv_compress", "-k", "bfloat16 and cpu"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]

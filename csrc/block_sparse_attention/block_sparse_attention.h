@@ -156,9 +156,7 @@ struct BlockSparseCpuBackwardBf16 {
 
 namespace cpu {
 
-// Whether the bf16 kernels run here: the CPU has AVX512-BF16 and AF2_EXT_CPU_ISA does not lower the choice below
-// "avx512_bf16". Otherwise bf16 inputs are computed by the fp32 kernels on fp32 copies.
-bool bf16_kernels_available();
+// The bf16 kernels run where cpu::bf16_kernels_available() (common/cpu_isa.h).
 int64_t forward_bf16_workspace_floats(const BlockSparseShape& s);
 // One task per (batch, head) of pack_v_pairs_bf16, per (batch, head, query block) of forward_bf16.
 void pack_v_pairs_bf16(const PackVPairsBf16& p, int64_t begin, int64_t end);

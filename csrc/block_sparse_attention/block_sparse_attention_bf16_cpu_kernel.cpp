@@ -30,6 +30,7 @@ namespace cpu {
 namespace isa_avx512_bf16 {
 constexpr int kFloatLanes = 16;
 #include "common/cpu_simd.h"
+#include "common/cpu_bf16_dot.h"
 #include "block_sparse_attention/block_sparse_attention_cpu_kernel.h"
 #include "block_sparse_attention/block_sparse_attention_bf16_cpu_kernel.h"
 }  // namespace isa_avx512_bf16
@@ -39,14 +40,6 @@ constexpr int kFloatLanes = 16;
 #pragma GCC pop_options
 #endif
 #endif  // AF2_EXT_X86_DISPATCH
-
-bool bf16_kernels_available() {
-#if AF2_EXT_X86_DISPATCH
-  return active_isa() >= Isa::avx512_bf16;
-#else
-  return false;
-#endif
-}
 
 int64_t forward_bf16_workspace_floats(const BlockSparseShape& s) {
 #if AF2_EXT_X86_DISPATCH

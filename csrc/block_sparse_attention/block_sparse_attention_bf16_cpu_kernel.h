@@ -1,7 +1,7 @@
-// Block-sparse flash attention forward in bf16 on the CPU's bf16 dot products (AVX512-BF16). Included by
-// block_sparse_attention_bf16_cpu_kernel.cpp inside its avx512_bf16 region, after common/cpu_simd.h and
-// block_sparse_attention_cpu_kernel.h (whose softmax step and logit finishing it shares with the fp32 kernel);
-// no include guard, includes nothing itself.
+// Block-sparse flash attention in bf16 on the CPU's bf16 dot products (AVX512-BF16). Included by
+// block_sparse_attention_bf16_cpu_kernel.cpp inside its avx512_bf16 region, after common/cpu_simd.h,
+// common/cpu_bf16_dot.h (dot_gemm) and block_sparse_attention_cpu_kernel.h (whose logit finishing and task
+// mapping it shares with the fp32 kernel); no include guard, includes nothing itself.
 //
 // vdpbf16ps multiplies pairs: lane n of the result accumulates a.lo * b.lo + a.hi * b.hi in fp32, where a and b
 // hold two bf16 per 32-bit lane. Each product below has its reduction dimension in pairs:
@@ -9,123 +9,6 @@
 //     the query block transposed into (D / 2) x bs pairs in the workspace;
 //   acc (queries x D) += P V over the keys: P (fp32, St's probabilities) rounded to bf16 into (keys / 2) x bs
 //     pairs, V packed once per call into (keys / 2) x D pairs (pack_v_pairs_bf16).
-
-static inline uint32_t load_u32(const void* p) {
-  uint32_t x;
-  std::memcpy(&x, p, sizeof(x));
-  return x;
-}
-
-// C[M x N] = (accumulate ? C : 0) + sum over KP pairs of A(r, kp) . B[kp][n], A(r, kp) = A[r * a_row + kp * a_k]
-// (32-bit pairs, broadcast), B rows of N pairs (ldb apart), C fp32 (ldc apart), N a multiple of 16.
-template <int MR, int NV>
-static inline void dot_tile(int KP, const uint32_t* __restrict A, int64_t a_row, int64_t a_k,
-                            const uint32_t* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc,
-                            bool accumulate) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) acc[r][c] = accumulate ? _mm512_loadu_ps(C + r * ldc + c * 16) : _mm512_setzero_ps();
-  for (int kp = 0; kp < KP; ++kp) {
-    __m512bh b[NV];
-#pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) b[c] = (__m512bh)_mm512_loadu_si512(B + kp * ldb + c * 16);
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(load_u32(A + r * a_row + kp * a_k)));
-#pragma GCC unroll 16
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, b[c]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 16
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(C + r * ldc + c * 16, acc[r][c]);
-}
-
-template <int MR, int NV>
-static inline void dot_tile_rows(int rows, int KP, const uint32_t* A, int64_t a_row, int64_t a_k, const uint32_t* B,
-                                 int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  if constexpr (MR > 0) {
-    if (rows == MR) {
-      dot_tile<MR, NV>(KP, A, a_row, a_k, B, ldb, C, ldc, accumulate);
-    } else {
-      dot_tile_rows<MR - 1, NV>(rows, KP, A, a_row, a_k, B, ldb, C, ldc, accumulate);
-    }
-  }
-}
-
-template <int MR, int NV>
-static inline void dot_column_panel(int M, int KP, const uint32_t* A, int64_t a_row, int64_t a_k, const uint32_t* B,
-                                    int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  int i = 0;
-  for (; i + MR <= M; i += MR)
-    dot_tile<MR, NV>(KP, A + i * a_row, a_row, a_k, B, ldb, C + i * ldc, ldc, accumulate);
-  if (i < M) dot_tile_rows<MR - 1, NV>(M - i, KP, A + i * a_row, a_row, a_k, B, ldb, C + i * ldc, ldc, accumulate);
-}
-
-// The bf16 counterpart of cpu_simd.h's gemm: panels of 4 vectors of C per row, 4 rows per tile (the fp32 kernel's
-// measured best shape); 1 to 3 vectors for the remainder, 8 rows for 1 or 2.
-static inline void dot_gemm(int M, int N, int KP, const uint32_t* A, int64_t a_row, int64_t a_k, const uint32_t* B,
-                            int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  if (M <= 0) return;
-  const int nvec = N / 16;
-  int c = 0;
-  for (; c + 4 <= nvec; c += 4)
-    dot_column_panel<4, 4>(M, KP, A, a_row, a_k, B + c * 16, ldb, C + c * 16, ldc, accumulate);
-  B += c * 16;
-  C += c * 16;
-  switch (nvec - c) {
-    case 1: dot_column_panel<8, 1>(M, KP, A, a_row, a_k, B, ldb, C, ldc, accumulate); break;
-    case 2: dot_column_panel<8, 2>(M, KP, A, a_row, a_k, B, ldb, C, ldc, accumulate); break;
-    case 3: dot_column_panel<4, 3>(M, KP, A, a_row, a_k, B, ldb, C, ldc, accumulate); break;
-    default: break;
-  }
-}
-
-// The zero-masked form: GCC 12's unmasked one starts from _mm512_undefined_epi32, which -Wall flags.
-static inline __m512i widen_u16(__m256i x) { return _mm512_maskz_cvtepu16_epi32(__mmask16(0xFFFF), x); }
-
-// 32-bit lanes: lo's low halves | hi's low halves shifted into the high halves.
-static inline __m512i pair_halves(__m512i lo, __m512i hi) {
-  return _mm512_or_si512(lo, _mm512_maskz_slli_epi32(__mmask16(0xFFFF), hi, 16));
-}
-
-// dst[dp * bs + i] = (x[i, 2 dp], x[i, 2 dp + 1]) for i < rows, zero up to bs: a row block, transposed in D-pairs.
-static inline void stage_d_pairs(const uint16_t* x, int64_t ld, int rows, int DP, int bs, uint32_t* dst) {
-  for (int dp = 0; dp < DP; ++dp) {
-    for (int i = 0; i < rows; ++i) dst[dp * bs + i] = load_u32(x + i * ld + 2 * dp);
-    std::fill(dst + dp * bs + rows, dst + (dp + 1) * bs, 0u);
-  }
-}
-
-void pack_v_pairs_bf16_impl(const PackVPairsBf16& p, int64_t begin, int64_t end) {
-  const BlockSparseShape& s = p.s;
-  const int D = int(s.head_dim);
-  const int64_t pairs = (s.seq_k + 1) / 2;
-  for (int64_t bh = begin; bh < end; ++bh) {
-    const int64_t b = bh / s.heads, h = bh % s.heads;
-    const uint16_t* V = p.v + b * p.v_stride[0] + h * p.v_stride[1];
-    const int64_t ldv = p.v_stride[2];
-    const float* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
-    uint32_t* out = p.v_pairs + bh * pairs * D;
-    for (int64_t u = 0; u < pairs; ++u) {
-      const int64_t j0 = 2 * u, j1 = 2 * u + 1;
-      // A padded key's row (and the missing key past an odd end) is zero: its probability is 0, and 0 * a NaN
-      // or inf in its v would not be.
-      const bool keep0 = mask == nullptr || mask[j0] == 0.0f;
-      const bool keep1 = j1 < s.seq_k && (mask == nullptr || mask[j1] == 0.0f);
-      for (int d = 0; d < D; d += 16) {
-        const __m512i lo = keep0 ? widen_u16(_mm256_loadu_si256((const __m256i*)(V + j0 * ldv + d)))
-                                 : _mm512_setzero_si512();
-        const __m512i hi = keep1 ? widen_u16(_mm256_loadu_si256((const __m256i*)(V + j1 * ldv + d)))
-                                 : _mm512_setzero_si512();
-        _mm512_storeu_si512(out + u * D + d, pair_halves(lo, hi));
-      }
-    }
-  }
-}
 
 // Lanes (lo[i], hi[i]) of two vectors of 16 floats, rounded to bf16 (nearest even; NaN stays NaN), as 16 pairs.
 static inline __m512i pair_bf16(__m512 lo, __m512 hi) {

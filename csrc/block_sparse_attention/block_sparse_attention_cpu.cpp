@@ -13,6 +13,7 @@
 #include "block_sparse_attention/block_sparse_attention.h"
 #include "block_sparse_attention/block_sparse_attention_checks.h"
 #include "common/binding_utils.h"
+#include "common/cpu_isa.h"
 
 namespace af2_ext {
 namespace {

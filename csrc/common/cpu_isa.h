@@ -45,6 +45,11 @@ inline Isa active_isa() {
   return isa;
 }
 
+// Whether the bf16 kernels (bf16 dot products, *_bf16_cpu_kernel.cpp) run here: the CPU has AVX512-BF16 and
+// AF2_EXT_CPU_ISA does not lower the choice below "avx512_bf16". Otherwise bf16 inputs are computed by the fp32
+// kernels on fp32 copies.
+inline bool bf16_kernels_available() { return active_isa() >= Isa::avx512_bf16; }
+
 }  // namespace cpu
 }  // namespace af2_ext
 

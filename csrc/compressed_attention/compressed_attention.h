@@ -49,10 +49,29 @@ struct KvCompressCpuParams {
   T* grad_bias = nullptr;        // (H*D), fully written; nullptr: not wanted
 };
 
+// bf16 forward on bf16 dot products (AVX512-BF16): kc = bias + sum_t K_t W_t with K_t read in place as bf16 pairs
+// along D (rows an even number of elements apart) and W_t packed in D-pairs, accumulated in fp32, written in bf16.
+struct KvCompressBf16Params {
+  KvCompressShape s;
+  const uint16_t* k = nullptr;
+  const uint16_t* v = nullptr;
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+  const uint32_t* weight_pairs = nullptr;  // (H, ratio, D / 2, D): (W_t[2dp][e], W_t[2dp + 1][e]) in bf16
+  const float* weight_in_out = nullptr;    // (H, ratio, D, D) in fp32: its non-finite entries reach the padding
+  const float* bias = nullptr;             // (H*D) or nullptr
+  uint16_t* kc = nullptr;                  // (B, H, Nc, D) bf16, contiguous
+  uint16_t* vc = nullptr;
+};
+
 namespace cpu {
 
 // Work is split into independent tasks, run as [begin, end) ranges by the binding's parallel loop.
 // Forward: one task per (tensor k or v, batch, head).
+// The bf16 forward (where cpu::bf16_kernels_available()): kv_compress_forward_num_tasks tasks, each with a
+// workspace of kv_compress_bf16_workspace_floats floats.
+int64_t kv_compress_bf16_workspace_floats(const KvCompressShape& s);
+void kv_compress_forward_bf16(const KvCompressBf16Params& p, int64_t begin, int64_t end, float* workspace);
 int64_t kv_compress_forward_num_tasks(const KvCompressShape& s);
 // Grad of k and v: one task per (tensor, batch, head); every input row is written exactly once.
 int64_t kv_compress_backward_input_num_tasks(const KvCompressShape& s);

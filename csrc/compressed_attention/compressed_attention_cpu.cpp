@@ -7,6 +7,9 @@
 #include "compressed_attention/compressed_attention.h"
 #include "compressed_attention/compressed_attention_checks.h"
 #include "common/binding_utils.h"
+#include "common/cpu_isa.h"
+
+#include <vector>
 
 namespace af2_ext {
 namespace {
@@ -16,10 +19,50 @@ at::Tensor weight_view(const at::Tensor& weight, const KvCompressShape& s, at::S
   return weight.to(acc).reshape({s.heads, s.head_dim, s.head_dim, s.ratio});
 }
 
+// bf16 on bf16 dot products (cpu::kv_compress_forward_bf16): k and v read in place (rows an even number of elements
+// apart, else copied), the weight rounded to bf16 and packed in D-pairs, kc and vc written in bf16.
+std::tuple<at::Tensor, at::Tensor> kv_compress_forward_bf16_cpu(const KvCompressShape& s, const at::Tensor& k,
+                                                                const at::Tensor& v, const at::Tensor& weight,
+                                                                const std::optional<at::Tensor>& bias) {
+  auto even_rows = [](const at::Tensor& t) {
+    auto out = unit_last_stride(t);
+    return out.stride(2) % 2 == 0 ? out : out.contiguous();
+  };
+  const auto kb = even_rows(k), vb = even_rows(v);
+  const auto w_in_out = weight_view(weight, s, at::kFloat).permute({0, 3, 2, 1}).contiguous();  // [h][t][d][e]
+  const auto w_pairs = w_in_out.to(at::kBFloat16)
+                           .reshape({s.heads, s.ratio, s.head_dim / 2, 2, s.head_dim})
+                           .permute({0, 1, 2, 4, 3})
+                           .contiguous()
+                           .view(at::kInt);  // [h][t][d / 2][e]: (W[2dp][e], W[2dp + 1][e])
+  const auto bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const auto options = k.options().memory_format(at::MemoryFormat::Contiguous);
+  auto kc = at::empty({s.batch, s.heads, s.seq_c, s.head_dim}, options);
+  auto vc = at::empty_like(kc);
+  KvCompressBf16Params p;
+  p.s = s;
+  p.k = reinterpret_cast<const uint16_t*>(kb.data_ptr<at::BFloat16>());
+  p.v = reinterpret_cast<const uint16_t*>(vb.data_ptr<at::BFloat16>());
+  set_strides(p.k_stride, kb);
+  set_strides(p.v_stride, vb);
+  p.weight_pairs = reinterpret_cast<const uint32_t*>(w_pairs.data_ptr<int32_t>());
+  p.weight_in_out = w_in_out.data_ptr<float>();
+  p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  p.kc = reinterpret_cast<uint16_t*>(kc.data_ptr<at::BFloat16>());
+  p.vc = reinterpret_cast<uint16_t*>(vc.data_ptr<at::BFloat16>());
+  at::parallel_for(0, cpu::kv_compress_forward_num_tasks(s), 1, [&](int64_t b, int64_t e) {
+    std::vector<float> workspace(cpu::kv_compress_bf16_workspace_floats(s));
+    cpu::kv_compress_forward_bf16(p, b, e, workspace.data());
+  });
+  return {kc, vc};
+}
+
 std::tuple<at::Tensor, at::Tensor> kv_compress_forward_cpu(const at::Tensor& k, const at::Tensor& v,
                                                            const at::Tensor& weight,
                                                            const std::optional<at::Tensor>& bias, int64_t ratio) {
   const KvCompressShape s = check_kv_compress_inputs(k, v, weight, bias, ratio);
+  if (k.scalar_type() == at::kBFloat16 && cpu::bf16_kernels_available())
+    return kv_compress_forward_bf16_cpu(s, k, v, weight, bias);
   const auto acc = cpu_accumulate_type(k.scalar_type());
   const auto ka = staged(k, acc), va = staged(v, acc);
   const auto w_in_out = weight_view(weight, s, acc).permute({0, 3, 2, 1}).contiguous();  // [h][t][d][e]
