@@ -191,6 +191,17 @@ def test_bf16_block_size_head_dim(device, block_size, D):
 
 
 @pytest.mark.parametrize("device", helpers.DEVICES)
+@pytest.mark.parametrize("bias", [(1, 2), (2, 2)], ids=["shared_bias", "bias_per_head"])
+def test_bf16_keys_longer(device, bias, cpu_backward):
+    """bf16 with more keys than queries (the CPU's fused backward then runs keys outer), a padded key, a row with no
+    key, a bias shared by the batch (its gradient through ordered partial sums) or one per (batch row, head)."""
+    helpers.require_device(device, OP)
+    inputs = _inputs(device, torch.bfloat16, B=2, H=2, Nq=37, Nk=101, D=32, block_size=16, mask=True,
+                     fully_padded=(1,), bias=bias, empty_rows=(1,), seed=66)
+    _check_against_reference(inputs)
+
+
+@pytest.mark.parametrize("device", helpers.DEVICES)
 def test_bf16_odd_row_strides(device):
     """bf16 q, k, v whose rows are an odd number of elements apart (views of wider NaN-filled storage): the
     results equal the contiguous run bit for bit (the CPU bf16 kernel reads k in 32-bit pairs: such a k is copied)."""

@@ -120,7 +120,8 @@ struct PackVPairsBf16 {
   uint32_t* v_pairs = nullptr;
 };
 
-// bf16 backward on bf16 dot products, the fused pass with queries outer (seq_q >= seq_k; see backward_fused_*):
+// bf16 backward on bf16 dot products, the fused pass (see backward_fused_*; keys outer where seq_q < seq_k, each
+// query block staged again for every key block it meets):
 // q, k, v, grad_out read in place as bf16 (k's and v's rows an even number of elements apart), k packed in key
 // pairs like v in the forward; P and dS are recomputed and kept in fp32 and rounded to bf16 for the three gradient
 // products; every gradient accumulates in fp32 and is rounded to bf16 once. lse, delta, bias_t, mask_add, the bias
@@ -142,6 +143,8 @@ struct BlockSparseCpuBackwardBf16 {
   const float* mask_add = nullptr;
   const int32_t* row_count = nullptr;
   const int32_t* row_index = nullptr;
+  const int32_t* col_count = nullptr;
+  const int32_t* col_index = nullptr;
   float scale = 1;
   uint16_t* grad_q = nullptr;  // bf16 gradients at {batch, head, row} strides, rows of D contiguous
   uint16_t* grad_k = nullptr;
@@ -161,8 +164,8 @@ int64_t forward_bf16_workspace_floats(const BlockSparseShape& s);
 // One task per (batch, head) of pack_v_pairs_bf16, per (batch, head, query block) of forward_bf16.
 void pack_v_pairs_bf16(const PackVPairsBf16& p, int64_t begin, int64_t end);
 void forward_bf16(const BlockSparseCpuForwardBf16& p, int64_t begin, int64_t end, float* workspace);
-// The fused backward in bf16: valid where backward_fused_applies and backward_fused_stages_queries hold; its tasks are
-// backward_fused_num_tasks's, followed (with bias partials) by backward_fused_reduce_bias<float>.
+// The fused backward in bf16: valid where backward_fused_applies holds; its tasks are backward_fused_num_tasks's,
+// followed (with bias partials) by backward_fused_reduce_bias<float>.
 int64_t backward_bf16_workspace_floats(const BlockSparseShape& s);
 void backward_fused_bf16(const BlockSparseCpuBackwardBf16& p, int64_t begin, int64_t end, float* workspace);
 

@@ -209,8 +209,10 @@ static inline void store_bf16_row(const float* src, int D, float scale, uint16_t
 int64_t backward_bf16_workspace_elems_impl(const BlockSparseShape& s) {
   const int64_t bs = s.block_size, D = s.head_dim;
   // St, dSt, dQ, lse, delta, Qp, dOp (D/2 x bs pairs), Qq, dOq (bs/2 x D pairs), Pq, dSq (bs x bs/2), dSk (bs/2 x
-  // bs), and the fp32 dK, dV accumulators of every key.
-  return 2 * bs * bs + bs * D + 2 * bs + 2 * (D / 2) * bs + 2 * (bs / 2) * D + 3 * bs * (bs / 2) + 2 * s.seq_k * D;
+  // bs), the fp32 dK, dV accumulators of every key and, keys outer, the dQ accumulator of every query.
+  const int64_t all_q = s.seq_q >= s.seq_k ? 0 : s.seq_q * D;
+  return 2 * bs * bs + bs * D + 2 * bs + 2 * (D / 2) * bs + 2 * (bs / 2) * D + 3 * bs * (bs / 2) + 2 * s.seq_k * D +
+         all_q;
 }
 
 static void backward_bf16_member(const BlockSparseCpuBackwardBf16& p, int64_t b, int64_t h, float* ws,
@@ -236,6 +238,7 @@ static void backward_bf16_member(const BlockSparseCpuBackwardBf16& p, int64_t b,
   uint32_t* dSk = dSq + bs * hb;
   float* gk = reinterpret_cast<float*>(dSk + hb * bs);
   float* gv = gk + s.seq_k * D;
+  float* gq_all = gv + s.seq_k * D;  // keys outer: dQ of every query
   const int64_t bh = b * s.heads + h;
   const int64_t hl = s.layout_heads == 1 ? 0 : h;
   const uint16_t* Kn = p.k + b * p.k_stride[0] + h * p.k_stride[1];
@@ -250,11 +253,9 @@ static void backward_bf16_member(const BlockSparseCpuBackwardBf16& p, int64_t b,
   std::fill(gk, gk + s.seq_k * D, 0.0f);
   std::fill(gv, gv + s.seq_k * D, 0.0f);
   const vec ninf = V::broadcast(neg_inf<float>()), zero = V::broadcast(0.0f);
-  for (int64_t qb = 0; qb < nqb; ++qb) {
+  // The query block qb's operands: Q and grad_out in D-pairs (for Pᵀ, dPᵀ) and in row pairs (for dK, dV), lse, delta.
+  auto stage_query_block = [&](int64_t qb, int rows) {
     const int64_t r0 = qb * bs;
-    const int rows = int(std::min<int64_t>(bs, s.seq_q - r0));
-    const int rp = (rows + 1) / 2;
-    std::fill(dQ, dQ + bs * D, 0.0f);
     stage_d_pairs(Qn + r0 * ldq, ldq, rows, DP, bs, Qp);
     stage_d_pairs(dOn + r0 * ldo, ldo, rows, DP, bs, dOp);
     stage_row_pairs(Qn + r0 * ldq, ldq, rows, D, bs, Qq);
@@ -263,56 +264,86 @@ static void backward_bf16_member(const BlockSparseCpuBackwardBf16& p, int64_t b,
       lse[i] = i < rows ? p.lse[bh * s.seq_q + r0 + i] : std::numeric_limits<float>::infinity();
       delta[i] = i < rows ? p.delta[bh * s.seq_q + r0 + i] : 0.0f;
     }
-    const int32_t count = p.row_count[hl * nqb + qb];
-    const int32_t* idx = p.row_index + (hl * nqb + qb) * nkb;
-    for (int32_t e = 0; e < count; ++e) {
-      const int64_t c0 = int64_t(idx[e]) * bs;
-      const int cols = int(std::min<int64_t>(bs, s.seq_k - c0));
-      const float* mask_c = mask ? mask + c0 : nullptr;
-      // Pᵀ and dPᵀ = V dOᵀ recomputed (keys x queries), then dSᵀ = Pᵀ (dPᵀ - delta); a masked logit gets P = dS = 0
-      // by a select, as in the fp32 kernel's recompute_block.
-      dot_gemm(cols, bs, DP, reinterpret_cast<const uint32_t*>(Kn + c0 * ldk), ldk / 2, 1, Qp, bs, St, bs, false);
-      if (fold_scale(p.scale))
-        for (int j = 0; j < cols; ++j) scale_row<float, VL>(St + j * bs, bs, p.scale);
-      finish_logits<float, VL>(St, cols, rows, bs, p.scale, bias ? bias + c0 * s.seq_q + r0 : nullptr, s.seq_q,
-                               mask_c);
-      dot_gemm(cols, bs, DP, reinterpret_cast<const uint32_t*>(Vn + c0 * ldv), ldv / 2, 1, dOp, bs, dSt, bs, false);
-      for (int j = 0; j < cols; ++j)
-        for (int i = 0; i < bs; i += VL) {
-          const vec x = V::load(St + j * bs + i);
-          const vec e = vexp<VL>(x - V::load(lse + i));
-          const auto masked = x == ninf;
-          V::store(St + j * bs + i, V::select(masked, zero, e));
-          V::store(dSt + j * bs + i, V::select(masked, zero, e * (V::load(dSt + j * bs + i) - V::load(delta + i))));
-        }
-      if (grad_bias != nullptr)
-        for (int i = 0; i < rows; ++i)
-          for (int j = 0; j < cols; ++j) grad_bias[(r0 + i) * s.seq_k + c0 + j] = dSt[j * bs + i];
-      if (bias_sum_t != nullptr)
-        for (int j = 0; j < cols; ++j) {
-          float* dst = bias_sum_t + (c0 + j) * s.seq_q + r0;
-          const float* src = dSt + j * bs;
-          for (int i = 0; i < rows; ++i) dst[i] += src[i];
-        }
-      // The three gradient products on bf16 pairs: P and dS by query pairs (rows of St, dSt) for dV and dK, dS by
-      // key pairs for dQ.
-      for (int j = 0; j < cols; ++j) {
-        bf16_row_pairs(St + j * bs, bs, Pq + j * hb);
-        bf16_row_pairs(dSt + j * bs, bs, dSq + j * hb);
+  };
+  // One (query block, key block) pair of the layout with the query block staged: dK, dV into gk, gv, dQ into dq
+  // (the block's rows, D apart).
+  auto pair = [&](int64_t qb, int64_t c0, int rows, int cols, float* dq) {
+    const int64_t r0 = qb * bs;
+    const int rp = (rows + 1) / 2;
+    const float* mask_c = mask ? mask + c0 : nullptr;
+    // Pᵀ and dPᵀ = V dOᵀ recomputed (keys x queries), then dSᵀ = Pᵀ (dPᵀ - delta); a masked logit gets P = dS = 0
+    // by a select, as in the fp32 kernel's recompute_block.
+    dot_gemm(cols, bs, DP, reinterpret_cast<const uint32_t*>(Kn + c0 * ldk), ldk / 2, 1, Qp, bs, St, bs, false);
+    if (fold_scale(p.scale))
+      for (int j = 0; j < cols; ++j) scale_row<float, VL>(St + j * bs, bs, p.scale);
+    finish_logits<float, VL>(St, cols, rows, bs, p.scale, bias ? bias + c0 * s.seq_q + r0 : nullptr, s.seq_q,
+                             mask_c);
+    dot_gemm(cols, bs, DP, reinterpret_cast<const uint32_t*>(Vn + c0 * ldv), ldv / 2, 1, dOp, bs, dSt, bs, false);
+    for (int j = 0; j < cols; ++j)
+      for (int i = 0; i < bs; i += VL) {
+        const vec x = V::load(St + j * bs + i);
+        const vec e = vexp<VL>(x - V::load(lse + i));
+        const auto masked = x == ninf;
+        V::store(St + j * bs + i, V::select(masked, zero, e));
+        V::store(dSt + j * bs + i, V::select(masked, zero, e * (V::load(dSt + j * bs + i) - V::load(delta + i))));
       }
-      const int cp = (cols + 1) / 2;
-      for (int u = 0; u < cp; ++u)
-        for (int i = 0; i < bs; i += VL)
-          _mm512_storeu_si512(dSk + u * bs + i,
-                              pair_bf16(_mm512_loadu_ps(dSt + 2 * u * bs + i),
-                                        2 * u + 1 < cols ? _mm512_loadu_ps(dSt + (2 * u + 1) * bs + i)
-                                                         : _mm512_setzero_ps()));
-      dot_gemm(cols, D, rp, Pq, hb, 1, dOq, D, gv + c0 * D, D, true);   // dV += Pᵀ dO
-      dot_gemm(cols, D, rp, dSq, hb, 1, Qq, D, gk + c0 * D, D, true);   // dK += dSᵀ Q
-      dot_gemm(rows, D, cp, dSk, 1, bs, Kk + (c0 / 2) * D, D, dQ, D, true);  // dQ += dS K
+    if (grad_bias != nullptr)
+      for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < cols; ++j) grad_bias[(r0 + i) * s.seq_k + c0 + j] = dSt[j * bs + i];
+    if (bias_sum_t != nullptr)
+      for (int j = 0; j < cols; ++j) {
+        float* dst = bias_sum_t + (c0 + j) * s.seq_q + r0;
+        const float* src = dSt + j * bs;
+        for (int i = 0; i < rows; ++i) dst[i] += src[i];
+      }
+    // The three gradient products on bf16 pairs: P and dS by query pairs (rows of St, dSt) for dV and dK, dS by
+    // key pairs for dQ.
+    for (int j = 0; j < cols; ++j) {
+      bf16_row_pairs(St + j * bs, bs, Pq + j * hb);
+      bf16_row_pairs(dSt + j * bs, bs, dSq + j * hb);
     }
+    const int cp = (cols + 1) / 2;
+    for (int u = 0; u < cp; ++u)
+      for (int i = 0; i < bs; i += VL)
+        _mm512_storeu_si512(dSk + u * bs + i,
+                            pair_bf16(_mm512_loadu_ps(dSt + 2 * u * bs + i),
+                                      2 * u + 1 < cols ? _mm512_loadu_ps(dSt + (2 * u + 1) * bs + i)
+                                                       : _mm512_setzero_ps()));
+    dot_gemm(cols, D, rp, Pq, hb, 1, dOq, D, gv + c0 * D, D, true);   // dV += Pᵀ dO
+    dot_gemm(cols, D, rp, dSq, hb, 1, Qq, D, gk + c0 * D, D, true);   // dK += dSᵀ Q
+    dot_gemm(rows, D, cp, dSk, 1, bs, Kk + (c0 / 2) * D, D, dq, D, true);  // dQ += dS K
+  };
+  auto write_grad_q = [&](int64_t r0, int rows, const float* dq) {
     uint16_t* gq = p.grad_q + b * p.grad_q_stride[0] + h * p.grad_q_stride[1] + r0 * p.grad_q_stride[2];
-    for (int i = 0; i < rows; ++i) store_bf16_row(dQ + i * D, D, p.scale, gq + i * p.grad_q_stride[2]);
+    for (int i = 0; i < rows; ++i) store_bf16_row(dq + i * D, D, p.scale, gq + i * p.grad_q_stride[2]);
+  };
+  if (s.seq_q >= s.seq_k) {  // queries outer: each query block staged once, its dQ in the workspace
+    for (int64_t qb = 0; qb < nqb; ++qb) {
+      const int rows = int(std::min<int64_t>(bs, s.seq_q - qb * bs));
+      std::fill(dQ, dQ + bs * D, 0.0f);
+      stage_query_block(qb, rows);
+      const int32_t count = p.row_count[hl * nqb + qb];
+      const int32_t* idx = p.row_index + (hl * nqb + qb) * nkb;
+      for (int32_t e = 0; e < count; ++e) {
+        const int64_t c0 = int64_t(idx[e]) * bs;
+        pair(qb, c0, rows, int(std::min<int64_t>(bs, s.seq_k - c0)), dQ);
+      }
+      write_grad_q(qb * bs, rows, dQ);
+    }
+  } else {  // keys outer: each key block once, the query blocks it meets staged again, dQ of every query kept
+    std::fill(gq_all, gq_all + s.seq_q * D, 0.0f);
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t c0 = kb * bs;
+      const int32_t count = p.col_count[hl * nkb + kb];
+      const int32_t* idx = p.col_index + (hl * nkb + kb) * nqb;
+      for (int32_t e = 0; e < count; ++e) {
+        const int64_t qb = idx[e];
+        const int rows = int(std::min<int64_t>(bs, s.seq_q - qb * bs));
+        stage_query_block(qb, rows);
+        pair(qb, c0, rows, int(std::min<int64_t>(bs, s.seq_k - c0)), gq_all + qb * bs * D);
+      }
+    }
+    write_grad_q(0, int(s.seq_q), gq_all);
   }
   // A padded key's gradients are zero (its P and dS are, but 0 times a NaN q or grad_out row would not be).
   uint16_t* gk_out = p.grad_k + b * p.grad_k_stride[0] + h * p.grad_k_stride[1];

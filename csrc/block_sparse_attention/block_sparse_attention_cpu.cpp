@@ -197,7 +197,8 @@ const uint16_t* bf16_bits(const at::Tensor& t) { return reinterpret_cast<const u
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_bf16_cpu(
     const BlockSparseShape& s, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& row_count,
-    const at::Tensor& row_index, const std::optional<at::Tensor>& key_padding_mask,
+    const at::Tensor& row_index, const at::Tensor& col_count, const at::Tensor& col_index,
+    const std::optional<at::Tensor>& key_padding_mask,
     const std::optional<at::Tensor>& bias, double scale, bool want_bias, std::array<bool, 4> output_mask) {
   const auto qb = unit_last_stride(q), kb = even_rows(k), vb = even_rows(v), gob = unit_last_stride(grad_out);
   const auto ob = unit_last_stride(out);
@@ -205,6 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_bf16_cpu(
   const auto bias_t = bias.has_value() ? bias->to(at::kFloat).transpose(2, 3).contiguous() : at::Tensor();
   const auto lse_f = lse.to(at::kFloat).contiguous();
   const auto rc = row_count.contiguous(), ri = row_index.contiguous();
+  const auto cc = col_count.contiguous(), ci = col_index.contiguous();
   auto delta = at::empty({s.batch, s.heads, s.seq_q}, q.options().dtype(at::kFloat));
   {  // delta = rowsum(grad_out * out) in fp32, read from bf16 at their strides
     const at::BFloat16* g = gob.data_ptr<at::BFloat16>();
@@ -253,6 +255,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_bf16_cpu(
   p.mask_add = pack.mask_add;
   p.row_count = rc.data_ptr<int32_t>();
   p.row_index = ri.data_ptr<int32_t>();
+  p.col_count = cc.data_ptr<int32_t>();
+  p.col_index = ci.data_ptr<int32_t>();
   p.scale = float(scale);
   p.grad_q = reinterpret_cast<uint16_t*>(gq.data_ptr<at::BFloat16>());
   p.grad_k = reinterpret_cast<uint16_t*>(gk.data_ptr<at::BFloat16>());
@@ -304,10 +308,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const bool fused = plan != BackwardPlan::two_pass &&
                      cpu::backward_fused_applies(s, want_q, want_kv, want_bias,
                                                  plan == BackwardPlan::fused ? 1 : at::get_num_threads());
-  if (fused && cpu::backward_fused_stages_queries(s) && q.scalar_type() == at::kBFloat16 &&
-      cpu::bf16_kernels_available())
-    return backward_bf16_cpu(s, grad_out, q, k, v, out, lse, row_count, row_index, key_padding_mask, bias, scale,
-                             want_bias, output_mask);
+  if (fused && q.scalar_type() == at::kBFloat16 && cpu::bf16_kernels_available())
+    return backward_bf16_cpu(s, grad_out, q, k, v, out, lse, row_count, row_index, col_count, col_index,
+                             key_padding_mask, bias, scale, want_bias, output_mask);
   const auto acc = cpu_accumulate_type(q.scalar_type());
   const auto qa = staged(q, acc), ka = staged(k, acc), va = staged(v, acc), go = staged(grad_out, acc);
   const auto oa = staged(out, acc);
