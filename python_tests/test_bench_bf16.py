@@ -32,6 +32,23 @@ def test_targets_pass_miss_and_failed_check():
     assert [t["status"] for t in missing] == ["n/a", "n/a", "n/a"]
 
 
+def test_time_interleaved_rounds_and_failures():
+    calls = []
+
+    def make(name):
+        return lambda: calls.append(name)
+
+    def broken():
+        raise ValueError("cannot run here")
+
+    times, failed = bench.time_interleaved({"a": make("a"), "b": make("b"), "x": broken}, warmup=1, reps=4,
+                                           block=2)
+    assert set(times) == {"a", "b"} and all(ms >= 0 for ms in times.values()), times
+    assert failed == {"x": "ValueError: cannot run here"}, failed
+    # warm-up, then two rounds: per callable one untimed and two timed calls
+    assert calls == ["a", "b"] + (["a"] * 3 + ["b"] * 3) * 2, calls
+
+
 def test_check_bf16_catches_a_wrong_result(monkeypatch):
     layout = torch.ones(1, 2, 2, dtype=torch.bool)
     q, k, v = (torch.randn(1, 1, 128, 32, generator=torch.Generator().manual_seed(i)) for i in range(3))
