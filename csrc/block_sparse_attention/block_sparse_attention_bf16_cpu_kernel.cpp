@@ -19,27 +19,8 @@
 namespace af2_ext {
 namespace cpu {
 
-#if AF2_EXT_X86_DISPATCH
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")
-#endif
-namespace isa_avx512_bf16 {
-constexpr int kFloatLanes = 16;
-#include "common/cpu_simd.h"
-#include "common/cpu_bf16_dot.h"
-#include "block_sparse_attention/block_sparse_attention_cpu_kernel.h"
-#include "block_sparse_attention/block_sparse_attention_bf16_cpu_kernel.h"
-}  // namespace isa_avx512_bf16
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#endif  // AF2_EXT_X86_DISPATCH
+#define AF2_EXT_BF16_KERNEL_HEADER "block_sparse_attention/block_sparse_attention_bf16_cpu_kernel.h"
+#include "common/cpu_bf16_region.h"
 
 int64_t forward_bf16_workspace_floats(const BlockSparseShape& s) {
 #if AF2_EXT_X86_DISPATCH

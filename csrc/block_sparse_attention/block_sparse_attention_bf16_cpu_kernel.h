@@ -1,7 +1,8 @@
-// Block-sparse flash attention in bf16 on the CPU's bf16 dot products (AVX512-BF16). Included by
-// block_sparse_attention_bf16_cpu_kernel.cpp inside its avx512_bf16 region, after common/cpu_simd.h,
-// common/cpu_bf16_dot.h (dot_gemm) and block_sparse_attention_cpu_kernel.h (whose logit finishing and task
-// mapping it shares with the fp32 kernel); no include guard, includes nothing itself.
+// Block-sparse flash attention in bf16 on the CPU's bf16 dot products (AVX512-BF16). Compiled by
+// block_sparse_attention_bf16_cpu_kernel.cpp through common/cpu_bf16_region.h (after common/cpu_simd.h and
+// common/cpu_bf16_dot.h's dot_gemm); it includes the fp32 kernel header, whose logit finishing and task mapping it
+// shares. No include guard.
+#include "block_sparse_attention/block_sparse_attention_cpu_kernel.h"
 //
 // vdpbf16ps multiplies pairs: lane n of the result accumulates a.lo * b.lo + a.hi * b.hi in fp32, where a and b
 // hold two bf16 per 32-bit lane. Each product below has its reduction dimension in pairs:
@@ -9,6 +10,33 @@
 //     the query block transposed into (D / 2) x bs pairs in the workspace;
 //   acc (queries x D) += P V over the keys: P (fp32, St's probabilities) rounded to bf16 into (keys / 2) x bs
 //     pairs, V packed once per call into (keys / 2) x D pairs (pack_v_pairs_bf16).
+
+void pack_v_pairs_bf16_impl(const PackVPairsBf16& p, int64_t begin, int64_t end) {
+  const BlockSparseShape& s = p.s;
+  const int D = int(s.head_dim);
+  const int64_t pairs = (s.seq_k + 1) / 2;
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / s.heads, h = bh % s.heads;
+    const uint16_t* V = p.v + b * p.v_stride[0] + h * p.v_stride[1];
+    const int64_t ldv = p.v_stride[2];
+    const float* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
+    uint32_t* out = p.v_pairs + bh * pairs * D;
+    for (int64_t u = 0; u < pairs; ++u) {
+      const int64_t j0 = 2 * u, j1 = 2 * u + 1;
+      // A padded key's row (and the missing key past an odd end) is zero: its probability is 0, and 0 * a NaN
+      // or inf in its v would not be.
+      const bool keep0 = mask == nullptr || mask[j0] == 0.0f;
+      const bool keep1 = j1 < s.seq_k && (mask == nullptr || mask[j1] == 0.0f);
+      for (int d = 0; d < D; d += 16) {
+        const __m512i lo = keep0 ? widen_u16(_mm256_loadu_si256((const __m256i*)(V + j0 * ldv + d)))
+                                 : _mm512_setzero_si512();
+        const __m512i hi = keep1 ? widen_u16(_mm256_loadu_si256((const __m256i*)(V + j1 * ldv + d)))
+                                 : _mm512_setzero_si512();
+        _mm512_storeu_si512(out + u * D + d, pair_halves(lo, hi));
+      }
+    }
+  }
+}
 
 // Lanes (lo[i], hi[i]) of two vectors of 16 floats, rounded to bf16 (nearest even; NaN stays NaN), as 16 pairs.
 static inline __m512i pair_bf16(__m512 lo, __m512 hi) {

@@ -94,31 +94,3 @@ static inline void stage_d_pairs(const uint16_t* x, int64_t ld, int rows, int DP
     std::fill(dst + dp * bs + rows, dst + (dp + 1) * bs, 0u);
   }
 }
-
-void pack_v_pairs_bf16_impl(const PackVPairsBf16& p, int64_t begin, int64_t end) {
-  const BlockSparseShape& s = p.s;
-  const int D = int(s.head_dim);
-  const int64_t pairs = (s.seq_k + 1) / 2;
-  for (int64_t bh = begin; bh < end; ++bh) {
-    const int64_t b = bh / s.heads, h = bh % s.heads;
-    const uint16_t* V = p.v + b * p.v_stride[0] + h * p.v_stride[1];
-    const int64_t ldv = p.v_stride[2];
-    const float* mask = p.mask_add ? p.mask_add + b * s.seq_k : nullptr;
-    uint32_t* out = p.v_pairs + bh * pairs * D;
-    for (int64_t u = 0; u < pairs; ++u) {
-      const int64_t j0 = 2 * u, j1 = 2 * u + 1;
-      // A padded key's row (and the missing key past an odd end) is zero: its probability is 0, and 0 * a NaN
-      // or inf in its v would not be.
-      const bool keep0 = mask == nullptr || mask[j0] == 0.0f;
-      const bool keep1 = j1 < s.seq_k && (mask == nullptr || mask[j1] == 0.0f);
-      for (int d = 0; d < D; d += 16) {
-        const __m512i lo = keep0 ? widen_u16(_mm256_loadu_si256((const __m256i*)(V + j0 * ldv + d)))
-                                 : _mm512_setzero_si512();
-        const __m512i hi = keep1 ? widen_u16(_mm256_loadu_si256((const __m256i*)(V + j1 * ldv + d)))
-                                 : _mm512_setzero_si512();
-        _mm512_storeu_si512(out + u * D + d, pair_halves(lo, hi));
-      }
-    }
-  }
-}
-
