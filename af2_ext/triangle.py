@@ -256,11 +256,8 @@ class MSARowAttentionWithPairBias(nn.Module):
             (query, key) blocks of ``block_size``.
         impl: "auto" | "kernel" | "reference" for :func:`af2_ext.ops.triangle_attention`; None = the process
             default.
-        recompute: in training on the attention kernel, hold only the input and the kernel's output and
-            log-sum-exp from forward to backward and recompute the LayerNorm, the projections and the gate there
-            (a selective checkpoint; the attention itself is not recomputed). Such a graph can be differentiated
-            once: pass False (or set ``.recompute = False``) for ``retain_graph`` / ``gradcheck``; False holds them
-            all.
+        recompute: as :class:`TriangleAttention`'s (the LayerNorms of m and z, the pair bias and the projections
+            recomputed in the backward).
     """
 
     def __init__(self, c_m: int, c_z: int, c_hidden: int, heads: int, *, block_size: int = 64,

@@ -246,8 +246,6 @@ int64_t backward_bf16_workspace_elems_impl(const BlockSparseShape& s) {
 static void backward_bf16_member(const BlockSparseCpuBackwardBf16& p, int64_t b, int64_t h, float* ws,
                                  float* bias_sum_t) {
   constexpr int VL = 16;
-  typedef Vec<float, VL> V;
-  typedef V::type vec;
   const BlockSparseShape& s = p.s;
   const int bs = s.block_size, hb = bs / 2;
   const int D = int(s.head_dim), DP = D / 2;
@@ -280,7 +278,6 @@ static void backward_bf16_member(const BlockSparseCpuBackwardBf16& p, int64_t b,
   float* grad_bias = p.grad_bias != nullptr && bias_sum_t == nullptr ? p.grad_bias + bh * s.seq_q * s.seq_k : nullptr;
   std::fill(gk, gk + s.seq_k * D, 0.0f);
   std::fill(gv, gv + s.seq_k * D, 0.0f);
-  const vec ninf = V::broadcast(neg_inf<float>()), zero = V::broadcast(0.0f);
   // The query block qb's operands: Q and grad_out in D-pairs (for Pᵀ, dPᵀ) and in row pairs (for dK, dV), lse, delta.
   auto stage_query_block = [&](int64_t qb, int rows) {
     const int64_t r0 = qb * bs;
@@ -307,14 +304,7 @@ static void backward_bf16_member(const BlockSparseCpuBackwardBf16& p, int64_t b,
     finish_logits<float, VL>(St, cols, rows, bs, p.scale, bias ? bias + c0 * s.seq_q + r0 : nullptr, s.seq_q,
                              mask_c);
     dot_gemm(cols, bs, DP, reinterpret_cast<const uint32_t*>(Vn + c0 * ldv), ldv / 2, 1, dOp, bs, dSt, bs, false);
-    for (int j = 0; j < cols; ++j)
-      for (int i = 0; i < bs; i += VL) {
-        const vec x = V::load(St + j * bs + i);
-        const vec e = vexp<VL>(x - V::load(lse + i));
-        const auto masked = x == ninf;
-        V::store(St + j * bs + i, V::select(masked, zero, e));
-        V::store(dSt + j * bs + i, V::select(masked, zero, e * (V::load(dSt + j * bs + i) - V::load(delta + i))));
-      }
+    probabilities_and_ds<float, VL>(St, dSt, cols, bs, lse, delta);
     if (grad_bias != nullptr)
       for (int i = 0; i < rows; ++i)
         for (int j = 0; j < cols; ++j) grad_bias[(r0 + i) * s.seq_k + c0 + j] = dSt[j * bs + i];

@@ -90,6 +90,39 @@ void parallel_tasks(int64_t num_tasks, int64_t workspace_elems, const Fn& fn) {
   });
 }
 
+// delta (B, H, Nq) = rowsum(grad_out * out) in Acc, one query row at a time, both (B, H, Nq, D) read in In at
+// their strides (head dim contiguous).
+template <typename In, typename Acc>
+void rowsum_product(const at::Tensor& grad_out, const at::Tensor& out, at::Tensor& delta) {
+  const In* g = grad_out.data_ptr<In>();
+  const In* o = out.data_ptr<In>();
+  Acc* dl = delta.data_ptr<Acc>();
+  const int64_t D = out.size(3), H = out.size(1), Nq = out.size(2);
+  at::parallel_for(0, delta.numel(), 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (H * Nq), h = (r / Nq) % H, i = r % Nq;
+      const In* gr = g + b * grad_out.stride(0) + h * grad_out.stride(1) + i * grad_out.stride(2);
+      const In* orow = o + b * out.stride(0) + h * out.stride(1) + i * out.stride(2);
+      Acc sum = 0;
+      for (int64_t d = 0; d < D; ++d) sum += Acc(gr[d]) * Acc(orow[d]);
+      dl[r] = sum;
+    }
+  });
+}
+
+// (B, H, ceil(N / 2), D) int32: x's rows in pairs (cpu::pack_v_pairs_bf16), padded keys' rows zero.
+at::Tensor key_pairs(const BlockSparseShape& s, const at::Tensor& x, const at::Tensor& mask_add) {
+  auto pairs = at::empty({s.batch, s.heads, (s.seq_k + 1) / 2, s.head_dim}, x.options().dtype(at::kInt));
+  PackVPairsBf16 pack;
+  pack.s = s;
+  pack.v = bf16_bits(x);
+  set_strides(pack.v_stride, x);
+  pack.mask_add = mask_add.defined() ? mask_add.data_ptr<float>() : nullptr;
+  pack.v_pairs = reinterpret_cast<uint32_t*>(pairs.data_ptr<int32_t>());
+  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t b, int64_t e) { cpu::pack_v_pairs_bf16(pack, b, e); });
+  return pairs;
+}
+
 // bf16 on the CPU's bf16 dot products: q, k read in place as bf16 (k's rows an even number of elements apart, for
 // the kernel's 32-bit pair loads), v packed once into key pairs, out written in bf16, lse in fp32.
 std::tuple<at::Tensor, at::Tensor> forward_bf16_cpu(const BlockSparseShape& s, const at::Tensor& q,
@@ -97,37 +130,27 @@ std::tuple<at::Tensor, at::Tensor> forward_bf16_cpu(const BlockSparseShape& s, c
                                                     const at::Tensor& row_count, const at::Tensor& row_index,
                                                     const std::optional<at::Tensor>& key_padding_mask,
                                                     const std::optional<at::Tensor>& bias, double scale) {
-  const auto qb = unit_last_stride(q);
-  auto kb = unit_last_stride(k);
-  if (kb.stride(2) % 2 != 0) kb = kb.contiguous();
-  const auto vb = unit_last_stride(v);
+  const auto qb = unit_last_stride(q), kb = even_rows(k);
   const auto mask_add = additive_key_mask(key_padding_mask, at::kFloat);
   const auto bias_t = bias.has_value() ? bias->to(at::kFloat).transpose(2, 3).contiguous() : at::Tensor();
   const auto rc = row_count.contiguous();
   const auto ri = row_index.contiguous();
-  auto v_pairs = at::empty({s.batch, s.heads, (s.seq_k + 1) / 2, s.head_dim}, q.options().dtype(at::kInt));
-  PackVPairsBf16 pack;
-  pack.s = s;
-  pack.v = reinterpret_cast<const uint16_t*>(vb.data_ptr<at::BFloat16>());
-  set_strides(pack.v_stride, vb);
-  pack.mask_add = mask_add.defined() ? mask_add.data_ptr<float>() : nullptr;
-  pack.v_pairs = reinterpret_cast<uint32_t*>(v_pairs.data_ptr<int32_t>());
-  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t b, int64_t e) { cpu::pack_v_pairs_bf16(pack, b, e); });
+  const auto v_pairs = key_pairs(s, unit_last_stride(v), mask_add);
   auto out = at::empty({s.batch, s.seq_q, s.heads, s.head_dim}, q.options()).permute({0, 2, 1, 3});
   auto lse = at::empty({s.batch, s.heads, s.seq_q}, q.options().dtype(at::kFloat));
   BlockSparseCpuForwardBf16 p;
   p.s = s;
-  p.q = reinterpret_cast<const uint16_t*>(qb.data_ptr<at::BFloat16>());
-  p.k = reinterpret_cast<const uint16_t*>(kb.data_ptr<at::BFloat16>());
+  p.q = bf16_bits(qb);
+  p.k = bf16_bits(kb);
   set_strides(p.q_stride, qb);
   set_strides(p.k_stride, kb);
-  p.v_pairs = pack.v_pairs;
+  p.v_pairs = reinterpret_cast<const uint32_t*>(v_pairs.data_ptr<int32_t>());
   p.bias_t = bias_t.defined() ? bias_t.data_ptr<float>() : nullptr;
-  p.mask_add = pack.mask_add;
+  p.mask_add = mask_add.defined() ? mask_add.data_ptr<float>() : nullptr;
   p.row_count = rc.data_ptr<int32_t>();
   p.row_index = ri.data_ptr<int32_t>();
   p.scale = float(scale);
-  p.out = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  p.out = bf16_bits_mut(out);
   set_strides(p.out_stride, out);
   p.lse = lse.data_ptr<float>();
   parallel_tasks<float>(cpu::forward_num_tasks(s), cpu::forward_bf16_workspace_floats(s),
@@ -182,15 +205,6 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q, const at::Te
   return {out.to(q.scalar_type()), lse};
 }
 
-// A bf16 tensor's rows an even number of elements apart (the bf16 kernels read rows in 32-bit pairs), head dim
-// contiguous; copied otherwise.
-at::Tensor even_rows(const at::Tensor& t) {
-  auto out = unit_last_stride(t);
-  return out.stride(2) % 2 == 0 ? out : out.contiguous();
-}
-
-const uint16_t* bf16_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
-
 // The fused backward on bf16 dot products (cpu::backward_fused_bf16): q, k, v, grad_out read in place, k packed in
 // key pairs, the gradients written in bf16 (q, k, v's in (B, N, H, D) memory, as the fp32 path), the bias gradient
 // in fp32 and returned in the bias' dtype.
@@ -208,30 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_bf16_cpu(
   const auto rc = row_count.contiguous(), ri = row_index.contiguous();
   const auto cc = col_count.contiguous(), ci = col_index.contiguous();
   auto delta = at::empty({s.batch, s.heads, s.seq_q}, q.options().dtype(at::kFloat));
-  {  // delta = rowsum(grad_out * out) in fp32, read from bf16 at their strides
-    const at::BFloat16* g = gob.data_ptr<at::BFloat16>();
-    const at::BFloat16* o = ob.data_ptr<at::BFloat16>();
-    float* dl = delta.data_ptr<float>();
-    const int64_t D = s.head_dim, H = s.heads, Nq = s.seq_q;
-    at::parallel_for(0, delta.numel(), 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = r / (H * Nq), h = (r / Nq) % H, i = r % Nq;
-        const at::BFloat16* gr = g + b * gob.stride(0) + h * gob.stride(1) + i * gob.stride(2);
-        const at::BFloat16* orow = o + b * ob.stride(0) + h * ob.stride(1) + i * ob.stride(2);
-        float sum = 0;
-        for (int64_t d = 0; d < D; ++d) sum += float(gr[d]) * float(orow[d]);
-        dl[r] = sum;
-      }
-    });
-  }
-  auto k_pairs = at::empty({s.batch, s.heads, (s.seq_k + 1) / 2, s.head_dim}, q.options().dtype(at::kInt));
-  PackVPairsBf16 pack;
-  pack.s = s;
-  pack.v = bf16_bits(kb);
-  set_strides(pack.v_stride, kb);
-  pack.mask_add = mask_add.defined() ? mask_add.data_ptr<float>() : nullptr;
-  pack.v_pairs = reinterpret_cast<uint32_t*>(k_pairs.data_ptr<int32_t>());
-  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t b, int64_t e) { cpu::pack_v_pairs_bf16(pack, b, e); });
+  rowsum_product<at::BFloat16, float>(gob, ob, delta);  // delta, in fp32
+  const auto k_pairs = key_pairs(s, kb, mask_add);
   const auto contiguous = q.options().memory_format(at::MemoryFormat::Contiguous);
   auto heads_inner = [&](const at::Tensor& like) {
     return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, contiguous).permute({0, 2, 1, 3});
@@ -248,19 +240,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_bf16_cpu(
   set_strides(p.k_stride, kb);
   set_strides(p.v_stride, vb);
   set_strides(p.grad_out_stride, gob);
-  p.k_pairs = pack.v_pairs;
+  p.k_pairs = reinterpret_cast<const uint32_t*>(k_pairs.data_ptr<int32_t>());
   p.lse = lse_f.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.bias_t = bias_t.defined() ? bias_t.data_ptr<float>() : nullptr;
-  p.mask_add = pack.mask_add;
+  p.mask_add = mask_add.defined() ? mask_add.data_ptr<float>() : nullptr;
   p.row_count = rc.data_ptr<int32_t>();
   p.row_index = ri.data_ptr<int32_t>();
   p.col_count = cc.data_ptr<int32_t>();
   p.col_index = ci.data_ptr<int32_t>();
   p.scale = float(scale);
-  p.grad_q = reinterpret_cast<uint16_t*>(gq.data_ptr<at::BFloat16>());
-  p.grad_k = reinterpret_cast<uint16_t*>(gk.data_ptr<at::BFloat16>());
-  p.grad_v = reinterpret_cast<uint16_t*>(gv.data_ptr<at::BFloat16>());
+  p.grad_q = bf16_bits_mut(gq);
+  p.grad_k = bf16_bits_mut(gk);
+  p.grad_v = bf16_bits_mut(gv);
   set_strides(p.grad_q_stride, gq);
   set_strides(p.grad_k_stride, gk);
   set_strides(p.grad_v_stride, gv);
@@ -336,22 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto go_t_blocks = prepare ? at::empty_like(q_t_blocks) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "block_sparse_attention_backward_cpu", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    {  // delta = rowsum(grad_out * out), one query row at a time, both read at their strides
-      const scalar_t* g = go.data_ptr<scalar_t>();
-      const scalar_t* o = oa.data_ptr<scalar_t>();
-      scalar_t* dl = delta.data_ptr<scalar_t>();
-      const int64_t D = s.head_dim, H = s.heads, Nq = s.seq_q;
-      at::parallel_for(0, delta.numel(), 1024, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t b = r / (H * Nq), h = (r / Nq) % H, i = r % Nq;
-          const scalar_t* gr = g + b * go.stride(0) + h * go.stride(1) + i * go.stride(2);
-          const scalar_t* orow = o + b * oa.stride(0) + h * oa.stride(1) + i * oa.stride(2);
-          scalar_t sum = 0;
-          for (int64_t d = 0; d < D; ++d) sum += gr[d] * orow[d];
-          dl[r] = sum;
-        }
-      });
-    }
+    rowsum_product<scalar_t, scalar_t>(go, oa, delta);
     BlockSparseCpuBackward<scalar_t> p;
     p.s = s;
     p.q = ptr(qa);

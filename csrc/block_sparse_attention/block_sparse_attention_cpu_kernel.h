@@ -321,20 +321,12 @@ static inline void load_query_block(const BlockSparseCpuBackward<T>& p, int64_t 
   }
 }
 
-// Recomputes Pᵀ into St and turns dPt into dSᵀ = Pᵀ * (dPᵀ - delta) for one (key block, query block) pair. A
-// masked logit (-inf) gets P = dS = 0 by a select: exp(-inf - lse) is NaN for a NaN row's lse, and dPᵀ is NaN at a
-// padded key holding a NaN v.
-template <typename T>
-static inline void recompute_block(const BlockSparseCpuBackward<T>& p, const T* Kb, int64_t ldk, const T* Vb,
-                                   int64_t ldv, int cols, int rows, const T* bias, const T* mask, const T* Qt,
-                                   const T* dOt, const T* lse, const T* delta, T* St, T* dPt) {
-  constexpr int VL = Lanes<T>::value;
+// Logits St (cols x bs, keys x queries) to Pᵀ = exp(St - lse), and dPᵀ in dPt to dSᵀ = Pᵀ (dPᵀ - delta); a masked
+// logit (-inf) gets P = dS = 0 by a select.
+template <typename T, int VL>
+static inline void probabilities_and_ds(T* St, T* dPt, int cols, int bs, const T* lse, const T* delta) {
   typedef Vec<T, VL> V;
   typedef typename V::type vec;
-  const int bs = p.s.block_size, D = int(p.s.head_dim);
-  gemm<T, VL>(cols, bs, D, Kb, ldk, 1, Qt, bs, St, bs, false);
-  finish_logits<T, VL>(St, cols, rows, bs, p.scale, bias, p.s.seq_q, mask);
-  gemm<T, VL>(cols, bs, D, Vb, ldv, 1, dOt, bs, dPt, bs, false);
   const vec ninf = V::broadcast(neg_inf<T>()), zero = V::broadcast(T(0));
   for (int j = 0; j < cols; ++j)
     for (int i = 0; i < bs; i += VL) {
@@ -344,6 +336,21 @@ static inline void recompute_block(const BlockSparseCpuBackward<T>& p, const T* 
       V::store(St + j * bs + i, V::select(masked, zero, e));
       V::store(dPt + j * bs + i, V::select(masked, zero, e * (V::load(dPt + j * bs + i) - V::load(delta + i))));
     }
+}
+
+// Recomputes Pᵀ into St and turns dPt into dSᵀ = Pᵀ * (dPᵀ - delta) for one (key block, query block) pair. A
+// masked logit (-inf) gets P = dS = 0 by a select: exp(-inf - lse) is NaN for a NaN row's lse, and dPᵀ is NaN at a
+// padded key holding a NaN v.
+template <typename T>
+static inline void recompute_block(const BlockSparseCpuBackward<T>& p, const T* Kb, int64_t ldk, const T* Vb,
+                                   int64_t ldv, int cols, int rows, const T* bias, const T* mask, const T* Qt,
+                                   const T* dOt, const T* lse, const T* delta, T* St, T* dPt) {
+  constexpr int VL = Lanes<T>::value;
+  const int bs = p.s.block_size, D = int(p.s.head_dim);
+  gemm<T, VL>(cols, bs, D, Kb, ldk, 1, Qt, bs, St, bs, false);
+  finish_logits<T, VL>(St, cols, rows, bs, p.scale, bias, p.s.seq_q, mask);
+  gemm<T, VL>(cols, bs, D, Vb, ldv, 1, dOt, bs, dPt, bs, false);
+  probabilities_and_ds<T, VL>(St, dPt, cols, bs, lse, delta);
 }
 
 template <typename T>

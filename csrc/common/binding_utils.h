@@ -20,6 +20,19 @@ inline at::Tensor staged(const at::Tensor& t, at::ScalarType dtype) {
 // The kernels need a unit stride on the head dim; anything else is copied once.
 inline at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// A bf16 (B, H, N, D) tensor as the bf16 CPU kernels read it, rows in 32-bit pairs: head dim contiguous and rows an
+// even number of elements apart; copied otherwise.
+inline at::Tensor even_rows(const at::Tensor& t) {
+  auto out = unit_last_stride(t);
+  return out.stride(2) % 2 == 0 ? out : out.contiguous();
+}
+
+inline const uint16_t* bf16_bits(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+inline uint16_t* bf16_bits_mut(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+
 // {batch, head, row} strides of a (B, H, N, D) tensor, in elements.
 inline void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
   dst[0] = t.stride(0);

@@ -64,6 +64,19 @@ struct KvCompressBf16Params {
   uint16_t* vc = nullptr;
 };
 
+// out (Nc x D) += 0 * W_t for the rows j >= rows whose tap t is padding: 0 unless W_t's column e holds a NaN or
+// inf, and then NaN, as the zero-padded convolution of the reference (conv1d) gives. w is W_t as [d][e]. Static: the
+// ISA regions instantiate it, and no copy compiled for one instruction set may be shared with another file.
+template <typename T>
+static inline void add_padding_products(T* out, const T* w, int64_t rows, int64_t Nc, int64_t D) {
+  for (int64_t e = 0; e < D; ++e) {
+    T zero_times_w = 0;
+    for (int64_t d = 0; d < D; ++d) zero_times_w += T(0) * w[d * D + e];
+    if (zero_times_w != zero_times_w)
+      for (int64_t j = rows; j < Nc; ++j) out[j * D + e] += zero_times_w;
+  }
+}
+
 namespace cpu {
 
 // Work is split into independent tasks, run as [begin, end) ranges by the binding's parallel loop.

@@ -19,15 +19,7 @@ static void kv_compress_forward_bf16_impl(const KvCompressBf16Params& p, int64_t
       const int64_t rows = t < s.seq_k ? (s.seq_k - t + r - 1) / r : 0;  // input rows tap t reads
       dot_gemm(int(rows), int(D), int(D / 2), reinterpret_cast<const uint32_t*>(x + t * row), r * row / 2, 1,
                p.weight_pairs + (h * r + t) * (D / 2) * D, D, out, D, /*accumulate=*/true);
-      if (rows < Nc) {  // the rows whose tap t is padding: + 0 * W_t, NaN in the columns e where W_t is not finite
-        const float* w = p.weight_in_out + (h * r + t) * D * D;  // [d][e]
-        for (int64_t e = 0; e < D; ++e) {
-          float zero_times_w = 0;
-          for (int64_t d = 0; d < D; ++d) zero_times_w += 0.0f * w[d * D + e];
-          if (zero_times_w != zero_times_w)
-            for (int64_t j = rows; j < Nc; ++j) out[j * D + e] += zero_times_w;
-        }
-      }
+      if (rows < Nc) add_padding_products(out, p.weight_in_out + (h * r + t) * D * D, rows, Nc, D);
     }
     uint16_t* dst = (which == 0 ? p.kc : p.vc) + bh * Nc * D;
     for (int64_t i = 0; i < Nc * D; i += 16)

@@ -24,10 +24,6 @@ at::Tensor weight_view(const at::Tensor& weight, const KvCompressShape& s, at::S
 std::tuple<at::Tensor, at::Tensor> kv_compress_forward_bf16_cpu(const KvCompressShape& s, const at::Tensor& k,
                                                                 const at::Tensor& v, const at::Tensor& weight,
                                                                 const std::optional<at::Tensor>& bias) {
-  auto even_rows = [](const at::Tensor& t) {
-    auto out = unit_last_stride(t);
-    return out.stride(2) % 2 == 0 ? out : out.contiguous();
-  };
   const auto kb = even_rows(k), vb = even_rows(v);
   const auto w_in_out = weight_view(weight, s, at::kFloat).permute({0, 3, 2, 1}).contiguous();  // [h][t][d][e]
   const auto w_pairs = w_in_out.to(at::kBFloat16)
@@ -41,15 +37,15 @@ std::tuple<at::Tensor, at::Tensor> kv_compress_forward_bf16_cpu(const KvCompress
   auto vc = at::empty_like(kc);
   KvCompressBf16Params p;
   p.s = s;
-  p.k = reinterpret_cast<const uint16_t*>(kb.data_ptr<at::BFloat16>());
-  p.v = reinterpret_cast<const uint16_t*>(vb.data_ptr<at::BFloat16>());
+  p.k = bf16_bits(kb);
+  p.v = bf16_bits(vb);
   set_strides(p.k_stride, kb);
   set_strides(p.v_stride, vb);
   p.weight_pairs = reinterpret_cast<const uint32_t*>(w_pairs.data_ptr<int32_t>());
   p.weight_in_out = w_in_out.data_ptr<float>();
   p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  p.kc = reinterpret_cast<uint16_t*>(kc.data_ptr<at::BFloat16>());
-  p.vc = reinterpret_cast<uint16_t*>(vc.data_ptr<at::BFloat16>());
+  p.kc = bf16_bits_mut(kc);
+  p.vc = bf16_bits_mut(vc);
   at::parallel_for(0, cpu::kv_compress_forward_num_tasks(s), 1, [&](int64_t b, int64_t e) {
     std::vector<float> workspace(cpu::kv_compress_bf16_workspace_floats(s));
     cpu::kv_compress_forward_bf16(p, b, e, workspace.data());

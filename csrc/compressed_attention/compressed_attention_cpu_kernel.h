@@ -50,13 +50,7 @@ void kv_compress_forward_impl(const KvCompressCpuParams<T>& p, int64_t begin, in
       const int64_t rows = tap_rows(s, t);
       const T* w = p.weight_in_out + (h * r + t) * D * D;  // [d][e]
       gemm<T, VL>(int(rows), int(D), int(D), x + t * row, r * row, 1, w, D, out, D, /*accumulate=*/true);
-      if (rows < Nc)  // the rows whose tap t is padding: + 0 * W_t, NaN in the columns e where W_t is not finite
-        for (int64_t e = 0; e < D; ++e) {
-          T zero_times_w = 0;
-          for (int64_t d = 0; d < D; ++d) zero_times_w += T(0) * w[d * D + e];
-          if (zero_times_w != zero_times_w)
-            for (int64_t j = rows; j < Nc; ++j) out[j * D + e] += zero_times_w;
-        }
+      if (rows < Nc) add_padding_products(out, w, rows, Nc, D);
     }
   }
 }
